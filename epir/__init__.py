@@ -1,0 +1,1 @@
+"""EPIR model library."""

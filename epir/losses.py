@@ -1,0 +1,60 @@
+"""EPIR's training loss: cross-entropy + margin contrastive loss on class tokens (eqs. 22-23).
+
+The contrastive term follows TransFG's ``con_loss`` (github TACJu/TransFG, train.py): cosine
+similarity of L2-normalised class tokens, pulled to 1 for same-label pairs, pushed below the margin
+alpha for different-label pairs, normalised by B^2, weight 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, alpha: float = 0.4) -> torch.Tensor:
+    """Margin contrastive loss, EPIR eq. (23).
+
+    ``L_con = 1/B^2 [ sum_{y_i = y_j} (1 - s_ij) + sum_{y_i != y_j} max(s_ij - alpha, 0) ]``
+    with ``s_ij`` the dot product of the L2-normalised features (pairs i = j included, as in TransFG).
+
+    Args:
+        features: (B, D) final class tokens.
+        labels: (B,) integer class labels.
+        alpha: margin in [-1, 1]; TransFG uses 0.4.
+
+    Returns:
+        Scalar tensor (dimensionless, >= 0).
+
+    Raises:
+        ValueError: if the batch sizes of ``features`` and ``labels`` differ.
+    """
+    if features.shape[0] != labels.shape[0]:
+        raise ValueError(f"{features.shape[0]} features but {labels.shape[0]} labels")
+    b = features.shape[0]
+    z = F.normalize(features, dim=-1)
+    s = z @ z.t()  # (B, B)
+    same = labels[:, None] == labels[None, :]
+    pos = torch.where(same, 1.0 - s, torch.zeros_like(s))
+    neg = torch.where(same, torch.zeros_like(s), (s - alpha).clamp(min=0))
+    return (pos.sum() + neg.sum()) / (b * b)
+
+
+def epir_loss(
+    logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, alpha: float = 0.4, use_contrastive: bool = True
+) -> torch.Tensor:
+    """Total loss, EPIR eq. (22): ``L = CE(logits, y) + L_con(features, y)``.
+
+    Args:
+        logits: (B, C) class scores before softmax.
+        features: (B, D) final class tokens.
+        labels: (B,) integer labels in 0..C-1.
+        alpha: contrastive margin.
+        use_contrastive: False gives plain cross-entropy (the ``baseline`` preset).
+
+    Returns:
+        Scalar tensor.
+    """
+    loss = F.cross_entropy(logits, labels)
+    if use_contrastive:
+        loss = loss + contrastive_loss(features, labels, alpha)
+    return loss

@@ -1,0 +1,249 @@
+"""The EPIR model and the six presets of the paper's ablation ladder (EPIR Sec. 3, Table 4).
+
+Layout in the style of timm's ``vision_transformer.py``: a patch tokenizer, a class token and a
+learnable position embedding, a stack of pre-norm Transformer blocks, a final LayerNorm and a linear
+head on the class token.
+
+- Blocks 0 .. integration_blocks-1 are token-integration blocks: each merges K token pairs between
+  attention and MLP (EPIR eqs. 5-9, :mod:`epir.merge`).
+- With ITALS on, every block's attention masks its diagonal and learns a temperature per head
+  (:mod:`epir.attention`). Putting it in all 13 blocks, as SPT's LSA-ViT does, is what reproduces the
+  paper's 7.03 M parameters (7,025,384 = 7,025,345 + 13 blocks x 3 heads).
+- With DTSM on, the last block sees only the class token and one token per head, picked by attention
+  rollout (EPIR eqs. 17-20, :mod:`epir.dtsm`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .dtsm import attention_rollout, gather_selected, select_tokens
+from .merge import bipartite_soft_matching
+from .tokenization import TOKENIZERS, PatchTokenizer
+
+
+@dataclass(frozen=True)
+class EPIRConfig:
+    """Every architectural choice of the model. Defaults are the paper configuration (PAPER.md).
+
+    Attributes:
+        img_size: input side H = W in pixels (28, as STSTNet/HTNet flows).
+        in_chans: input channels ([u, v, optical strain] = 3).
+        patch_size: patch side p in pixels (7 -> 16 patches).
+        num_classes: number of emotion classes C.
+        dim: token width D.
+        depth: total number of Transformer blocks (13 in the paper; Fig. 5 varies it).
+        heads: attention heads H (3; DTSM keeps one token per head).
+        dim_head: width per head d.
+        mlp_ratio: MLP hidden width / D.
+        tokenizer: ``linear`` (plain ViT), ``spt`` or ``dnspt``.
+        itals: diagonal-masked attention with a learnable temperature per head.
+        temperature: initial ITALS temperature; None = sqrt(dim_head).
+        dtsm: dynamic token selection before the last block.
+        integration_blocks: how many leading blocks merge tokens (6 in the paper).
+        merge_k: K, token pairs merged per integration block (0 disables token integration;
+            Fig. 6 varies the share of tokens merged, ``integration_blocks * merge_k / patches``).
+        contrastive: add the margin contrastive loss (eq. 23) to cross-entropy.
+        alpha: contrastive margin.
+    """
+
+    img_size: int = 28
+    in_chans: int = 3
+    patch_size: int = 7
+    num_classes: int = 3
+    dim: int = 256
+    depth: int = 13
+    heads: int = 3
+    dim_head: int = 85
+    mlp_ratio: float = 2.0
+    tokenizer: str = "dnspt"
+    itals: bool = True
+    temperature: float | None = None
+    dtsm: bool = True
+    integration_blocks: int = 6
+    merge_k: int = 1
+    contrastive: bool = True
+    alpha: float = 0.4
+
+    def __post_init__(self):
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        for name in ("img_size", "in_chans", "patch_size", "num_classes", "dim", "depth", "heads", "dim_head"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        if self.merge_k < 0 or self.integration_blocks < 0:
+            raise ValueError("merge_k and integration_blocks must be >= 0")
+        if self.dtsm and self.depth < 2:
+            raise ValueError("DTSM needs depth >= 2 (rollout blocks + the last block)")
+        if self.merge_k > 0:
+            # DTSM rolls out over the blocks after the last merge, so at least one must remain.
+            limit = self.depth - 2 if self.dtsm else self.depth
+            if self.integration_blocks > limit:
+                raise ValueError(
+                    f"integration_blocks={self.integration_blocks} leaves no non-merging block before the last "
+                    f"block for DTSM's rollout; use at most {limit} with depth {self.depth}"
+                )
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+
+# The ablation ladder of EPIR Table 4; each rung adds one component to the one before.
+_LADDER = [
+    ("baseline", dict(tokenizer="linear", itals=False, dtsm=False, merge_k=0, contrastive=False)),
+    ("+dtsm", dict(dtsm=True, contrastive=True)),
+    ("+itals", dict(itals=True)),
+    ("+spt", dict(tokenizer="spt")),
+    ("+dnspt", dict(tokenizer="dnspt")),
+    ("epir", dict(merge_k=1)),
+]
+PRESETS: dict[str, dict] = {}
+_acc: dict = {}
+for _name, _delta in _LADDER:
+    _acc = {**_acc, **_delta}
+    PRESETS[_name] = dict(_acc)
+# What the paper reports for each rung (Table 4, CDE Full, UF1 / UAR), kept beside the presets.
+PAPER_TABLE4 = {
+    "baseline": (0.7325, 0.7214),
+    "+dtsm": (0.7736, 0.7838),
+    "+itals": (0.8021, 0.8165),
+    "+spt": (0.8513, 0.8627),
+    "+dnspt": (0.8759, 0.8747),
+    "epir": (0.8852, 0.8944),
+}
+
+
+def make_config(preset: str = "epir", **overrides) -> EPIRConfig:
+    """Config of a preset of the ablation ladder, with field overrides.
+
+    Args:
+        preset: one of ``PRESETS`` (``baseline``, ``+dtsm``, ``+itals``, ``+spt``, ``+dnspt``, ``epir``).
+        **overrides: any :class:`EPIRConfig` field (e.g. ``depth=9``, ``merge_k=2``, ``num_classes=5``).
+
+    Raises:
+        KeyError: for an unknown preset; TypeError for an unknown field; ValueError for an invalid config.
+    """
+    if preset not in PRESETS:
+        raise KeyError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
+    return dataclasses.replace(EPIRConfig(), **{**PRESETS[preset], **overrides})
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear. Shapes: (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block, optionally merging K token pairs between attention and MLP.
+
+    The merge sits after the attention residual, as in ToMe's ``ToMeBlock`` and EPIR Fig. 2.
+
+    Args:
+        dim, heads, dim_head, mlp_ratio: widths (see :class:`EPIRConfig`).
+        itals, temperature: attention variant (see :class:`epir.attention.Attention`).
+        merge_k: token pairs merged in this block (0: none).
+
+    Shapes: forward takes (B, N, D) and returns tokens (B, N - K, D) and the attention
+    probabilities (B, H, N, N) computed on the input tokens.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, mlp_ratio: float, itals: bool, temperature: float | None, merge_k: int = 0):
+        super().__init__()
+        self.merge_k = merge_k
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dim_head, itals=itals, temperature=temperature)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, attn, keys = self.attn(self.norm1(x))
+        x = x + out  # (B, N, D)
+        if self.merge_k:
+            x = bipartite_soft_matching(keys, self.merge_k, class_token=True)(x)  # (B, N-K, D)
+        x = x + self.mlp(self.norm2(x))
+        return x, attn
+
+
+class EPIR(nn.Module):
+    """EPIR and its ablations for micro-expression recognition from optical flow.
+
+    Args:
+        config: :class:`EPIRConfig` (``make_config(preset)`` for the paper's presets).
+
+    Shapes: ``forward(x)`` takes flows (B, C, H, W), channels [u, v, strain], and returns logits
+    (B, num_classes); with ``return_features=True`` it also returns the final class tokens (B, D)
+    that the contrastive loss uses.
+
+    Raises:
+        ValueError: in forward, for an input of the wrong channel count or size.
+    """
+
+    def __init__(self, config: EPIRConfig | None = None):
+        super().__init__()
+        cfg = config or EPIRConfig()
+        self.config = cfg
+        self.tokenizer = PatchTokenizer(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.dim, cfg.tokenizer)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.dim))
+        self.blocks = nn.ModuleList(
+            Block(
+                cfg.dim, cfg.heads, cfg.dim_head, cfg.mlp_ratio, cfg.itals, cfg.temperature,
+                merge_k=cfg.merge_k if i < cfg.integration_blocks else 0,
+            )
+            for i in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        self._init_weights()
+
+    def _init_weights(self):
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Flows (B, C, H, W) -> final class tokens (B, D), after the last LayerNorm."""
+        cfg = self.config
+        if x.dim() != 4 or x.shape[1] != cfg.in_chans or x.shape[-2:] != (cfg.img_size, cfg.img_size):
+            raise ValueError(
+                f"expected input (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got {tuple(x.shape)}"
+            )
+        t = self.tokenizer(x)  # (B, N, D)
+        t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1) + self.pos_embed  # (B, N+1, D), eq. (4)
+        attns: list[torch.Tensor] = []  # attention maps since the token count last changed
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            if cfg.dtsm and i == last:
+                if not attns:
+                    raise RuntimeError("DTSM found no attention map over the current tokens to roll out")
+                t = gather_selected(t, select_tokens(attention_rollout(attns)))  # (B, 1+H, D)
+            n = t.shape[1]
+            t, attn = blk(t)
+            if cfg.dtsm:
+                attns = [] if t.shape[1] != n else attns + [attn]
+        return self.norm(t[:, 0])
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        features = self.forward_features(x)
+        logits = self.head(features)  # (B, num_classes)
+        return (logits, features) if return_features else logits
