@@ -1,0 +1,22 @@
+"""Shared fixtures. Real data is read from ../shared/data (never copied into the repository)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("EPIR_SHARED_DATA", REPO.parent / "shared" / "data"))
+COMPOSITE = SHARED_DATA / "megc2019_composite"
+ANNOTATIONS = SHARED_DATA / "annotations"
+
+
+@pytest.fixture(scope="session")
+def composite_root() -> Path:
+    """The real MEGC2019 composite, or a skip that says where it was looked for."""
+    if not (COMPOSITE / "combined_3class_gt.csv").is_file():
+        pytest.skip(f"real MEGC2019 composite absent: {COMPOSITE}/combined_3class_gt.csv not found "
+                    "(set EPIR_SHARED_DATA to the folder holding megc2019_composite/)")
+    return COMPOSITE
