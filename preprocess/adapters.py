@@ -1,0 +1,428 @@
+"""Dataset adapters: a dataset root -> one sample record per micro-expression, plus rejects.
+
+Every adapter returns an :class:`AdapterResult`: ``samples`` (one row per usable sample, columns
+``SAMPLE_COLUMNS``) and ``rejects`` (rows with ``reason``), never silently dropping anything. Frames
+are not opened here; a missing frame is found, and rejected, by the decode stage.
+
+Label sets follow EPIR Sec. 4: SDE uses each dataset's own classes (CASME II 5, SAMM 5, SMIC 3,
+CAS(ME)^3 3); CDE is the MEGC2019 3-class composite (negative, positive, surprise). The MEGC2019
+mapping reproduces the official composite exactly (``../shared/data/README.md``).
+
+Annotation rules (reported in the ``note`` column and the run summary, never a crash):
+- an apex that is not a number ('/' in CASME II's 2019 sheet) -> the middle frame
+  ``(onset + offset) // 2``;
+- an apex outside onset..offset (SAMM 028_4_1 and 032_3_1) -> the middle frame likewise;
+- an emotion in neither the SDE nor the CDE mapping -> rejected, reason ``label_outside_mapping``;
+- a sample id seen before in the same dataset -> the later one rejected, ``duplicate_sample_id``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+CDE_CLASSES = ("negative", "positive", "surprise")
+SDE_CLASSES = {
+    "casme2": ("happiness", "disgust", "surprise", "repression", "others"),
+    "samm": ("happiness", "anger", "surprise", "contempt", "others"),
+    "smic": ("negative", "positive", "surprise"),
+    "casme3": ("negative", "positive", "surprise"),
+}
+# emotion (lower case) -> SDE class / CDE class; absent = not used by that protocol
+SDE_MAP = {
+    "casme2": {e: e for e in SDE_CLASSES["casme2"]},
+    "samm": {"happiness": "happiness", "anger": "anger", "surprise": "surprise", "contempt": "contempt", "other": "others"},
+    "smic": {e: e for e in SDE_CLASSES["smic"]},
+    "casme3": {"happy": "positive", "surprise": "surprise", "disgust": "negative", "fear": "negative",
+               "anger": "negative", "sad": "negative"},
+}
+CDE_MAP = {
+    "casme2": {"happiness": "positive", "surprise": "surprise", "disgust": "negative", "repression": "negative"},
+    "samm": {"happiness": "positive", "surprise": "surprise", "anger": "negative", "contempt": "negative",
+             "disgust": "negative", "fear": "negative", "sadness": "negative"},
+    "smic": {e: e for e in CDE_CLASSES},
+}
+# The official MEGC2019 list leaves these CASME II samples out although their emotion maps; and it was
+# built on the 2014 coding, so the three samples the 2019 revision relabelled sadness -> surprise are
+# not in it either.
+CASME2_CDE_EXCLUDED = {("sub04", "EP12_01f"), ("sub05", "EP09_05f"),
+                       ("sub24", "EP07_01"), ("sub24", "EP07_04f"), ("sub24", "EP10_03")}
+
+SAMPLE_COLUMNS = [
+    "dataset", "subject", "sample_id", "onset_path", "apex_path", "flow_path", "emotion",
+    "sde_class", "sde_label", "cde_class", "cde_label", "action_units",
+    "onset_frame", "apex_frame", "offset_frame", "precropped", "note", "meta",
+]
+
+
+class DatasetError(Exception):
+    """The dataset root or its annotation file is wrong as a whole (not one bad sample)."""
+
+
+@dataclass
+class AdapterResult:
+    """Samples and rejects of one dataset.
+
+    Attributes:
+        samples: DataFrame with ``SAMPLE_COLUMNS``; ``sde_label`` / ``cde_label`` nullable ints.
+        rejects: DataFrame with ``dataset, subject, sample_id, reason, detail``.
+        classes: ``{"sde": [...], "cde": [...]}`` the label names, index = label.
+    """
+
+    samples: pd.DataFrame
+    rejects: pd.DataFrame
+    classes: dict = field(default_factory=dict)
+
+
+def _find_sheet(root: Path, annotations: Path | None, patterns: list[str], what: str) -> Path:
+    if annotations is not None:
+        if not Path(annotations).is_file():
+            raise DatasetError(f"annotation file {annotations} not found")
+        return Path(annotations)
+    for pat in patterns:
+        hits = sorted(root.glob(pat))
+        if hits:
+            return hits[-1]  # the latest revision by name
+    raise DatasetError(f"no {what} found in {root} (looked for {', '.join(patterns)}); pass --annotations")
+
+
+def _apex_rule(onset: int, apex, offset) -> tuple[int, str]:
+    """Apply the stated apex rules; return (apex, note)."""
+    try:
+        apex_i = int(float(str(apex).strip()))
+    except ValueError:
+        if offset is None:
+            raise
+        return (onset + offset) // 2, f"apex {str(apex).strip()!r} not a number -> middle frame of onset..offset"
+    if offset is not None and not onset <= apex_i <= offset:
+        return (onset + offset) // 2, f"apex {apex_i} outside onset..offset {onset}..{offset} -> middle frame"
+    return apex_i, ""
+
+
+def _finish(dataset: str, rows: list[dict], rejects: list[dict], sde_classes, cde_classes=CDE_CLASSES) -> AdapterResult:
+    """Label indices, duplicate check and column order, shared by every adapter."""
+    df = pd.DataFrame(rows)
+    for col in SAMPLE_COLUMNS:
+        if col not in df:
+            df[col] = None
+    keep = []
+    for r in df.itertuples(index=False):
+        if pd.isna(r.sde_class) and pd.isna(r.cde_class):
+            rejects.append(dict(dataset=dataset, subject=r.subject, sample_id=r.sample_id,
+                                reason="label_outside_mapping", detail=f"emotion {r.emotion!r}"))
+            keep.append(False)
+        else:
+            keep.append(True)
+    df = df[keep] if len(df) else df
+    dup = df.duplicated(["subject", "sample_id"], keep="first") if len(df) else pd.Series([], dtype=bool)
+    for r in df[dup].itertuples(index=False):
+        rejects.append(dict(dataset=dataset, subject=r.subject, sample_id=r.sample_id,
+                            reason="duplicate_sample_id", detail="same subject and sample id seen before"))
+    df = df[~dup].reset_index(drop=True)
+    df["sde_label"] = pd.array([None if pd.isna(c) else sde_classes.index(c) for c in df["sde_class"]], dtype="Int64")
+    df["cde_label"] = pd.array([None if pd.isna(c) else cde_classes.index(c) for c in df["cde_class"]], dtype="Int64")
+    for col in ("onset_frame", "apex_frame", "offset_frame"):
+        df[col] = pd.array(df[col], dtype="Int64")
+    df["dataset"] = dataset
+    df["note"] = df["note"].fillna("")
+    df["precropped"] = df["precropped"].fillna(False).astype(bool)
+    rej = pd.DataFrame(rejects, columns=["dataset", "subject", "sample_id", "reason", "detail"])
+    return AdapterResult(df[SAMPLE_COLUMNS], rej, {"sde": list(sde_classes), "cde": list(cde_classes)})
+
+
+def _au(value) -> str | None:
+    return None if pd.isna(value) else str(value).strip()
+
+
+# --- CASME II ---------------------------------------------------------------------------------
+
+def casme2(root: Path, annotations: Path | None = None) -> AdapterResult:
+    """CASME II: ``CASME2_RAW_selected/sub01/EP02_01f/img46.jpg`` or the cropped release
+    ``Cropped/sub01/EP02_01f/reg_img46.jpg`` (pre-cropped: whole frame = face), with the coding
+    spreadsheet (2014 or 2019 revision; ``CASME2-coding-*.xlsx`` in the root by default).
+
+    Raises:
+        DatasetError: no frame folder or no coding sheet, or the sheet lacks its columns.
+    """
+    root = Path(root)
+    if (root / "CASME2_RAW_selected").is_dir():
+        frames, prefix, precropped = root / "CASME2_RAW_selected", "img", False
+    elif (root / "Cropped").is_dir():
+        frames, prefix, precropped = root / "Cropped", "reg_img", True
+    else:
+        raise DatasetError(f"{root} holds neither CASME2_RAW_selected/ nor Cropped/: is it the CASME II root?")
+    sheet = _find_sheet(root, annotations, ["CASME2-coding-*.xlsx", "CASME2*coding*.xls*"], "CASME II coding sheet")
+    df = pd.read_excel(sheet)
+    need = {"Subject", "Filename", "OnsetFrame", "ApexFrame", "OffsetFrame", "Estimated Emotion"}
+    if not need <= set(df.columns):
+        raise DatasetError(f"{sheet}: missing columns {sorted(need - set(df.columns))}")
+    rows = []
+    for r in df.to_dict("records"):
+        subject = f"sub{int(r['Subject']):02d}"
+        fn = str(r["Filename"]).strip()
+        onset, offset = int(r["OnsetFrame"]), int(r["OffsetFrame"])
+        apex, note = _apex_rule(onset, r["ApexFrame"], offset if offset > 0 else None)
+        emotion = str(r["Estimated Emotion"]).strip().lower()
+        excluded = (subject, fn) in CASME2_CDE_EXCLUDED
+        rows.append(dict(
+            subject=subject, sample_id=fn, emotion=emotion,
+            sde_class=SDE_MAP["casme2"].get(emotion),
+            cde_class=None if excluded else CDE_MAP["casme2"].get(emotion),
+            action_units=_au(r.get("Action Units")),
+            onset_frame=onset, apex_frame=apex, offset_frame=offset, note=note, precropped=precropped,
+            onset_path=str(frames / subject / fn / f"{prefix}{onset}.jpg"),
+            apex_path=str(frames / subject / fn / f"{prefix}{apex}.jpg"),
+        ))
+    return _finish("casme2", rows, [], SDE_CLASSES["casme2"])
+
+
+# --- SAMM ---------------------------------------------------------------------------------------
+
+def _read_samm_sheet(sheet: Path) -> pd.DataFrame:
+    raw = pd.read_excel(sheet, header=None)
+    hits = raw.index[raw.iloc[:, 0].astype(str).str.strip() == "Subject"]
+    if len(hits) == 0:
+        raise DatasetError(f"{sheet}: no header row starting with 'Subject' (SAMM's sheet has 13 preamble rows)")
+    return pd.read_excel(sheet, header=int(hits[0]))
+
+
+def samm(root: Path, annotations: Path | None = None) -> AdapterResult:
+    """SAMM: ``SAMM/006/006_1_2/006_05562.jpg`` with ``SAMM_Micro_FACS_Codes_v2.xlsx`` (its header row
+    is found after the preamble). SAMM subjects are zero-padded to 3 digits.
+
+    Raises:
+        DatasetError: no ``SAMM/`` (or subject) folders, or no FACS-codes sheet.
+    """
+    root = Path(root)
+    frames = root / "SAMM" if (root / "SAMM").is_dir() else root
+    if not frames.is_dir() or not any(p.is_dir() and re.fullmatch(r"\d{3}", p.name) for p in frames.iterdir()):
+        raise DatasetError(f"{root} holds no SAMM/ folder of 3-digit subject folders: is it the SAMM root?")
+    sheet = _find_sheet(root, annotations, ["SAMM_Micro_FACS_Codes*.xlsx", "SAMM*.xlsx"], "SAMM FACS-codes sheet")
+    df = _read_samm_sheet(sheet)
+    need = {"Subject", "Filename", "Onset Frame", "Apex Frame", "Offset Frame", "Estimated Emotion"}
+    if not need <= set(df.columns):
+        raise DatasetError(f"{sheet}: missing columns {sorted(need - set(df.columns))}")
+    rows = []
+    for r in df.dropna(subset=["Filename"]).to_dict("records"):
+        subject = f"{int(r['Subject']):03d}"
+        fn = str(r["Filename"]).strip()
+        onset, offset = int(r["Onset Frame"]), int(r["Offset Frame"])
+        apex, note = _apex_rule(onset, r["Apex Frame"], offset if offset > 0 else None)
+        emotion = str(r["Estimated Emotion"]).strip().lower()
+        rows.append(dict(
+            subject=subject, sample_id=fn, emotion=emotion,
+            sde_class=SDE_MAP["samm"].get(emotion), cde_class=CDE_MAP["samm"].get(emotion),
+            action_units=_au(r.get("Action Units")),
+            onset_frame=onset, apex_frame=apex, offset_frame=offset, note=note,
+            onset_path=str(frames / subject / fn / f"{subject}_{onset:05d}.jpg"),
+            apex_path=str(frames / subject / fn / f"{subject}_{apex:05d}.jpg"),
+        ))
+    return _finish("samm", rows, [], SDE_CLASSES["samm"])
+
+
+# --- SMIC-HS ------------------------------------------------------------------------------------
+
+_SMIC_CLIP = re.compile(r"s(\d+)_([a-z]+)_(\d+)$")
+_FRAME_NO = re.compile(r"(\d+)\D*$")
+
+
+def smic_clip_id(clip: str) -> tuple[str, str]:
+    """SMIC clip name -> (subject, sample id) as the MEGC2019 composite writes them: ``s1_ne_01`` ->
+    (``s01``, ``s01_ne_01``).
+
+    Raises:
+        ValueError: for a name that is not ``s<n>_<cls>_<k>``.
+    """
+    m = _SMIC_CLIP.match(clip.strip())
+    if not m:
+        raise ValueError(f"not a SMIC clip name: {clip!r}")
+    subject = f"s{int(m.group(1)):02d}"
+    return subject, f"{subject}_{m.group(2)}_{m.group(3)}"
+
+
+def frame_number(path: Path) -> int | None:
+    """The trailing number of a frame file name (``image559753.bmp`` -> 559753), or None."""
+    m = _FRAME_NO.search(path.stem)
+    return int(m.group(1)) if m else None
+
+
+def smic(root: Path, annotations: Path | None = None) -> AdapterResult:
+    """SMIC-HS: labels from folders, ``HS/s1/micro/negative/s1_ne_01/image*.bmp``.
+
+    Onset = the clip's first frame. Apex = the apex list's frame when an apex list is given
+    (``--annotations``, or ``*apex*.xlsx`` in the root: columns ``clip, apex_frame``); otherwise, and
+    for clips the list lacks, the documented rule: the clip's middle frame (SMIC-HS ships no apex).
+
+    Raises:
+        DatasetError: no ``HS/`` folder of ``s<n>/micro/<class>/`` clips.
+    """
+    root = Path(root)
+    hs = root / "HS" if (root / "HS").is_dir() else root
+    clips = sorted(p for p in hs.glob("s*/micro/*/*") if p.is_dir())
+    if not clips:
+        raise DatasetError(f"{root} holds no HS/s<n>/micro/<class>/<clip>/ folders: is it the SMIC root?")
+    apex_list: dict[str, int] = {}
+    sheet = annotations if annotations is not None else next(iter(sorted(root.glob("*apex*.xls*"))), None)
+    if sheet is not None:
+        if not Path(sheet).is_file():
+            raise DatasetError(f"annotation file {sheet} not found")
+        lst = pd.read_excel(sheet)
+        if not {"clip", "apex_frame"} <= set(lst.columns):
+            raise DatasetError(f"{sheet}: an SMIC apex list needs columns 'clip' and 'apex_frame'")
+        apex_list = {smic_clip_id(c)[1]: int(a) for c, a in zip(lst["clip"], lst["apex_frame"])}
+    rows, rejects = [], []
+    for clip in clips:
+        emotion = clip.parent.name.lower()
+        try:
+            subject, sample_id = smic_clip_id(clip.name)
+        except ValueError as e:
+            rejects.append(dict(dataset="smic", subject=clip.parents[2].name, sample_id=clip.name,
+                                reason="bad_sample_name", detail=str(e)))
+            continue
+        frames = sorted((f for f in clip.iterdir() if f.suffix.lower() in (".bmp", ".jpg", ".png")),
+                        key=lambda f: (frame_number(f) is None, frame_number(f) or 0, f.name))
+        if not frames:
+            rejects.append(dict(dataset="smic", subject=subject, sample_id=sample_id,
+                                reason="missing_frame", detail=f"{clip} holds no frames"))
+            continue
+        numbers = [frame_number(f) for f in frames]
+        if sample_id in apex_list:
+            apex_no = apex_list[sample_id]
+            apex_path = next((f for f, n in zip(frames, numbers) if n == apex_no),
+                             clip / f"image{apex_no}{frames[0].suffix}")
+            note = ""
+        else:
+            apex_path = frames[len(frames) // 2]
+            apex_no = numbers[len(frames) // 2]
+            note = "no apex in the list -> middle frame of the clip"
+        rows.append(dict(
+            subject=subject, sample_id=sample_id, emotion=emotion,
+            sde_class=SDE_MAP["smic"].get(emotion), cde_class=CDE_MAP["smic"].get(emotion),
+            onset_frame=numbers[0], apex_frame=apex_no, offset_frame=numbers[-1], note=note,
+            onset_path=str(frames[0]), apex_path=str(apex_path),
+        ))
+    return _finish("smic", rows, rejects, SDE_CLASSES["smic"])
+
+
+# --- CAS(ME)^3 Part A ---------------------------------------------------------------------------
+
+def casme3(root: Path, annotations: Path | None = None) -> AdapterResult:
+    """CAS(ME)^3 Part A micro-expressions: ``part_A/<Subject>/<Filename>/color/<frame>.jpg`` with
+    the label sheet (``cas(me)3_part_A_ME_label*.xlsx`` in the root by default). A clip can hold
+    several micro-expressions, so the sample id is ``<Subject>_<Filename>_<Onset>``. SDE is the
+    3-class relabelling (EPIR Sec. 4): happy -> positive; disgust, fear, anger, sad -> negative;
+    surprise -> surprise; others are outside the mapping. Not part of the MEGC2019 composite.
+
+    Raises:
+        DatasetError: no ``part_A/`` folder or no label sheet.
+    """
+    root = Path(root)
+    part_a = root / "part_A"
+    if not part_a.is_dir():
+        raise DatasetError(f"{root} holds no part_A/ folder: is it the CAS(ME)^3 root?")
+    sheet = _find_sheet(root, annotations, ["cas(me)3_part_A_ME_label*.xlsx", "*part_A*label*.xlsx"],
+                        "CAS(ME)^3 Part A label sheet")
+    df = pd.read_excel(sheet)
+    need = {"Subject", "Filename", "Onset", "Apex", "Offset", "emotion"}
+    if not need <= set(df.columns):
+        raise DatasetError(f"{sheet}: missing columns {sorted(need - set(df.columns))}")
+    rows = []
+    for r in df.to_dict("records"):
+        subject, fn = str(r["Subject"]).strip(), str(r["Filename"]).strip()
+        onset, offset = int(r["Onset"]), int(r["Offset"])
+        apex, note = _apex_rule(onset, r["Apex"], offset if offset > 0 else None)
+        emotion = str(r["emotion"]).strip().lower()
+        clip = part_a / subject / fn / "color"
+        rows.append(dict(
+            subject=subject, sample_id=f"{subject}_{fn}_{onset}", emotion=emotion,
+            sde_class=SDE_MAP["casme3"].get(emotion), cde_class=None, action_units=_au(r.get("AU")),
+            onset_frame=onset, apex_frame=apex, offset_frame=offset, note=note,
+            onset_path=str(clip / f"{onset}.jpg"), apex_path=str(clip / f"{apex}.jpg"),
+        ))
+    return _finish("casme3", rows, [], SDE_CLASSES["casme3"])
+
+
+# --- MEGC2019 precomputed flow images ------------------------------------------------------------
+
+def megc2019(root: Path, annotations: Path | None = None) -> AdapterResult:
+    """The MEGC2019 composite as STSTNet/HTNet publish it (:mod:`preprocess.megc2019`): the flow
+    stages are skipped; ``flow_path`` names each sample's 28 x 28 u/v/strain image. Only CDE labels.
+
+    Raises:
+        DatasetError: no ``combined_3class_gt.csv`` in the root.
+    """
+    from .megc2019 import read_ground_truth
+
+    try:
+        gt = read_ground_truth(root)
+    except (FileNotFoundError, ValueError) as e:
+        raise DatasetError(str(e)) from e
+    results = []
+    for ds, part in gt.groupby("dataset", sort=False):
+        rows = [dict(subject=r.subject, sample_id=r.sample_id, emotion=r.emotion, sde_class=None,
+                     cde_class=r.emotion, flow_path=r.flow_path) for r in part.itertuples(index=False)]
+        results.append(_finish(ds, rows, [], ()))
+    samples = pd.concat([r.samples for r in results], ignore_index=True)
+    rejects = pd.concat([r.rejects for r in results], ignore_index=True)
+    return AdapterResult(samples, rejects, {"sde": [], "cde": list(CDE_CLASSES)})
+
+
+# --- a lab's own data: manifest CSV ------------------------------------------------------------
+
+MANIFEST_COLUMNS = ["subject", "sample_id", "onset_path", "apex_path", "label"]
+
+
+def manifest(root: Path, annotations: Path | None = None, precropped: bool = False,
+             classes: list[str] | None = None) -> AdapterResult:
+    """A manifest CSV for a new dataset: header ``subject,sample_id,onset_path,apex_path,label``.
+
+    ``label`` is a class name; the SDE label index follows ``classes`` when given, else the class
+    names in sorted order. Paths are absolute or relative to the CSV's folder. Extra columns are kept,
+    as JSON, in ``meta``. The dataset name is the CSV's file stem.
+
+    Raises:
+        DatasetError: the CSV is missing, unreadable or lacks a required column.
+    """
+    import json
+
+    path = Path(root)
+    if not path.is_file():
+        raise DatasetError(f"manifest {path} not found (--root must name the CSV file)")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a wrong root
+        raise DatasetError(f"cannot read manifest {path}: {e}") from e
+    df.columns = [c.strip() for c in df.columns]
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise DatasetError(f"manifest {path} lacks column(s) {missing}; header must include {','.join(MANIFEST_COLUMNS)}")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)
+    labels = sorted({l.strip() for l in df["label"] if l.strip()})
+    if classes:
+        labels = list(classes)
+    extra = [c for c in df.columns if c not in MANIFEST_COLUMNS]
+    rows, rejects = [], []
+    for r in df.to_dict("records"):
+        label = r["label"].strip()
+        sample = dict(dataset=name, subject=r["subject"].strip(), sample_id=r["sample_id"].strip())
+        if not sample["subject"] or not sample["sample_id"]:
+            rejects.append(dict(**sample, reason="missing_field", detail="empty subject or sample_id"))
+            continue
+
+        def resolve(p: str) -> str:
+            q = Path(p.strip())
+            return str(q if q.is_absolute() else (path.parent / q))
+
+        rows.append(dict(
+            subject=sample["subject"], sample_id=sample["sample_id"], emotion=label,
+            sde_class=label if label in labels else None, cde_class=None,
+            onset_path=resolve(r["onset_path"]), apex_path=resolve(r["apex_path"]),
+            precropped=precropped, meta=json.dumps({c: r[c] for c in extra}) if extra else "",
+        ))
+    return _finish(name, rows, rejects, tuple(labels))
+
+
+ADAPTERS = {"casme2": casme2, "samm": samm, "smic": smic, "casme3": casme3, "megc2019": megc2019, "manifest": manifest}
