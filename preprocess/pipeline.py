@@ -201,13 +201,25 @@ def _shard_meta(cfg: dict, precomputed: bool) -> dict:
 
 
 def flow_stage(batch: pd.DataFrame, cfg: dict) -> pa.Table:
-    """Ray Data task: grey faces -> [u, v, strain] (output_size^2 x 3) float32; drops the face images."""
+    """Grey faces -> [u, v, strain] (output_size^2 x 3) float32 in the shard schema; drops the face images."""
     import cv2
 
     cv2.setNumThreads(1)
     c = PreprocessConfig(**cfg)
     rows = [_flow_row(r, c.flow) for r in batch.to_dict("records")]
     return _to_table(batch, rows, (c.output_size, c.output_size, 3), _shard_meta(cfg, False))
+
+
+class FlowStage:
+    """Ray Data actor running :func:`flow_stage` (``fn``). Actors, not tasks: a task pool kept starting
+    fresh worker processes (importing OpenCV, pandas, pyarrow), which on a small machine took the
+    CPU from the face actors."""
+
+    def __init__(self, cfg: dict, fn=None):
+        self.cfg, self.fn = cfg, fn or flow_stage
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        return self.fn(batch, self.cfg)
 
 
 def precomputed_stage(batch: pd.DataFrame, cfg: dict) -> pa.Table:
@@ -260,6 +272,36 @@ def _ray_init():
     return ray
 
 
+def build_dataset(samples: pd.DataFrame, cfg: PreprocessConfig, workers: int, precomputed: bool,
+                  gpu_per_actor: float | None = None, batch_size: int = 8, face_cls=None, flow_fn=None):
+    """The lazy Ray Dataset of one group: samples -> face stage (actor pool) -> flow stage.
+
+    Rows come out in the shard schema (``_to_table``), accepted and rejected alike (``status``).
+    ``face_cls`` / ``flow_fn`` replace :class:`FaceStage` / :func:`flow_stage` (the benchmark wraps
+    them with timers).
+    """
+    face_cls, flow_fn = face_cls or FaceStage, flow_fn or flow_stage
+    ray = _ray_init()
+    # Enough blocks for every worker to have work: one block per chunk (a repartition would need an
+    # all-to-all task, which cannot get a CPU once the actor pool holds them).
+    plain = samples.astype(object).where(samples.notna(), None)
+    blocks = max(1, min(len(plain), max(4 * workers, -(-len(plain) // batch_size))))
+    bounds = np.linspace(0, len(plain), blocks + 1).astype(int)
+    ds = ray.data.from_pandas([plain.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
+    if precomputed:
+        return ds.map_batches(precomputed_stage, fn_kwargs=dict(cfg=dataclasses.asdict(cfg)), batch_format="pandas",
+                              batch_size=64)
+    gpus = ray.cluster_resources().get("GPU", 0) > 0
+    frac = gpu_per_actor if gpu_per_actor is not None else (1.0 / max(workers, 1) if gpus else 0.0)
+    ds = ds.map_batches(face_cls, fn_constructor_kwargs=dict(cfg=dataclasses.asdict(cfg), device="cuda" if gpus else "cpu"),
+                        batch_format="pandas", batch_size=batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=workers),
+                        num_cpus=FACE_CPUS, num_gpus=frac if gpus else 0)
+    return ds.map_batches(FlowStage, fn_constructor_kwargs=dict(cfg=dataclasses.asdict(cfg), fn=flow_fn),
+                          batch_format="pandas", batch_size=batch_size,
+                          compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=FLOW_CPUS)
+
+
 def run_group(samples: pd.DataFrame, cfg: PreprocessConfig, dest: Path, workers: int, precomputed: bool,
               gpu_per_actor: float | None = None, batch_size: int = 8) -> pd.DataFrame:
     """Run one group of samples through Ray Data and write its shard folder atomically.
@@ -268,35 +310,18 @@ def run_group(samples: pd.DataFrame, cfg: PreprocessConfig, dest: Path, workers:
         The group's rejects (``REJECT_COLUMNS``).
     """
     ray = _ray_init()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    from ray.data.expressions import col
+
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     staging = dest.parent / f".staging-{dest.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    # Enough blocks for every worker to have work: one block per chunk (a repartition would need an
-    # all-to-all task, which cannot get a CPU once the actor pool holds them).
-    plain = samples.astype(object).where(samples.notna(), None)
-    blocks = max(1, min(len(plain), max(4 * workers, -(-len(plain) // batch_size))))
-    bounds = np.linspace(0, len(plain), blocks + 1).astype(int)
-    ds = ray.data.from_pandas([plain.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
-    if precomputed:
-        ds = ds.map_batches(precomputed_stage, fn_kwargs=dict(cfg=dataclasses.asdict(cfg)), batch_format="pandas",
-                            batch_size=64)
-    else:
-        gpus = ray.cluster_resources().get("GPU", 0) > 0
-        frac = gpu_per_actor if gpu_per_actor is not None else (1.0 / max(workers, 1) if gpus else 0.0)
-        ds = ds.map_batches(FaceStage, fn_constructor_kwargs=dict(cfg=dataclasses.asdict(cfg), device="cuda" if gpus else "cpu"),
-                            batch_format="pandas", batch_size=batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=workers),
-                            num_cpus=FACE_CPUS, num_gpus=frac if gpus else 0)
-        ds = ds.map_batches(flow_stage, fn_kwargs=dict(cfg=dataclasses.asdict(cfg)), batch_format="pandas",
-                            batch_size=batch_size, compute=ray.data.TaskPoolStrategy(size=workers),
-                            num_cpus=FLOW_CPUS)
+    ds = build_dataset(samples, cfg, workers, precomputed, gpu_per_actor, batch_size)
     ds = ds.materialize()  # one group's post-flow rows: small
-    ok = ds.filter(expr="status == 'ok'")
+    ok = ds.filter(expr=col("status") == "ok")
     staging.mkdir(parents=True)
     if ok.count():
         ok.write_parquet(str(staging))
-    rej = ds.filter(expr="status != 'ok'").select_columns(REJECT_COLUMNS).to_pandas().reindex(columns=REJECT_COLUMNS)
+    rej = ds.filter(expr=col("status") != "ok").select_columns(REJECT_COLUMNS).to_pandas().reindex(columns=REJECT_COLUMNS)
     rej.to_csv(staging / "rejects.csv", index=False)
     os.replace(staging, dest)  # atomic: a shard folder exists only when whole
     return rej
@@ -368,27 +393,27 @@ def run(adapted: AdapterResult, dataset_name: str, out: Path, cfg: PreprocessCon
     samples = adapted.samples.reset_index(drop=True)
     groups = [samples.iloc[i : i + shard_size] for i in range(0, len(samples), shard_size)]
     wanted, reused, written = set(), 0, 0
-    rejects = [adapted.rejects[REJECT_COLUMNS]] if len(adapted.rejects) else []
+    stage_rejects: list[pd.DataFrame] = []  # samples the stages rejected (the adapter's come on top)
     for gi, group in enumerate(groups):
         dest = out_dir / f"shard-{gi:05d}-{_group_hash(group)}"
         wanted.add(dest.name)
         if dest.is_dir():
             reused += 1
-            rejects.append(pd.read_csv(dest / "rejects.csv", dtype=str, keep_default_na=False))
+            stage_rejects.append(pd.read_csv(dest / "rejects.csv", dtype=str, keep_default_na=False))
             progress(f"shard {gi + 1}/{len(groups)}: finished earlier, reused ({len(group)} samples)")
             continue
         t0 = time.perf_counter()
-        rejects.append(run_group(group, cfg, dest, workers, precomputed, gpu_per_actor))
+        stage_rejects.append(run_group(group, cfg, dest, workers, precomputed, gpu_per_actor))
         written += 1
         progress(f"shard {gi + 1}/{len(groups)}: {len(group)} samples in {time.perf_counter() - t0:.1f} s")
     for old in out_dir.glob("shard-*"):  # shards of an earlier sample list that no longer applies
         if old.name not in wanted:
             shutil.rmtree(old)
-    rej = pd.concat([r.reindex(columns=REJECT_COLUMNS) for r in rejects], ignore_index=True) if rejects else \
-        pd.DataFrame(columns=REJECT_COLUMNS)
+    stage = pd.concat([r.reindex(columns=REJECT_COLUMNS) for r in stage_rejects], ignore_index=True)
+    rej = pd.concat([adapted.rejects.reindex(columns=REJECT_COLUMNS), stage], ignore_index=True)
     rej.to_csv(out_dir / "rejects.csv", index=False)
-    stage_rejected = set(zip(rej["subject"].astype(str), rej["sample_id"].astype(str)))
-    accepted = samples[[(str(s), str(i)) not in stage_rejected for s, i in zip(samples["subject"], samples["sample_id"])]]
+    stage_keys = set(zip(stage["subject"].astype(str), stage["sample_id"].astype(str)))
+    accepted = samples[[(str(s), str(i)) not in stage_keys for s, i in zip(samples["subject"], samples["sample_id"])]]
     n_ok = len(accepted)
     if n_ok == 0:
         raise DatasetError(f"no sample of {dataset_name} survived preprocessing; reasons: "
