@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from preprocess.adapters import manifest  # noqa: E402
 from preprocess.demo import DEMO_CLASSES, make_demo_dataset  # noqa: E402
-from preprocess.pipeline import FaceStage, PreprocessConfig, _ray_init, build_dataset, flow_stage  # noqa: E402
+from preprocess.pipeline import FaceStage, PreprocessConfig, init_ray, build_dataset, flow_stage  # noqa: E402
 
 
 class TimedFaceStage(FaceStage):
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         import ray
 
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-        _ray_init()
+        init_ray()
         print(f"input: {len(samples)} demo samples (grace_hopper.jpg pairs); Ray with {args.cpus} CPUs on "
               f"{os.cpu_count()} cores; face stage = MTCNN on CPU, flow = Farneback 128 px")
         results = [measure(samples, w, args.batch_size) for w in (1, 2)]

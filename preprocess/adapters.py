@@ -89,6 +89,11 @@ def _find_sheet(root: Path, annotations: Path | None, patterns: list[str], what:
     raise DatasetError(f"no {what} found in {root} (looked for {', '.join(patterns)}); pass --annotations")
 
 
+def _require_columns(df: pd.DataFrame, need: set[str], sheet: Path) -> None:
+    if not need <= set(df.columns):
+        raise DatasetError(f"{sheet}: missing columns {sorted(need - set(df.columns))}")
+
+
 def _apex_rule(onset: int, apex, offset) -> tuple[int, str]:
     """Apply the stated apex rules; return (apex, note)."""
     try:
@@ -156,9 +161,7 @@ def casme2(root: Path, annotations: Path | None = None) -> AdapterResult:
         raise DatasetError(f"{root} holds neither CASME2_RAW_selected/ nor Cropped/: is it the CASME II root?")
     sheet = _find_sheet(root, annotations, ["CASME2-coding-*.xlsx", "CASME2*coding*.xls*"], "CASME II coding sheet")
     df = pd.read_excel(sheet)
-    need = {"Subject", "Filename", "OnsetFrame", "ApexFrame", "OffsetFrame", "Estimated Emotion"}
-    if not need <= set(df.columns):
-        raise DatasetError(f"{sheet}: missing columns {sorted(need - set(df.columns))}")
+    _require_columns(df, {"Subject", "Filename", "OnsetFrame", "ApexFrame", "OffsetFrame", "Estimated Emotion"}, sheet)
     rows = []
     for r in df.to_dict("records"):
         subject = f"sub{int(r['Subject']):02d}"
@@ -202,9 +205,7 @@ def samm(root: Path, annotations: Path | None = None) -> AdapterResult:
         raise DatasetError(f"{root} holds no SAMM/ folder of 3-digit subject folders: is it the SAMM root?")
     sheet = _find_sheet(root, annotations, ["SAMM_Micro_FACS_Codes*.xlsx", "SAMM*.xlsx"], "SAMM FACS-codes sheet")
     df = _read_samm_sheet(sheet)
-    need = {"Subject", "Filename", "Onset Frame", "Apex Frame", "Offset Frame", "Estimated Emotion"}
-    if not need <= set(df.columns):
-        raise DatasetError(f"{sheet}: missing columns {sorted(need - set(df.columns))}")
+    _require_columns(df, {"Subject", "Filename", "Onset Frame", "Apex Frame", "Offset Frame", "Estimated Emotion"}, sheet)
     rows = []
     for r in df.dropna(subset=["Filename"]).to_dict("records"):
         subject = f"{int(r['Subject']):03d}"
@@ -326,9 +327,7 @@ def casme3(root: Path, annotations: Path | None = None) -> AdapterResult:
     sheet = _find_sheet(root, annotations, ["cas(me)3_part_A_ME_label*.xlsx", "*part_A*label*.xlsx"],
                         "CAS(ME)^3 Part A label sheet")
     df = pd.read_excel(sheet)
-    need = {"Subject", "Filename", "Onset", "Apex", "Offset", "emotion"}
-    if not need <= set(df.columns):
-        raise DatasetError(f"{sheet}: missing columns {sorted(need - set(df.columns))}")
+    _require_columns(df, {"Subject", "Filename", "Onset", "Apex", "Offset", "emotion"}, sheet)
     rows = []
     for r in df.to_dict("records"):
         subject, fn = str(r["Subject"]).strip(), str(r["Filename"]).strip()

@@ -250,7 +250,12 @@ def _group_hash(df: pd.DataFrame) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:8]
 
 
-def _ray_init():
+def init_ray():
+    """Connect to ``RAY_ADDRESS`` when set, else start a local Ray; quiet Ray Data's console logs.
+
+    Returns:
+        the ``ray`` module, initialised.
+    """
     import logging
 
     # Ray's `uv run` hook would package the working tree and start every worker through uv (seconds
@@ -281,7 +286,7 @@ def build_dataset(samples: pd.DataFrame, cfg: PreprocessConfig, workers: int, pr
     them with timers).
     """
     face_cls, flow_fn = face_cls or FaceStage, flow_fn or flow_stage
-    ray = _ray_init()
+    ray = init_ray()
     # Enough blocks for every worker to have work: one block per chunk (a repartition would need an
     # all-to-all task, which cannot get a CPU once the actor pool holds them).
     plain = samples.astype(object).where(samples.notna(), None)
@@ -309,7 +314,7 @@ def run_group(samples: pd.DataFrame, cfg: PreprocessConfig, dest: Path, workers:
     Returns:
         The group's rejects (``REJECT_COLUMNS``).
     """
-    ray = _ray_init()
+    ray = init_ray()
     from ray.data.expressions import col
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
