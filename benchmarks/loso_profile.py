@@ -1,0 +1,67 @@
+"""How fast and how well a training profile runs LOSO folds of the REAL MEGC2019 composite.
+
+Trains the chosen preset on K leave-one-subject-out folds (the K subjects with the most samples, or
+every subject with ``--folds 0``) with honest epoch selection (``last``), and prints per-fold wall
+time, the pooled UF1 / UAR over those folds, and the projected time of all 68 folds. Use it to size
+a CPU profile before a full grid run; a subset of folds is NOT the composite's score.
+
+    uv run python benchmarks/loso_profile.py --preset epir --dim 64 --epochs 40 --lr 1e-3 --folds 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from epir.metrics import uar, uf1  # noqa: E402
+from epir.model import PRESETS, make_config  # noqa: E402
+from epir.train import TrainRecipe, train_fold  # noqa: E402
+from preprocess.megc2019 import load_composite  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc2019_composite"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--preset", default="epir", choices=list(PRESETS))
+    p.add_argument("--dim", type=int, default=256, help="token width (paper 256)")
+    p.add_argument("--dim-head", type=int, help="width per head (default dim // 3)")
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--folds", type=int, default=4, help="largest K subjects as test folds; 0 = all")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not (args.data / "combined_3class_gt.csv").is_file():
+        print(f"real MEGC2019 composite absent: {args.data}", file=sys.stderr)
+        return 2
+    df, flows = load_composite(args.data)
+    labels, subjects = df["label"].to_numpy(), df["subject"].to_numpy()
+    order = df["subject"].value_counts().index.tolist()
+    folds = order if args.folds == 0 else order[: args.folds]
+    cfg = make_config(args.preset, dim=args.dim, dim_head=args.dim_head or max(1, args.dim // 3))
+    recipe = TrainRecipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device="auto")
+    print(f"preset {args.preset}, dim {cfg.dim}, heads {cfg.heads}x{cfg.dim_head}, {recipe.epochs} epochs, "
+          f"batch {recipe.batch_size}, lr {recipe.lr}; folds: {len(folds)} of {len(order)}")
+    yt, yp, times = [], [], []
+    for s in folds:
+        r = train_fold(flows, labels, subjects, s, cfg, recipe)
+        yt += r.y_true.tolist()
+        yp += r.y_pred.tolist()
+        times.append(r.train_seconds)
+        print(f"  fold {s:>6}: {len(r.y_true):3d} test samples, acc {np.mean(r.y_true == r.y_pred):.3f}, "
+              f"final train acc {r.curve[-1]['train_acc']:.3f}, {r.train_seconds:.1f} s", flush=True)
+    print(f"pooled over {len(folds)} folds ({len(yt)} samples): UF1 {uf1(yt, yp):.4f}  UAR {uar(yt, yp):.4f}")
+    print(f"time per fold {np.mean(times):.1f} s -> all {len(order)} folds ~{np.mean(times) * len(order) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
