@@ -35,6 +35,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc20
 
 
 def load_batch(data: Path, batch_size: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """A batch of real composite flows (N, 28, 28, 3) and labels, or random ones when the data is absent."""
     if (data / "combined_3class_gt.csv").is_file():
         from preprocess.megc2019 import load_composite
 

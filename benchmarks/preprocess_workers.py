@@ -51,6 +51,7 @@ def timed_flow_stage(batch, cfg):
 
 
 def measure(samples, workers: int, batch_size: int) -> dict:
+    """Run the pipeline with ``workers`` and return its steady-state samples per second and start-up time."""
     t0 = time.time()
     ds = build_dataset(samples, PreprocessConfig(), workers, precomputed=False, batch_size=batch_size,
                        face_cls=TimedFaceStage, flow_fn=timed_flow_stage)

@@ -21,6 +21,7 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m epir``; returns the exit code (2 for a bad option)."""
     parser = argparse.ArgumentParser(
         prog="python -m epir",
         description="EPIR model library (arXiv 2604.08106). 'info' reports the complexity of one forward pass.",

@@ -39,6 +39,7 @@ class Complexity:
     tokens_out: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """Plain dict of the figures (for ``--json``)."""
         return asdict(self)
 
 

@@ -93,6 +93,7 @@ class EPIRConfig:
 
     @property
     def num_patches(self) -> int:
+        """Patch tokens per sample, (img_size / patch_size)^2, class token not counted."""
         return (self.img_size // self.patch_size) ** 2
 
 

@@ -88,6 +88,7 @@ class FoldResult:
 
     @property
     def peeks_at_test(self) -> bool:
+        """True when the test subject chose the epoch (``best_test_epoch``): label such results."""
         return self.epoch_selection == "best_test_epoch"
 
 

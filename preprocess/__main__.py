@@ -25,6 +25,7 @@ same configuration reuses finished shards. Connects to RAY_ADDRESS when set, els
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m preprocess`` (its ``--help``)."""
     p = argparse.ArgumentParser(
         prog="python -m preprocess",
         description="Preprocess a micro-expression dataset: MTCNN face crop of onset and apex (same box), "
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: 0 on success, 2 for a wrong root, bad options or no surviving sample."""
     args = build_parser().parse_args(argv)
     from .pipeline import PreprocessConfig, run
 

@@ -72,6 +72,7 @@ class PreprocessConfig:
 
     @property
     def flow(self) -> FlowConfig:
+        """The flow-stage part of this configuration."""
         return FlowConfig(self.working_size, self.output_size, self.normalize)
 
     def config_id(self, precomputed: bool = False) -> str:
@@ -81,6 +82,7 @@ class PreprocessConfig:
 
 
 def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages that shape the shards (``absent`` when not installed)."""
     out = {"python": platform.python_version()}
     for pkg in ("epir-grid", "ray", "torch", "opencv-python-headless", "facenet-pytorch", "numpy", "pyarrow", "pandas"):
         try:
@@ -349,6 +351,7 @@ class RunSummary:
     rejects: pd.DataFrame
 
     def render(self) -> str:
+        """The one-screen summary the command prints at the end."""
         lines = [f"preprocess {self.dataset}: {self.accepted} accepted, {self.rejected} rejected "
                  f"({self.seconds:.1f} s; shards: {self.shards_written} written, {self.shards_reused} reused)",
                  f"  output   {self.out_dir}"]
