@@ -53,9 +53,9 @@ def bipartite_soft_matching(metric: torch.Tensor, k: int, class_token: bool = Tr
         if class_token:
             scores[..., 0, :] = -math.inf
         node_max, node_idx = scores.max(dim=-1)  # best B partner of each A token, (B, Na)
-        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]  # (B, Na, 1)
-        unm_idx = edge_idx[..., k:, 0].sort(dim=1)[0]  # A tokens kept, original order, (B, Na-K)
-        src_idx = edge_idx[..., :k, 0]  # A tokens merged, (B, K), eq. (7)
+        edge_idx = node_max.argsort(dim=-1, descending=True)  # A tokens, best-matched first, (B, Na)
+        unm_idx = edge_idx[:, k:].sort(dim=1)[0]  # A tokens kept, original order, (B, Na-K)
+        src_idx = edge_idx[:, :k]  # A tokens merged, (B, K), eq. (7)
         dst_idx = node_idx.gather(dim=1, index=src_idx)  # their B partners, (B, K)
 
         # The merge as a row-normalised averaging matrix (B, N-K, N): the same result as ToMe's

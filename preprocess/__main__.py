@@ -81,9 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name or (adapted.samples["dataset"].iloc[0] if args.dataset == "manifest" and len(adapted.samples)
                              else args.dataset)
         print(f"{len(adapted.samples)} samples to process, {len(adapted.rejects)} rejected from the annotations", flush=True)
-        if len(adapted.samples) == 0:
-            raise DatasetError(f"no usable sample in {args.root}; reasons: "
-                               f"{adapted.rejects['reason'].value_counts().to_dict()}")
         summary = run(adapted, name, args.out, cfg, workers=args.workers, shard_size=args.shard_size,
                       precomputed=args.dataset == "megc2019", force=args.force,
                       progress=lambda m: print(m, flush=True), gpu_per_actor=args.gpu_per_actor)

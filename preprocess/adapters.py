@@ -13,18 +13,23 @@ Annotation rules (reported in the ``note`` column and the run summary, never a c
   ``(onset + offset) // 2``;
 - an apex outside onset..offset (SAMM 028_4_1 and 032_3_1) -> the middle frame likewise;
 - an emotion in neither the SDE nor the CDE mapping -> rejected, reason ``label_outside_mapping``;
-- a sample id seen before in the same dataset -> the later one rejected, ``duplicate_sample_id``.
+- a sample id seen before in the same dataset -> the later one rejected, ``duplicate_sample_id``;
+- an apex that is not a number with no offset to take the middle of -> rejected, ``bad_annotation``.
+
+An adapter marks a row it cannot use with ``reject=(reason, detail)``; :func:`_finish` moves such
+rows, and the label and duplicate rejects, to the rejects table.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-CDE_CLASSES = ("negative", "positive", "surprise")
+from .megc2019 import CDE_CLASSES, read_ground_truth
 SDE_CLASSES = {
     "casme2": ("happiness", "disgust", "surprise", "repression", "others"),
     "samm": ("happiness", "anger", "surprise", "contempt", "others"),
@@ -57,6 +62,8 @@ SAMPLE_COLUMNS = [
     "onset_frame", "apex_frame", "offset_frame", "precropped", "note", "meta",
 ]
 
+REJECT_COLUMNS = ["dataset", "subject", "sample_id", "reason", "detail"]
+
 
 class DatasetError(Exception):
     """The dataset root or its annotation file is wrong as a whole (not one bad sample)."""
@@ -68,7 +75,7 @@ class AdapterResult:
 
     Attributes:
         samples: DataFrame with ``SAMPLE_COLUMNS``; ``sde_label`` / ``cde_label`` nullable ints.
-        rejects: DataFrame with ``dataset, subject, sample_id, reason, detail``.
+        rejects: DataFrame with ``REJECT_COLUMNS`` (dataset, subject, sample_id, reason, detail).
         classes: ``{"sde": [...], "cde": [...]}`` the label names, index = label.
     """
 
@@ -94,35 +101,47 @@ def _require_columns(df: pd.DataFrame, need: set[str], sheet: Path) -> None:
         raise DatasetError(f"{sheet}: missing columns {sorted(need - set(df.columns))}")
 
 
-def _apex_rule(onset: int, apex, offset) -> tuple[int, str]:
-    """Apply the stated apex rules; return (apex, note)."""
+def _apex_rule(onset: int, apex, offset) -> tuple[int | None, str]:
+    """Apply the stated apex rules; return (apex, note), apex None when no rule can repair it."""
     try:
         apex_i = int(float(str(apex).strip()))
     except ValueError:
         if offset is None:
-            raise
+            return None, f"apex {str(apex).strip()!r} not a number and no offset"
         return (onset + offset) // 2, f"apex {str(apex).strip()!r} not a number -> middle frame of onset..offset"
     if offset is not None and not onset <= apex_i <= offset:
         return (onset + offset) // 2, f"apex {apex_i} outside onset..offset {onset}..{offset} -> middle frame"
     return apex_i, ""
 
 
-def _finish(dataset: str, rows: list[dict], rejects: list[dict], sde_classes, cde_classes=CDE_CLASSES) -> AdapterResult:
-    """Label indices, duplicate check and column order, shared by every adapter."""
-    df = pd.DataFrame(rows)
-    for col in SAMPLE_COLUMNS:
-        if col not in df:
-            df[col] = None
-    keep = []
-    for r in df.itertuples(index=False):
-        if pd.isna(r.sde_class) and pd.isna(r.cde_class):
-            rejects.append(dict(dataset=dataset, subject=r.subject, sample_id=r.sample_id,
-                                reason="label_outside_mapping", detail=f"emotion {r.emotion!r}"))
-            keep.append(False)
+def _sheet_row(subject: str, sample_id: str, onset: int, apex, offset: int) -> dict:
+    """The frame fields of an annotation-sheet row, with the apex rules applied (or a reject)."""
+    apex_no, note = _apex_rule(onset, apex, offset if offset > 0 else None)
+    row = dict(subject=subject, sample_id=sample_id, onset_frame=onset, apex_frame=apex_no, offset_frame=offset,
+               note=note)
+    if apex_no is None:
+        row["reject"] = ("bad_annotation", note)
+    return row
+
+
+def _finish(dataset: str, rows: list[dict], sde_classes, cde_classes=CDE_CLASSES) -> AdapterResult:
+    """Rejects, label indices, duplicate check and column order, shared by every adapter.
+
+    A row carrying ``reject=(reason, detail)``, or whose emotion is in neither mapping, or whose
+    subject and sample id were seen before, goes to the rejects table with that reason.
+    """
+    rejects, kept = [], []
+    for r in rows:
+        reason = r.pop("reject", None)
+        if reason is None and r.get("sde_class") is None and r.get("cde_class") is None:
+            reason = ("label_outside_mapping", f"emotion {r.get('emotion')!r}")
+        if reason is None:
+            kept.append(r)
         else:
-            keep.append(True)
-    df = df[keep] if len(df) else df
-    dup = df.duplicated(["subject", "sample_id"], keep="first") if len(df) else pd.Series([], dtype=bool)
+            rejects.append(dict(dataset=dataset, subject=r["subject"], sample_id=r["sample_id"],
+                                reason=reason[0], detail=reason[1]))
+    df = pd.DataFrame(kept, columns=SAMPLE_COLUMNS)
+    dup = df.duplicated(["subject", "sample_id"], keep="first")
     for r in df[dup].itertuples(index=False):
         rejects.append(dict(dataset=dataset, subject=r.subject, sample_id=r.sample_id,
                             reason="duplicate_sample_id", detail="same subject and sample id seen before"))
@@ -132,9 +151,10 @@ def _finish(dataset: str, rows: list[dict], rejects: list[dict], sde_classes, cd
     for col in ("onset_frame", "apex_frame", "offset_frame"):
         df[col] = pd.array(df[col], dtype="Int64")
     df["dataset"] = dataset
-    df["note"] = df["note"].fillna("")
-    df["precropped"] = df["precropped"].fillna(False).astype(bool)
-    rej = pd.DataFrame(rejects, columns=["dataset", "subject", "sample_id", "reason", "detail"])
+    # column-wise fillna would hit an all-missing (float) column, which pandas will refuse
+    df["note"] = ["" if pd.isna(v) else v for v in df["note"]]
+    df["precropped"] = [False if pd.isna(v) else bool(v) for v in df["precropped"]]
+    rej = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
     return AdapterResult(df[SAMPLE_COLUMNS], rej, {"sde": list(sde_classes), "cde": list(cde_classes)})
 
 
@@ -166,20 +186,17 @@ def casme2(root: Path, annotations: Path | None = None) -> AdapterResult:
     for r in df.to_dict("records"):
         subject = f"sub{int(r['Subject']):02d}"
         fn = str(r["Filename"]).strip()
-        onset, offset = int(r["OnsetFrame"]), int(r["OffsetFrame"])
-        apex, note = _apex_rule(onset, r["ApexFrame"], offset if offset > 0 else None)
+        row = _sheet_row(subject, fn, int(r["OnsetFrame"]), r["ApexFrame"], int(r["OffsetFrame"]))
         emotion = str(r["Estimated Emotion"]).strip().lower()
         excluded = (subject, fn) in CASME2_CDE_EXCLUDED
         rows.append(dict(
-            subject=subject, sample_id=fn, emotion=emotion,
-            sde_class=SDE_MAP["casme2"].get(emotion),
+            row, emotion=emotion, sde_class=SDE_MAP["casme2"].get(emotion),
             cde_class=None if excluded else CDE_MAP["casme2"].get(emotion),
-            action_units=_au(r.get("Action Units")),
-            onset_frame=onset, apex_frame=apex, offset_frame=offset, note=note, precropped=precropped,
-            onset_path=str(frames / subject / fn / f"{prefix}{onset}.jpg"),
-            apex_path=str(frames / subject / fn / f"{prefix}{apex}.jpg"),
+            action_units=_au(r.get("Action Units")), precropped=precropped,
+            onset_path=str(frames / subject / fn / f"{prefix}{row['onset_frame']}.jpg"),
+            apex_path=str(frames / subject / fn / f"{prefix}{row['apex_frame']}.jpg"),
         ))
-    return _finish("casme2", rows, [], SDE_CLASSES["casme2"])
+    return _finish("casme2", rows, SDE_CLASSES["casme2"])
 
 
 # --- SAMM ---------------------------------------------------------------------------------------
@@ -210,18 +227,16 @@ def samm(root: Path, annotations: Path | None = None) -> AdapterResult:
     for r in df.dropna(subset=["Filename"]).to_dict("records"):
         subject = f"{int(r['Subject']):03d}"
         fn = str(r["Filename"]).strip()
-        onset, offset = int(r["Onset Frame"]), int(r["Offset Frame"])
-        apex, note = _apex_rule(onset, r["Apex Frame"], offset if offset > 0 else None)
+        row = _sheet_row(subject, fn, int(r["Onset Frame"]), r["Apex Frame"], int(r["Offset Frame"]))
         emotion = str(r["Estimated Emotion"]).strip().lower()
+        clip = frames / subject / fn
         rows.append(dict(
-            subject=subject, sample_id=fn, emotion=emotion,
-            sde_class=SDE_MAP["samm"].get(emotion), cde_class=CDE_MAP["samm"].get(emotion),
+            row, emotion=emotion, sde_class=SDE_MAP["samm"].get(emotion), cde_class=CDE_MAP["samm"].get(emotion),
             action_units=_au(r.get("Action Units")),
-            onset_frame=onset, apex_frame=apex, offset_frame=offset, note=note,
-            onset_path=str(frames / subject / fn / f"{subject}_{onset:05d}.jpg"),
-            apex_path=str(frames / subject / fn / f"{subject}_{apex:05d}.jpg"),
+            onset_path=str(clip / f"{subject}_{row['onset_frame']:05d}.jpg"),
+            apex_path=str(clip / f"{subject}_{row['apex_frame'] or 0:05d}.jpg"),
         ))
-    return _finish("samm", rows, [], SDE_CLASSES["samm"])
+    return _finish("samm", rows, SDE_CLASSES["samm"])
 
 
 # --- SMIC-HS ------------------------------------------------------------------------------------
@@ -274,20 +289,18 @@ def smic(root: Path, annotations: Path | None = None) -> AdapterResult:
         if not {"clip", "apex_frame"} <= set(lst.columns):
             raise DatasetError(f"{sheet}: an SMIC apex list needs columns 'clip' and 'apex_frame'")
         apex_list = {smic_clip_id(c)[1]: int(a) for c, a in zip(lst["clip"], lst["apex_frame"])}
-    rows, rejects = [], []
+    rows = []
     for clip in clips:
         emotion = clip.parent.name.lower()
         try:
             subject, sample_id = smic_clip_id(clip.name)
         except ValueError as e:
-            rejects.append(dict(dataset="smic", subject=clip.parents[2].name, sample_id=clip.name,
-                                reason="bad_sample_name", detail=str(e)))
+            rows.append(dict(subject=clip.parents[2].name, sample_id=clip.name, reject=("bad_sample_name", str(e))))
             continue
         frames = sorted((f for f in clip.iterdir() if f.suffix.lower() in (".bmp", ".jpg", ".png")),
                         key=lambda f: (frame_number(f) is None, frame_number(f) or 0, f.name))
         if not frames:
-            rejects.append(dict(dataset="smic", subject=subject, sample_id=sample_id,
-                                reason="missing_frame", detail=f"{clip} holds no frames"))
+            rows.append(dict(subject=subject, sample_id=sample_id, reject=("missing_frame", f"{clip} holds no frames")))
             continue
         numbers = [frame_number(f) for f in frames]
         if sample_id in apex_list:
@@ -305,7 +318,7 @@ def smic(root: Path, annotations: Path | None = None) -> AdapterResult:
             onset_frame=numbers[0], apex_frame=apex_no, offset_frame=numbers[-1], note=note,
             onset_path=str(frames[0]), apex_path=str(apex_path),
         ))
-    return _finish("smic", rows, rejects, SDE_CLASSES["smic"])
+    return _finish("smic", rows, SDE_CLASSES["smic"])
 
 
 # --- CAS(ME)^3 Part A ---------------------------------------------------------------------------
@@ -331,17 +344,16 @@ def casme3(root: Path, annotations: Path | None = None) -> AdapterResult:
     rows = []
     for r in df.to_dict("records"):
         subject, fn = str(r["Subject"]).strip(), str(r["Filename"]).strip()
-        onset, offset = int(r["Onset"]), int(r["Offset"])
-        apex, note = _apex_rule(onset, r["Apex"], offset if offset > 0 else None)
+        onset = int(r["Onset"])
+        row = _sheet_row(subject, f"{subject}_{fn}_{onset}", onset, r["Apex"], int(r["Offset"]))
         emotion = str(r["emotion"]).strip().lower()
         clip = part_a / subject / fn / "color"
         rows.append(dict(
-            subject=subject, sample_id=f"{subject}_{fn}_{onset}", emotion=emotion,
-            sde_class=SDE_MAP["casme3"].get(emotion), cde_class=None, action_units=_au(r.get("AU")),
-            onset_frame=onset, apex_frame=apex, offset_frame=offset, note=note,
-            onset_path=str(clip / f"{onset}.jpg"), apex_path=str(clip / f"{apex}.jpg"),
+            row, emotion=emotion, sde_class=SDE_MAP["casme3"].get(emotion), cde_class=None,
+            action_units=_au(r.get("AU")),
+            onset_path=str(clip / f"{onset}.jpg"), apex_path=str(clip / f"{row['apex_frame']}.jpg"),
         ))
-    return _finish("casme3", rows, [], SDE_CLASSES["casme3"])
+    return _finish("casme3", rows, SDE_CLASSES["casme3"])
 
 
 # --- MEGC2019 precomputed flow images ------------------------------------------------------------
@@ -353,8 +365,6 @@ def megc2019(root: Path, annotations: Path | None = None) -> AdapterResult:
     Raises:
         DatasetError: no ``combined_3class_gt.csv`` in the root.
     """
-    from .megc2019 import read_ground_truth
-
     try:
         gt = read_ground_truth(root)
     except (FileNotFoundError, ValueError) as e:
@@ -363,7 +373,7 @@ def megc2019(root: Path, annotations: Path | None = None) -> AdapterResult:
     for ds, part in gt.groupby("dataset", sort=False):
         rows = [dict(subject=r.subject, sample_id=r.sample_id, emotion=r.emotion, sde_class=None,
                      cde_class=r.emotion, flow_path=r.flow_path) for r in part.itertuples(index=False)]
-        results.append(_finish(ds, rows, [], ()))
+        results.append(_finish(ds, rows, ()))
     samples = pd.concat([r.samples for r in results], ignore_index=True)
     rejects = pd.concat([r.rejects for r in results], ignore_index=True)
     return AdapterResult(samples, rejects, {"sde": [], "cde": list(CDE_CLASSES)})
@@ -385,8 +395,6 @@ def manifest(root: Path, annotations: Path | None = None, precropped: bool = Fal
     Raises:
         DatasetError: the CSV is missing, unreadable or lacks a required column.
     """
-    import json
-
     path = Path(root)
     if not path.is_file():
         raise DatasetError(f"manifest {path} not found (--root must name the CSV file)")
@@ -403,25 +411,24 @@ def manifest(root: Path, annotations: Path | None = None, precropped: bool = Fal
     if classes:
         labels = list(classes)
     extra = [c for c in df.columns if c not in MANIFEST_COLUMNS]
-    rows, rejects = [], []
+
+    def resolve(p: str) -> str:
+        q = Path(p.strip())
+        return str(q if q.is_absolute() else (path.parent / q))
+
+    rows = []
     for r in df.to_dict("records"):
         label = r["label"].strip()
-        sample = dict(dataset=name, subject=r["subject"].strip(), sample_id=r["sample_id"].strip())
-        if not sample["subject"] or not sample["sample_id"]:
-            rejects.append(dict(**sample, reason="missing_field", detail="empty subject or sample_id"))
+        row = dict(subject=r["subject"].strip(), sample_id=r["sample_id"].strip())
+        if not row["subject"] or not row["sample_id"]:
+            rows.append(dict(row, reject=("missing_field", "empty subject or sample_id")))
             continue
-
-        def resolve(p: str) -> str:
-            q = Path(p.strip())
-            return str(q if q.is_absolute() else (path.parent / q))
-
         rows.append(dict(
-            subject=sample["subject"], sample_id=sample["sample_id"], emotion=label,
-            sde_class=label if label in labels else None, cde_class=None,
+            row, emotion=label, sde_class=label if label in labels else None, cde_class=None,
             onset_path=resolve(r["onset_path"]), apex_path=resolve(r["apex_path"]),
             precropped=precropped, meta=json.dumps({c: r[c] for c in extra}) if extra else "",
         ))
-    return _finish(name, rows, rejects, tuple(labels))
+    return _finish(name, rows, tuple(labels))
 
 
 ADAPTERS = {"casme2": casme2, "samm": samm, "smic": smic, "casme3": casme3, "megc2019": megc2019, "manifest": manifest}

@@ -13,6 +13,7 @@ face for lack of context: there the whole frame is the face box and MTCNN is not
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import cv2
@@ -39,8 +40,6 @@ def read_frame(path: str) -> np.ndarray:
         SampleError("missing_frame"): the file does not exist.
         SampleError("unreadable_frame"): OpenCV cannot decode it.
     """
-    import os
-
     if not os.path.isfile(path):
         raise SampleError("missing_frame", path)
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED)

@@ -1,8 +1,8 @@
 """The Ray Data preprocessing pipeline: samples -> face stage -> flow stage -> Parquet shards.
 
     adapter records --(from_pandas)--> map_batches(FaceStage: actor pool, MTCNN; a GPU fraction per
-    actor when the cluster has GPUs) --> map_batches(flow_stage: Farneback, strain, resize) -->
-    write_parquet
+    actor when the cluster has GPUs) --> map_batches(FlowStage: actor pool, Farneback, strain,
+    resize) --> write_parquet
 
 Output layout, one folder per dataset and preprocessing configuration::
 
@@ -38,15 +38,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .adapters import AdapterResult, DatasetError
+from .adapters import REJECT_COLUMNS, AdapterResult, DatasetError, frame_number
 from .frames import FlowConfig, SampleError, crop_grey, face_box_from_detections, flow_features, read_frame
+from .megc2019 import FLOW_IMAGE_SCALE, read_flow_image
 
 PIPELINE_VERSION = 1
-# A worker is one CPU: its face actor reserves 0.75 and a flow task 0.25. Actors that reserved whole
-# CPUs would leave the flow tasks none and the pipeline would wait forever on a small machine; the
-# flow stage (Farneback on 128 px faces) costs a few ms a sample against MTCNN's tens of ms.
+FLOW_CHANNELS = ["u", "v", "strain"]
+# A worker is one CPU: its face actor reserves 0.75 and its flow actor 0.25. Actors that reserved
+# whole CPUs would leave the flow stage none and the pipeline would wait forever on a small machine;
+# the flow stage (Farneback on 128 px faces) costs a few ms a sample against MTCNN's tens of ms.
 FACE_CPUS, FLOW_CPUS = 0.75, 0.25
-REJECT_COLUMNS = ["dataset", "subject", "sample_id", "reason", "detail"]
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,6 @@ def package_versions() -> dict[str, str]:
 
 def _missing_reason(path: str, frame_no) -> tuple[str, str]:
     """Tell a frame outside the clip from a missing file."""
-    from .adapters import frame_number
-
     folder = Path(path).parent
     if frame_no is not None and not pd.isna(frame_no) and folder.is_dir():
         numbers = [n for n in (frame_number(f) for f in folder.iterdir()) if n is not None]
@@ -125,17 +124,19 @@ class FaceStage:
         self.cfg = PreprocessConfig(**cfg)
         self.mtcnn = MTCNN(keep_all=True, device=device)
 
+    @staticmethod
+    def _read(path: str, frame_no) -> np.ndarray:
+        try:
+            return read_frame(path)
+        except SampleError as e:
+            if e.reason == "missing_frame":
+                raise SampleError(*_missing_reason(path, frame_no)) from e
+            raise
+
     def _one(self, r) -> dict:
         size = self.cfg.working_size
-        onset_path, apex_path = r["onset_path"], r["apex_path"]
-        try:
-            onset = read_frame(onset_path)
-        except SampleError as e:
-            raise SampleError(*_missing_reason(onset_path, r.get("onset_frame"))) if e.reason == "missing_frame" else e
-        try:
-            apex = read_frame(apex_path)
-        except SampleError as e:
-            raise SampleError(*_missing_reason(apex_path, r.get("apex_frame"))) if e.reason == "missing_frame" else e
+        onset = self._read(r["onset_path"], r.get("onset_frame"))
+        apex = self._read(r["apex_path"], r.get("apex_frame"))
         if onset.shape != apex.shape:
             raise SampleError("size_mismatch", f"onset {onset.shape[:2]} vs apex {apex.shape[:2]}")
         h, w = onset.shape[:2]
@@ -167,20 +168,23 @@ class FaceStage:
         return pd.concat([batch, res], axis=1)
 
 
+_NO_FLOW = dict(flow=None, shape=None, flow_min=None, flow_max=None)
+
+
 def _flow_row(r: dict, flow_cfg: FlowConfig) -> dict:
     if r["status"] != "ok":
-        return dict(flow=None, flow_min=None, flow_max=None)
+        return _NO_FLOW
     flow, lo, hi = flow_features(np.asarray(r["onset_face"]), np.asarray(r["apex_face"]), flow_cfg)
-    return dict(flow=flow.ravel(), flow_min=lo, flow_max=hi)
+    return dict(flow=flow.ravel(), shape=list(flow.shape), flow_min=lo, flow_max=hi)
 
 
 OUTPUT_META = ["dataset", "subject", "sample_id", "emotion", "sde_class", "cde_class", "action_units",
                "onset_path", "apex_path", "flow_path", "note", "meta", "face_source", "status", "reason", "detail"]
 
 
-def _to_table(batch: pd.DataFrame, rows: list[dict], shape: tuple[int, int, int], meta: dict) -> pa.Table:
-    """Assemble the shard schema: flows as list<float32> (flattened H x W x 3) plus their shape; the
-    configuration and package versions go into the Parquet key-value metadata (``epir.preprocess``)."""
+def _to_table(batch: pd.DataFrame, rows: list[dict], meta: dict) -> pa.Table:
+    """Assemble the shard schema: flows as list<float32> (flattened H x W x 3) plus each row's shape;
+    the configuration and package versions go into the Parquet key-value metadata (``epir.preprocess``)."""
     n = len(batch)
     cols = {c: pa.array([None if pd.isna(v) else str(v) for v in batch[c]] if c in batch else [None] * n, pa.string())
             for c in OUTPUT_META}
@@ -190,16 +194,16 @@ def _to_table(batch: pd.DataFrame, rows: list[dict], shape: tuple[int, int, int]
     cols["face_box"] = pa.array([None if r is None else [int(x) for x in r] for r in batch.get("face_box", [None] * n)],
                                 pa.list_(pa.int32()))
     cols["px_scale"] = pa.array([float(v) for v in batch.get("px_scale", [0.0] * n)], pa.float32())
-    cols["flow"] = pa.array([None if r["flow"] is None else r["flow"] for r in rows], pa.list_(pa.float32()))
-    cols["flow_shape"] = pa.array([None if r["flow"] is None else list(shape) for r in rows], pa.list_(pa.int32()))
-    cols["flow_min"] = pa.array([None if r["flow_min"] is None else r["flow_min"] for r in rows], pa.list_(pa.float32()))
-    cols["flow_max"] = pa.array([None if r["flow_max"] is None else r["flow_max"] for r in rows], pa.list_(pa.float32()))
+    cols["flow"] = pa.array([r["flow"] for r in rows], pa.list_(pa.float32()))
+    cols["flow_shape"] = pa.array([r["shape"] for r in rows], pa.list_(pa.int32()))
+    cols["flow_min"] = pa.array([r["flow_min"] for r in rows], pa.list_(pa.float32()))
+    cols["flow_max"] = pa.array([r["flow_max"] for r in rows], pa.list_(pa.float32()))
     return pa.table(cols).replace_schema_metadata({"epir.preprocess": json.dumps(meta, default=str)})
 
 
 def _shard_meta(cfg: dict, precomputed: bool) -> dict:
     return {"config": cfg, "precomputed": precomputed, "pipeline_version": PIPELINE_VERSION,
-            "flow_channels": ["u", "v", "strain"], "versions": package_versions()}
+            "flow_channels": FLOW_CHANNELS, "versions": package_versions()}
 
 
 def flow_stage(batch: pd.DataFrame, cfg: dict) -> pa.Table:
@@ -209,13 +213,13 @@ def flow_stage(batch: pd.DataFrame, cfg: dict) -> pa.Table:
     cv2.setNumThreads(1)
     c = PreprocessConfig(**cfg)
     rows = [_flow_row(r, c.flow) for r in batch.to_dict("records")]
-    return _to_table(batch, rows, (c.output_size, c.output_size, 3), _shard_meta(cfg, False))
+    return _to_table(batch, rows, _shard_meta(cfg, False))
 
 
 class FlowStage:
-    """Ray Data actor running :func:`flow_stage` (``fn``). Actors, not tasks: a task pool kept starting
-    fresh worker processes (importing OpenCV, pandas, pyarrow), which on a small machine took the
-    CPU from the face actors."""
+    """Ray Data actor running :func:`flow_stage` (or ``fn``, same signature). Actors, not tasks: a task
+    pool kept starting fresh worker processes (importing OpenCV, pandas, pyarrow), which on a small
+    machine took the CPU from the face actors (2-worker/1-worker ratio 0.69 instead of 1.70)."""
 
     def __init__(self, cfg: dict, fn=None):
         self.cfg, self.fn = cfg, fn or flow_stage
@@ -225,23 +229,24 @@ class FlowStage:
 
 
 def precomputed_stage(batch: pd.DataFrame, cfg: dict) -> pa.Table:
-    """Ray Data task for MEGC2019 flow images: decode each PNG as [u, v, strain] in 0..1."""
-    from .megc2019 import FLOW_IMAGE_SCALE, read_flow_image
+    """Ray Data task for MEGC2019 flow images: decode each PNG as [u, v, strain] in 0..1.
 
+    ``flow_min`` / ``flow_max`` record the publishers' scale: 0 and 255 pixel values (the flows
+    themselves were min-max scaled per image before publication; their physical units are lost).
+    """
     rows, status, reason, detail = [], [], [], []
-    shape = None
     for r in batch.to_dict("records"):
         try:
             f = read_flow_image(r["flow_path"])
-            shape = shape or f.shape
-            rows.append(dict(flow=f.ravel(), flow_min=np.zeros(3, np.float32), flow_max=np.full(3, FLOW_IMAGE_SCALE, np.float32)))
+            rows.append(dict(flow=f.ravel(), shape=list(f.shape), flow_min=np.zeros(3, np.float32),
+                             flow_max=np.full(3, FLOW_IMAGE_SCALE, np.float32)))
             status.append("ok"), reason.append(""), detail.append("")
         except (OSError, ValueError) as e:
-            rows.append(dict(flow=None, flow_min=None, flow_max=None))
+            rows.append(_NO_FLOW)
             status.append("rejected"), reason.append("unreadable_flow_image" if os.path.exists(r["flow_path"]) else "missing_frame")
             detail.append(str(e))
     batch = batch.assign(status=status, reason=reason, detail=detail, face_source="precomputed")
-    return _to_table(batch, rows, shape or (28, 28, 3), _shard_meta(cfg, True))
+    return _to_table(batch, rows, _shard_meta(cfg, True))
 
 
 # --- driver -------------------------------------------------------------------------------------
@@ -377,7 +382,7 @@ def run(adapted: AdapterResult, dataset_name: str, out: Path, cfg: PreprocessCon
         dataset_name: folder name (the adapter's name, or the manifest's stem).
         out: output root.
         cfg: preprocessing configuration (default :class:`PreprocessConfig`).
-        workers: face-stage actors and flow-stage tasks at a time.
+        workers: face-stage actors and flow-stage actors (one CPU's worth each).
         shard_size: samples per shard (the unit of re-use after an interruption).
         precomputed: the samples carry flow images (MEGC2019); the face and flow stages are skipped.
         force: redo every shard even if finished.
@@ -417,7 +422,8 @@ def run(adapted: AdapterResult, dataset_name: str, out: Path, cfg: PreprocessCon
     for old in out_dir.glob("shard-*"):  # shards of an earlier sample list that no longer applies
         if old.name not in wanted:
             shutil.rmtree(old)
-    stage = pd.concat([r.reindex(columns=REJECT_COLUMNS) for r in stage_rejects], ignore_index=True)
+    stage = pd.concat([r.reindex(columns=REJECT_COLUMNS) for r in stage_rejects] or [pd.DataFrame(columns=REJECT_COLUMNS)],
+                      ignore_index=True)
     rej = pd.concat([adapted.rejects.reindex(columns=REJECT_COLUMNS), stage], ignore_index=True)
     rej.to_csv(out_dir / "rejects.csv", index=False)
     stage_keys = set(zip(stage["subject"].astype(str), stage["sample_id"].astype(str)))
@@ -434,11 +440,10 @@ def run(adapted: AdapterResult, dataset_name: str, out: Path, cfg: PreprocessCon
     summary = RunSummary(dataset_name, out_dir, n_ok, len(rej), rej["reason"].value_counts().to_dict(),
                          repaired.value_counts().to_dict(), labels, written, reused, time.perf_counter() - start, rej)
     manifest = {
-        "dataset": dataset_name, "config": dataclasses.asdict(cfg), "config_id": cfg.config_id(precomputed),
-        "precomputed": precomputed, "classes": adapted.classes, "accepted": n_ok, "rejected": len(rej),
-        "reject_reasons": summary.reasons, "repaired": summary.repaired, "labels": labels,
-        "flow_channels": ["u", "v", "strain"], "versions": package_versions(),
-        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **_shard_meta(dataclasses.asdict(cfg), precomputed),
+        "dataset": dataset_name, "config_id": cfg.config_id(precomputed), "classes": adapted.classes,
+        "accepted": n_ok, "rejected": len(rej), "reject_reasons": summary.reasons, "repaired": summary.repaired,
+        "labels": labels, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     tmp = out_dir / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, default=str))
@@ -454,6 +459,7 @@ def read_shards(folder: str | Path) -> tuple[pd.DataFrame, np.ndarray, dict]:
 
     Raises:
         FileNotFoundError: no manifest (the run is unfinished or the folder is wrong).
+        ValueError: the shards hold flows of different shapes.
     """
     folder = Path(folder)
     mf = folder / "manifest.json"
@@ -464,7 +470,10 @@ def read_shards(folder: str | Path) -> tuple[pd.DataFrame, np.ndarray, dict]:
     table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
     if table is None or table.num_rows == 0:
         raise FileNotFoundError(f"{folder} holds no shard rows")
-    shape = tuple(table.column("flow_shape")[0].as_py())
+    shapes = {tuple(s) for s in table.column("flow_shape").to_pylist()}
+    if len(shapes) != 1:
+        raise ValueError(f"{folder}: flows of different shapes {sorted(shapes)}; cannot stack them")
+    (shape,) = shapes
     flows = np.stack([np.asarray(v, dtype=np.float32) for v in table.column("flow").to_pylist()]).reshape(-1, *shape)
     df = table.drop_columns(["flow"]).to_pandas()
     return df, flows, manifest

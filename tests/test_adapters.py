@@ -117,3 +117,13 @@ def test_wrong_roots_raise_dataset_errors(tmp_path):
     bad.write_text("subject,onset_path\nA,x.png\n")
     with pytest.raises(DatasetError, match="lacks column"):
         manifest(bad)
+
+
+def test_unrepairable_apex_is_rejected_not_a_crash(tmp_path):
+    (tmp_path / "CASME2_RAW_selected").mkdir()
+    pd.DataFrame({"Subject": [1, 1], "Filename": ["EP01", "EP02"], "OnsetFrame": [10, 10], "ApexFrame": ["/", 14],
+                  "OffsetFrame": [0, 0], "Estimated Emotion": ["happiness", "disgust"]}
+                 ).to_excel(tmp_path / "CASME2-coding-x.xlsx", index=False)
+    r = casme2(tmp_path)
+    assert r.samples["sample_id"].tolist() == ["EP02"]
+    assert r.rejects[["sample_id", "reason"]].values.tolist() == [["EP01", "bad_annotation"]]

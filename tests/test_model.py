@@ -62,7 +62,7 @@ def test_every_preset_gets_gradients_everywhere():
         model = EPIR(make_config(preset, dim=24, dim_head=8, depth=9, integration_blocks=4))
         logits = model(torch.randn(3, 3, 28, 28))
         logits.sum().backward()
-        # the last block's attention never reaches the head through value/proj only if DTSM breaks it
+        # DTSM's token selection and the merges must not cut any parameter off from the loss
         missing = [n for n, p in model.named_parameters() if p.grad is None]
         assert not missing, f"{preset}: no gradient for {missing}"
 
