@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output root for shards")
     p.add_argument("--annotations", type=Path, help="annotation sheet, when not found in the root")
     p.add_argument("--name", help="output dataset name (default: the dataset format; a manifest's file stem)")
-    p.add_argument("--workers", type=int, default=2, help="face actors / flow tasks at a time (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="face actors and flow actors, one CPU each (default 2)")
     p.add_argument("--shard-size", type=int, default=512, help="samples per shard (default 512)")
     p.add_argument("--working-size", type=int, default=128, help="face side for Farneback, px (default 128)")
     p.add_argument("--output-size", type=int, default=28, help="stored flow side, px (default 28)")
