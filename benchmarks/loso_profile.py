@@ -33,11 +33,15 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="epir", choices=list(PRESETS))
     p.add_argument("--dim", type=int, default=256, help="token width (paper 256)")
     p.add_argument("--dim-head", type=int, help="width per head (default dim // 3)")
+    p.add_argument("--depth", type=int, default=13, help="blocks (paper 13)")
+    p.add_argument("--integration-blocks", type=int, default=6, help="token-integration blocks (paper 6)")
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--folds", type=int, default=4, help="largest K subjects as test folds; 0 = all")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--hflip", action="store_true", help="mirror half of each batch (u -> 1 - u)")
     args = p.parse_args(argv)
     if not (args.data / "combined_3class_gt.csv").is_file():
         print(f"real MEGC2019 composite absent: {args.data}", file=sys.stderr)
@@ -46,8 +50,10 @@ def main(argv=None) -> int:
     labels, subjects = df["label"].to_numpy(), df["subject"].to_numpy()
     order = df["subject"].value_counts().index.tolist()
     folds = order if args.folds == 0 else order[: args.folds]
-    cfg = make_config(args.preset, dim=args.dim, dim_head=args.dim_head or max(1, args.dim // 3))
-    recipe = TrainRecipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device="auto")
+    cfg = make_config(args.preset, dim=args.dim, dim_head=args.dim_head or max(1, args.dim // 3),
+                      depth=args.depth, integration_blocks=min(args.integration_blocks, args.depth - 2))
+    recipe = TrainRecipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device="auto",
+                         weight_decay=args.weight_decay, hflip=args.hflip)
     print(f"preset {args.preset}, dim {cfg.dim}, heads {cfg.heads}x{cfg.dim_head}, {recipe.epochs} epochs, "
           f"batch {recipe.batch_size}, lr {recipe.lr}; folds: {len(folds)} of {len(order)}")
     yt, yp, times = [], [], []

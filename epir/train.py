@@ -26,6 +26,7 @@ from .losses import epir_loss
 from .model import EPIR, EPIRConfig
 
 EPOCH_SELECTIONS = ("last", "best_test_epoch")
+FLOW_RANGES = ("unit", "signed")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class TrainRecipe:
         seed: seeds initialisation and shuffling.
         device: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda[:i]``.
         epoch_selection: ``last`` or ``best_test_epoch`` (see module docstring).
+        hflip: mirror a random half of each training batch left-right (faces are roughly symmetric;
+            the paper does not augment). Mirroring reverses the horizontal flow, so u is mapped by
+            ``flow_range``.
+        flow_range: how u is stored: ``unit`` (min-max scaled to 0..1 per sample, as the MEGC2019
+            flow images and ``preprocess --normalize minmax``: mirrored u = 1 - u) or ``signed``
+            (pixels: mirrored u = -u).
     """
 
     epochs: int = 300
@@ -49,8 +56,12 @@ class TrainRecipe:
     seed: int = 0
     device: str = "auto"
     epoch_selection: str = "last"
+    hflip: bool = False
+    flow_range: str = "unit"
 
     def __post_init__(self):
+        if self.flow_range not in FLOW_RANGES:
+            raise ValueError(f"flow_range must be one of {FLOW_RANGES}, got {self.flow_range!r}")
         if self.epoch_selection not in EPOCH_SELECTIONS:
             raise ValueError(f"epoch_selection must be one of {EPOCH_SELECTIONS}, got {self.epoch_selection!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -111,6 +122,17 @@ def to_tensor(flows: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(flows.transpose(0, 3, 1, 2)))
 
 
+def mirror(x: torch.Tensor, flow_range: str = "unit") -> torch.Tensor:
+    """Mirror flows (B, 3, H, W) [u, v, strain] left-right: the image axis flips and u changes sign.
+
+    With ``flow_range="unit"`` (u min-max scaled to 0..1 per sample) the sign change is ``1 - u``,
+    exactly what min-max scaling of -u gives; with ``signed`` it is ``-u``. v and strain only flip.
+    """
+    x = x.flip(-1)
+    u = 1.0 - x[:, :1] if flow_range == "unit" else -x[:, :1]
+    return torch.cat([u, x[:, 1:]], dim=1)
+
+
 @torch.no_grad()
 def predict(model: EPIR, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     """Softmax probabilities (N, C) of ``model`` (eval mode) on inputs x (N, C_in, H, W) already on its device."""
@@ -166,7 +188,11 @@ def fit(
         loss_sum, correct = 0.0, 0
         for i in range(0, len(x), recipe.batch_size):
             idx = order[i : i + recipe.batch_size]
-            logits, feats = model(x[idx], return_features=True)
+            xb = x[idx]
+            if recipe.hflip:
+                flip = torch.rand(len(idx), generator=gen) < 0.5
+                xb = torch.where(flip.to(device)[:, None, None, None], mirror(xb, recipe.flow_range), xb)
+            logits, feats = model(xb, return_features=True)
             loss = epir_loss(logits, feats, yt[idx], alpha=config.alpha, use_contrastive=config.contrastive)
             opt.zero_grad(set_to_none=True)
             loss.backward()

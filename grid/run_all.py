@@ -1,30 +1,169 @@
-"""EPIR Grid's main job: every dataset x protocol x LOSO fold x ablation, on Ray Tune, recorded in MLflow.
+"""EPIR Grid's main job: every dataset x protocol x LOSO fold x ablation preset, on Ray Tune, recorded
+in MLflow, with paper-style tables in results/.
 
-The grid itself is built by a later issue; until then this prints what it will do and checks that
-the model library works here.
+    python grid/run_all.py                                  # no dataset configured: the built-in DEMO
+    python grid/run_all.py --dataset megc2019=../shared/data/megc2019_composite --presets epir,baseline
+    python grid/run_all.py --config grid.toml               # datasets, presets, profile, overrides
+    python grid/run_all.py report --experiment epir-grid    # rewrite results/ from MLflow only
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as a script, Python puts grid/ first on sys.path, where Ray's workers would find this folder's
+# modules as top-level names; the repository root replaces it.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from epir.complexity import measure  # noqa: E402
-from epir.model import EPIR, PRESETS, make_config  # noqa: E402
+from epir.model import PRESETS  # noqa: E402
+from grid.config import FORMATS, PROFILES, DatasetSpec, GridConfig, load_config  # noqa: E402
+
+EPILOG = f"""\
+datasets (--dataset FORMAT=ROOT[:PROTOCOLS], repeatable; or [[datasets]] in --config):
+  formats: {', '.join(FORMATS)} (the roots `python -m preprocess --help` describes);
+  PROTOCOLS: SDE, CDE or SDE+CDE (default: every protocol the labels allow; megc2019 is CDE).
+  Each dataset is preprocessed by the real pipeline into WORK_DIR/shards (finished shards reused).
+  With no dataset at all, the grid runs the built-in DEMO (synthetic motion on grace_hopper.jpg).
+
+cells and folds: one cell per dataset x protocol x preset, a full leave-one-subject-out evaluation;
+  one Ray Tune trial per fold. UF1 / UAR pool the predictions of all of a cell's folds.
+
+profiles (model width and recipe; --set KEY=VALUE overrides any EPIRConfig / TrainRecipe field):
+{chr(10).join(f'  {k:<6} {v or "EPIR Sec. 4.2: width 256, 300 epochs, Adam 5e-5, batch 256"}' for k, v in PROFILES.items())}
+  auto   paper where the cluster has GPUs, else cpu
+
+Ray: connects to RAY_ADDRESS, or the cluster this node belongs to, else starts a local Ray.
+MLflow: MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db (artifacts in ./mlartifacts). One parent
+  run per cell, one child run per fold. View it with:
+    mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+Re-running the same command after an interruption trains only the folds not yet FINISHED in MLflow.
+A failing fold is retried --max-failures times, then reported; the exit status is then 1.
+"""
 
 
-def main() -> int:
-    print("EPIR Grid (not yet built): python grid/run_all.py will")
-    print("  1. preprocess each configured dataset into Parquet shards (preprocess/),")
-    print("  2. run every dataset x protocol (SDE, CDE) x LOSO fold x ablation preset as Ray Tune trials,")
-    print("  3. record every fold and cell in MLflow and write paper-style tables to results/.")
-    print("Ablation presets available now (python -m epir info --preset NAME):")
-    for p in PRESETS:
-        c = measure(EPIR(make_config(p)))
-        print(f"  {p:<9} {c.params / 1e6:5.2f} M params  {c.macs / 1e6:6.2f} M MACs/sample")
-    return 0
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python grid/run_all.py`` (its ``--help``)."""
+    p = argparse.ArgumentParser(prog="python grid/run_all.py", description=__doc__.split("\n\n")[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="run", choices=["run", "report"],
+                   help="run (default): train what is missing and write results/; report: only write results/")
+    p.add_argument("--config", type=Path, help="grid TOML file (see grid/config.py and README)")
+    p.add_argument("--dataset", action="append", default=[], metavar="FORMAT=ROOT[:PROTOCOLS]",
+                   help="a dataset to run (repeatable); overrides the config file's datasets")
+    p.add_argument("--presets", help=f"comma-separated ablation presets (default all: {','.join(PRESETS)})")
+    p.add_argument("--profile", choices=["auto", *PROFILES], help="training profile (default auto)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an EPIRConfig / TrainRecipe field, e.g. --set epochs=60 --set dim=128")
+    p.add_argument("--experiment", help="MLflow experiment and results/ subfolder (default epir-grid; demo: epir-grid-demo)")
+    p.add_argument("--folds", type=int, help="only the N largest subjects' folds per cell (a PARTIAL grid, labelled)")
+    p.add_argument("--epoch-selection", choices=["last", "best_test_epoch"],
+                   help="last (default, honest) or best_test_epoch (peeks at the test subject; labelled)")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per fold (default 1)")
+    p.add_argument("--gpus-per-trial", type=float, help="GPU fraction per fold (default 0.25 with GPUs, else 0)")
+    p.add_argument("--max-concurrent", type=int, help="at most N folds at once (default: as resources allow)")
+    p.add_argument("--max-failures", type=int, help="retries of a failing fold (default 2)")
+    p.add_argument("--work-dir", type=Path, help="shards, demo data, Ray Tune results (default work_dirs)")
+    p.add_argument("--results", type=Path, help="tables folder (default results)")
+    p.add_argument("--inject-failure", help=argparse.SUPPRESS)  # tests: SUBJECT or SUBJECT:once
+    return p
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_dataset(text: str) -> DatasetSpec:
+    """``FORMAT=ROOT[:PROTOCOLS]`` -> :class:`DatasetSpec` (PROTOCOLS like ``SDE+CDE``).
+
+    Raises:
+        ValueError: malformed text, unknown format or protocol.
+    """
+    fmt, sep, rest = text.partition("=")
+    if not sep or not rest:
+        raise ValueError(f"--dataset {text!r}: expected FORMAT=ROOT[:PROTOCOLS]")
+    root, protocols = rest, []
+    head, _, tail = rest.rpartition(":")
+    if head and tail and all(t.upper() in ("SDE", "CDE") for t in tail.split("+")):
+        root, protocols = head, [t.upper() for t in tail.split("+")]
+    return DatasetSpec(fmt, Path(root), protocols=protocols)
+
+
+def make_config(args) -> GridConfig:
+    """GridConfig from the config file, then the flags on top; no dataset anywhere means the demo."""
+    kw = load_config(args.config)
+    if args.dataset:
+        kw["datasets"] = [parse_dataset(d) for d in args.dataset]
+    if args.presets:
+        kw["presets"] = [s.strip() for s in args.presets.split(",") if s.strip()]
+    overrides = dict(kw.get("overrides", {}))
+    for item in args.set:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[k.strip()] = _value(v.strip())
+    kw["overrides"] = overrides
+    for flag, key in [("profile", "profile"), ("experiment", "experiment"), ("folds", "folds"),
+                      ("epoch_selection", "epoch_selection"), ("cpus_per_trial", "cpus_per_trial"),
+                      ("gpus_per_trial", "gpus_per_trial"), ("max_concurrent", "max_concurrent"),
+                      ("max_failures", "max_failures"), ("work_dir", "work_dir"), ("results", "results_dir")]:
+        if getattr(args, flag) is not None:
+            kw[key] = getattr(args, flag)
+    if not kw.get("datasets"):
+        kw["demo"] = True
+        kw.setdefault("profile", "demo")
+        kw.setdefault("experiment", "epir-grid-demo")
+        kw.setdefault("presets", ["baseline", "epir"])
+    return GridConfig(**kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: 0 when every fold finished, 1 when some failed, 2 for bad input."""
+    args = build_parser().parse_args(argv)
+    from preprocess.adapters import DatasetError
+
+    try:
+        cfg = make_config(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "report":
+        from grid import tracking
+        from grid.report import write_tables
+
+        client, exp_id = tracking.setup(cfg.experiment)
+        out = write_tables(client, exp_id, cfg.experiment, cfg.results_dir)
+        print(f"tables written to {out}" if out else f"no finished cell in experiment '{cfg.experiment}'")
+        return 0
+    from grid.runner import run_grid, summary_table
+
+    if cfg.demo:
+        print("=" * 78)
+        print("DEMO: no dataset configured, so this runs the built-in demo (synthetic 1-2 px facial motion on")
+        print("matplotlib's grace_hopper.jpg). Its scores say nothing about micro-expressions. To run real data:")
+        print("  python grid/run_all.py --dataset megc2019=PATH/megc2019_composite   (see --help)")
+        print("=" * 78, flush=True)
+    try:
+        outcome = run_grid(cfg, log=lambda m: print(m, flush=True), inject_failure=args.inject_failure)
+    except (DatasetError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(summary_table(outcome))
+    print(f"\nfolds trained now: {outcome.trained} ({outcome.train_seconds / 60:.1f} min of training), "
+          f"reused from MLflow: {outcome.reused}; wall time {outcome.wall_seconds / 60:.1f} min")
+    if outcome.results_dir:
+        print(f"tables: {outcome.results_dir}/")
+    for f in outcome.failures:
+        print(f"FAILED  {f['cell']}: {f['error']}")
+    if outcome.failures:
+        print("re-run the same command to retry the failed folds (finished folds are not redone)")
+    return 1 if outcome.failures else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,176 @@
+"""What a grid run does: datasets, protocols, presets, the training profile, resources and stores.
+
+A run is configured by an optional TOML file (``--config grid.toml``) and command-line flags; a flag
+overrides the file. With neither a file nor a ``--dataset`` flag the grid runs the built-in demo.
+
+    # grid.toml
+    experiment = "epir-grid"          # MLflow experiment; results/<experiment>/ holds its tables
+    presets = ["baseline", "epir"]    # default: the six rungs of the paper's Table 4
+    profile = "auto"                  # auto | paper | cpu | demo   (see PROFILES)
+
+    [[datasets]]
+    format = "megc2019"               # a preprocess adapter: casme2 samm smic casme3 megc2019 manifest
+    root = "../shared/data/megc2019_composite"
+    protocols = ["CDE"]               # SDE and/or CDE; default: what the dataset's labels allow
+
+    [overrides]                       # any TrainRecipe or EPIRConfig field, on top of the profile
+    epochs = 60
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from epir.model import PRESETS, EPIRConfig
+from epir.train import TrainRecipe
+
+PROTOCOLS = ("SDE", "CDE")
+FORMATS = ("casme2", "samm", "smic", "casme3", "megc2019", "manifest")
+
+# Training profiles: model width and recipe overrides on top of each preset (EPIRConfig / TrainRecipe
+# fields). ``paper`` is EPIR Sec. 4.2 at the paper width. ``cpu`` is sized so that the epir and
+# baseline cells of the 68-fold composite finish in about 90 minutes on 2 CPU cores (measured with
+# benchmarks/loso_profile.py; see the README). ``demo`` is the built-in demo's minutes-long grid.
+PROFILES: dict[str, dict] = {
+    "paper": {},
+    "cpu": dict(dim=64, dim_head=21, epochs=40, lr=1e-3, hflip=True),
+    "demo": dict(dim=32, dim_head=11, depth=5, integration_blocks=2, epochs=30, lr=2e-3, batch_size=32),
+}
+MODEL_FIELDS = {f.name for f in dataclasses.fields(EPIRConfig)}
+RECIPE_FIELDS = {f.name for f in dataclasses.fields(TrainRecipe)}
+
+
+@dataclass
+class DatasetSpec:
+    """One configured dataset: a preprocess adapter ``format`` and its ``root``.
+
+    Attributes:
+        format: one of ``FORMATS``.
+        root: dataset root (for ``manifest``, the CSV file).
+        name: output name (default: the format; a manifest's file stem).
+        protocols: ``SDE``/``CDE``; empty = every protocol its labels allow.
+        options: extra adapter options (``annotations``, ``classes``, ``precropped``).
+    """
+
+    format: str
+    root: Path
+    name: str | None = None
+    protocols: list[str] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"dataset format must be one of {FORMATS}, got {self.format!r}")
+        self.root = Path(self.root)
+        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        if bad:
+            raise ValueError(f"unknown protocol(s) {bad}; choose from {PROTOCOLS}")
+
+
+@dataclass
+class GridConfig:
+    """Everything a grid run needs (see the module docstring for the TOML form).
+
+    Attributes:
+        datasets: the datasets to run; empty = the built-in demo.
+        presets: ablation presets (``epir.model.PRESETS``).
+        profile: ``auto`` (``paper`` where the cluster has GPUs, else ``cpu``), or a key of ``PROFILES``.
+        overrides: EPIRConfig / TrainRecipe fields applied after the profile.
+        experiment: MLflow experiment name; tables go to ``results_dir/<experiment>/``.
+        folds: run only the first N subjects' folds of each cell (0 = all; a partial grid is labelled).
+        epoch_selection: ``last`` (honest) or ``best_test_epoch`` (peeks at the test subject; labelled).
+        cpus_per_trial, gpus_per_trial: Ray resources of one fold; gpus_per_trial None = 0.25 where the
+            cluster has GPUs, else 0.
+        max_failures: retries of a failing fold before it is reported as failed.
+        max_concurrent: at most this many folds at once (0 = as many as the resources allow).
+        work_dir: shards, demo data and Ray Tune results go here.
+        results_dir: where the tables are written.
+        demo: True when running the built-in demo.
+    """
+
+    datasets: list[DatasetSpec] = field(default_factory=list)
+    presets: list[str] = field(default_factory=lambda: list(PRESETS))
+    profile: str = "auto"
+    overrides: dict = field(default_factory=dict)
+    experiment: str = "epir-grid"
+    folds: int = 0
+    epoch_selection: str = "last"
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None
+    max_failures: int = 2
+    max_concurrent: int = 0
+    work_dir: Path = Path("work_dirs")
+    results_dir: Path = Path("results")
+    demo: bool = False
+
+    def __post_init__(self):
+        unknown = [p for p in self.presets if p not in PRESETS]
+        if unknown:
+            raise ValueError(f"unknown preset(s) {unknown}; choose from {list(PRESETS)}")
+        if self.profile != "auto" and self.profile not in PROFILES:
+            raise ValueError(f"profile must be auto or one of {list(PROFILES)}, got {self.profile!r}")
+        bad = set(self.overrides) - MODEL_FIELDS - RECIPE_FIELDS
+        if bad:
+            raise ValueError(f"unknown override(s) {sorted(bad)}; any EPIRConfig or TrainRecipe field is allowed")
+        TrainRecipe(epoch_selection=self.epoch_selection)  # validates the mode
+        if self.folds < 0 or self.max_failures < 0 or self.cpus_per_trial <= 0:
+            raise ValueError("folds and max_failures must be >= 0 and cpus_per_trial > 0")
+        self.work_dir, self.results_dir = Path(self.work_dir), Path(self.results_dir)
+
+    def resolved_profile(self, has_gpu: bool) -> str:
+        """The profile actually used: ``auto`` -> ``paper`` with GPUs, else ``cpu``."""
+        if self.profile != "auto":
+            return self.profile
+        return "paper" if has_gpu else "cpu"
+
+    def settings(self, preset: str, profile: str, num_classes: int) -> tuple[dict, dict]:
+        """(EPIRConfig fields, TrainRecipe fields) of one cell: preset <- profile <- overrides."""
+        merged = {**PROFILES[profile], **self.overrides}
+        model = {k: v for k, v in merged.items() if k in MODEL_FIELDS}
+        recipe = {k: v for k, v in merged.items() if k in RECIPE_FIELDS}
+        recipe["epoch_selection"] = self.epoch_selection
+        model["num_classes"] = num_classes
+        from epir.model import make_config
+
+        cfg = make_config(preset, **model)  # validates
+        return dataclasses.asdict(cfg), dataclasses.asdict(TrainRecipe(**recipe))
+
+
+def load_config(path: Path | None) -> dict:
+    """Read a grid TOML file into GridConfig keyword arguments.
+
+    Raises:
+        FileNotFoundError: the file does not exist. ValueError: a key is unknown.
+    """
+    if path is None:
+        return {}
+    path = Path(path)
+    with path.open("rb") as f:
+        raw = tomllib.load(f)
+    known = {f.name for f in dataclasses.fields(GridConfig)}
+    bad = set(raw) - known
+    if bad:
+        raise ValueError(f"{path}: unknown key(s) {sorted(bad)}; known: {sorted(known - {'demo'})}")
+    out = dict(raw)
+    if "datasets" in raw:
+        out["datasets"] = []
+        for d in raw["datasets"]:
+            d = dict(d)
+            root = Path(d.pop("root"))
+            if not root.is_absolute():
+                root = (path.parent / root).resolve()
+            spec_keys = {"format", "name", "protocols"}
+            out["datasets"].append(DatasetSpec(root=root, options={k: v for k, v in d.items() if k not in spec_keys},
+                                               **{k: v for k, v in d.items() if k in spec_keys}))
+    return out
+
+
+def cell_id(parts: dict) -> str:
+    """A short stable hash of everything that makes a cell's folds comparable (data, protocol,
+    preset, model and recipe); finished folds are looked up by it when a grid is re-run."""
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]

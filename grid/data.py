@@ -1,0 +1,106 @@
+"""Datasets for the grid: preprocess each configured dataset into Parquet shards (the real pipeline,
+reusing finished shards) and turn the shards into the arrays of one protocol.
+
+SDE uses a dataset's own labels (``sde_label``); CDE uses the MEGC2019 three-class labels
+(``cde_label``), with the source dataset of each sample (``dataset`` column: casme2, samm, smic) as the
+group whose subset scores EPIR Table 1 reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import DatasetSpec
+
+
+@dataclass
+class ProtocolData:
+    """The arrays of one dataset under one protocol.
+
+    Attributes:
+        key: ``<dataset>/<protocol>``.
+        dataset, protocol, config_id: where the shards came from.
+        flows: (N, H, W, 3) float32 [u, v, strain]; labels: (N,) int64 in 0..C-1.
+        subjects: (N,) subject strings (the LOSO folds); sample_ids: (N,); groups: (N,) source dataset.
+        classes: class names in label order. flow_range: ``unit`` (min-max 0..1) or ``signed``.
+    """
+
+    key: str
+    dataset: str
+    protocol: str
+    config_id: str
+    flows: np.ndarray
+    labels: np.ndarray
+    subjects: np.ndarray
+    sample_ids: np.ndarray
+    groups: np.ndarray
+    classes: list[str]
+    flow_range: str
+
+    @property
+    def fold_subjects(self) -> list[str]:
+        """Subjects in the order their folds run: most samples first (the longest folds start early)."""
+        names, counts = np.unique(self.subjects, return_counts=True)
+        return [str(n) for n, _ in sorted(zip(names, counts), key=lambda t: (-t[1], str(t[0])))]
+
+
+def preprocess(spec: DatasetSpec, shards: Path, progress=print) -> Path:
+    """Run the preprocessing pipeline for one dataset (finished shards are reused) and return its
+    output folder (``shards/<name>/<config id>/``).
+
+    Raises:
+        preprocess.adapters.DatasetError: wrong root, bad annotations, or no surviving sample.
+    """
+    from preprocess.adapters import ADAPTERS, DatasetError
+    from preprocess.pipeline import run
+
+    if not spec.root.exists():
+        raise DatasetError(f"dataset root {spec.root} does not exist")
+    opts = dict(spec.options)
+    annotations = opts.pop("annotations", None)
+    adapted = ADAPTERS[spec.format](spec.root, Path(annotations) if annotations else None, **opts)
+    name = spec.name or (adapted.samples["dataset"].iloc[0] if spec.format == "manifest" and len(adapted.samples)
+                         else spec.format)
+    summary = run(adapted, name, shards, precomputed=spec.format == "megc2019", progress=progress)
+    progress(summary.render())
+    return summary.out_dir
+
+
+def available_protocols(folder: Path) -> list[str]:
+    """Protocols the labels of a preprocessed dataset allow (SDE when it has SDE classes, CDE likewise)."""
+    from preprocess.pipeline import read_shards
+
+    _, _, manifest = read_shards(folder)
+    return [p for p in ("SDE", "CDE") if manifest["classes"].get(p.lower())]
+
+
+def load_protocol(folder: Path, protocol: str) -> ProtocolData:
+    """Arrays of a preprocessed dataset folder under ``protocol``; samples without a label there are left
+    out (e.g. CASME II sadness has no CDE class; those were already rejected and listed by preprocess).
+
+    Raises:
+        ValueError: the dataset has no classes for the protocol, or fewer than two subjects.
+    """
+    from preprocess.pipeline import read_shards
+
+    df, flows, manifest = read_shards(folder)
+    classes = manifest["classes"].get(protocol.lower()) or []
+    if not classes:
+        raise ValueError(f"{folder}: no {protocol} classes; available: {available_protocols(folder)}")
+    col = "sde_label" if protocol == "SDE" else "cde_label"
+    keep = df[col].notna().to_numpy()
+    df = df[keep].reset_index(drop=True)
+    if df["subject"].nunique() < 2:
+        raise ValueError(f"{folder}: {protocol} needs at least two subjects for LOSO")
+    name = manifest["dataset"]
+    normalize = (manifest.get("config") or {}).get("normalize", "minmax")
+    return ProtocolData(
+        key=f"{name}/{protocol}", dataset=name, protocol=protocol, config_id=manifest["config_id"],
+        flows=np.ascontiguousarray(flows[keep]), labels=df[col].to_numpy(dtype=np.int64),
+        subjects=df["subject"].astype(str).to_numpy(), sample_ids=df["sample_id"].astype(str).to_numpy(),
+        groups=df["dataset"].astype(str).to_numpy(), classes=list(classes),
+        flow_range="unit" if manifest.get("precomputed") or normalize == "minmax" else "signed",
+    )

@@ -1,0 +1,354 @@
+"""The grid: cells (dataset x protocol x ablation preset), each a full LOSO evaluation whose folds are
+Ray Tune trials, recorded in MLflow by the driver.
+
+Flow of :func:`run_grid`:
+1. connect to Ray (``RAY_ADDRESS``, or the cluster this node belongs to, else a local Ray);
+2. preprocess every configured dataset with the real pipeline (finished shards are reused);
+3. build the cells, open the MLflow store, create each cell's parent run, look up finished folds;
+4. run every remaining fold as one Tune trial (one Tuner for all cells, so cells overlap); a failing
+   trial is retried ``max_failures`` times, then reported; the rest of the grid goes on;
+5. as each fold ends, log it as a child run; when a cell's last fold is in, log the pooled scores;
+6. write the results tables and print a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from epir.metrics import score
+from epir.model import PAPER_TABLE4
+
+from . import tracking
+from .config import GridConfig, cell_id
+from .data import ProtocolData, available_protocols, load_protocol, preprocess
+from .trainable import FOLD_KEY, fold_trial
+
+# The demo dataset's size: 6 pseudo-subjects x 3 classes x 3 samples = 54 samples, 6 LOSO folds.
+DEMO_SUBJECTS, DEMO_PER_CLASS = 6, 3
+
+
+@dataclass
+class Cell:
+    """One dataset x protocol x preset: a full LOSO evaluation.
+
+    Attributes:
+        cell_id: hash of data, protocol, preset, model, recipe and fold selection (MLflow tag).
+        name: ``<protocol> <dataset> <preset>`` (the parent run's name).
+        data_key: key of its :class:`grid.data.ProtocolData`.
+        model, recipe: EPIRConfig and TrainRecipe fields.
+        subjects: the test subjects of its folds; ``all_subjects``: how many the dataset has.
+    """
+
+    cell_id: str
+    name: str
+    dataset: str
+    protocol: str
+    preset: str
+    profile: str
+    data_key: str
+    config_id: str
+    classes: list[str]
+    model: dict
+    recipe: dict
+    subjects: list[str]
+    all_subjects: int
+    demo: bool = False
+
+    @property
+    def peeks(self) -> bool:
+        """True when the fold's test subject picks the epoch (``best_test_epoch``)."""
+        return self.recipe["epoch_selection"] == "best_test_epoch"
+
+    @property
+    def partial(self) -> bool:
+        """True when only some of the dataset's subjects are folds (``--folds N``)."""
+        return len(self.subjects) < self.all_subjects
+
+    def tags(self) -> dict:
+        """MLflow tags shared by the parent and child runs (strings)."""
+        return {"epir.dataset": self.dataset, "epir.protocol": self.protocol, "epir.preset": self.preset,
+                "epir.profile": self.profile, "epir.epoch_selection": self.recipe["epoch_selection"],
+                "epir.peeks_at_test": str(self.peeks).lower(), "epir.demo": str(self.demo).lower(),
+                "epir.folds": f"{len(self.subjects)}/{self.all_subjects}"}
+
+    def params(self) -> dict:
+        """The full configuration as MLflow params: ``model.*``, ``recipe.*``, data and protocol."""
+        return {**tracking._flat("model", self.model), **tracking._flat("recipe", self.recipe),
+                "dataset": self.dataset, "protocol": self.protocol, "preset": self.preset, "profile": self.profile,
+                "shards_config_id": self.config_id, "classes": ",".join(self.classes),
+                "folds": str(len(self.subjects)), "subjects_total": str(self.all_subjects)}
+
+
+@dataclass
+class GridOutcome:
+    """What a run did: cells with their pooled scores, folds trained now and earlier, failures."""
+
+    cells: list[Cell]
+    scores: dict[str, dict] = field(default_factory=dict)
+    trained: int = 0
+    reused: int = 0
+    failures: list[dict] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    train_seconds: float = 0.0
+    results_dir: Path | None = None
+
+
+def connect_ray():
+    """Connect to the cluster (``RAY_ADDRESS``, or a Ray already running on this node), else start a
+    local Ray. Returns the ``ray`` module."""
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address is None and Path("/tmp/ray/ray_current_cluster").exists():
+            address = "auto"  # on a node of a running cluster (e.g. the head after `ray up`)
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level="WARNING", configure_logging=True)
+        except ConnectionError:
+            if address != "auto":
+                raise
+            ray.init(log_to_driver=False, logging_level="WARNING", configure_logging=True)
+    return ray
+
+
+def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) -> list[Cell]:
+    """Every dataset x protocol x preset cell, in that order."""
+    cells = []
+    for key, d in data.items():
+        subjects = d.fold_subjects
+        chosen = subjects[: cfg.folds] if cfg.folds else subjects
+        for preset in cfg.presets:
+            model, recipe = cfg.settings(preset, profile, len(d.classes))
+            recipe["flow_range"] = d.flow_range
+            ident = cell_id(dict(data=key, shards=d.config_id, n=len(d.labels), model=model, recipe=recipe,
+                                 subjects=chosen, demo=cfg.demo))
+            cells.append(Cell(ident, f"{d.protocol} {d.dataset} {preset}", d.dataset, d.protocol, preset, profile, key,
+                              d.config_id, d.classes, model, recipe, chosen, len(subjects), cfg.demo))
+    return cells
+
+
+def pooled_scores(cell: Cell, folds: dict[str, dict]) -> dict:
+    """UF1 / UAR / accuracy / confusion from the predictions pooled over the cell's folds, overall and per
+    source dataset when there is more than one (EPIR Table 1 scores SAMM, CASME II, SMIC as subsets)."""
+    fs = [folds[s] for s in cell.subjects]
+    yt = np.concatenate([f["y_true"] for f in fs]).astype(int)
+    yp = np.concatenate([f["y_pred"] for f in fs]).astype(int)
+    groups = np.concatenate([f["groups"] for f in fs])
+    return score(yt, yp, len(cell.classes), groups if len(set(groups.tolist())) > 1 else None)
+
+
+def _cell_stats(cell: Cell, folds: dict[str, dict]) -> dict:
+    fs = [folds[s] for s in cell.subjects]
+    from epir.complexity import measure
+    from epir.model import EPIR, EPIRConfig
+
+    c = measure(EPIR(EPIRConfig(**cell.model)))
+    return {"folds": len(fs), "train_seconds_sum": sum(f["train_seconds"] for f in fs),
+            "wall_seconds": max(f["finished"] for f in fs) - min(f["started"] for f in fs),
+            "params_M": c.params / 1e6, "macs_M": c.macs / 1e6}
+
+
+class _Progress:
+    """Tune callback (driver side): logs each finished fold to MLflow, finishes cells, prints progress."""
+
+    def __init__(self, client, exp_id, cells, parents, done, total_pending, log):
+        from ray.tune import Callback
+
+        class CB(Callback):
+            def on_trial_complete(cb, iteration, trials, trial, **info):  # noqa: N805
+                self.complete(trial)
+
+            def on_trial_recover(cb, iteration, trials, trial, **info):  # noqa: N805
+                self.log(f"  retry  {self.label(trial)}: {self.error_line(trial)}")
+
+            def on_trial_error(cb, iteration, trials, trial, **info):  # noqa: N805
+                err = self.error_line(trial)
+                self.failures.append({"cell": self.label(trial), "subject": trial.config["trial"]["subject"],
+                                      "error": err})
+                self.log(f"  FAILED {self.label(trial)} after retries: {err}")
+
+        self.callback = CB()
+        self.client, self.exp_id, self.cells, self.parents, self.done = client, exp_id, cells, parents, done
+        self.total, self.finished_now, self.log = total_pending, 0, log
+        self.failures: list[dict] = []
+        self.train_seconds = 0.0
+        self.start = time.perf_counter()
+
+    def label(self, trial) -> str:
+        t = trial.config["trial"]
+        return f"{self.cells[t['cell_id']].name} | fold {t['subject']}"
+
+    @staticmethod
+    def error_line(trial) -> str:
+        err = trial.error_file and Path(trial.error_file)
+        text = err.read_text() if err and err.exists() else str(getattr(trial, "error_msg", "") or "unknown error")
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        return lines[-1][:300] if lines else "unknown error"
+
+    def complete(self, trial) -> None:
+        t = trial.config["trial"]
+        res = trial.last_result or {}
+        if FOLD_KEY not in res:
+            return
+        cell = self.cells[t["cell_id"]]
+        fold = json.loads(res[FOLD_KEY])
+        tracking.log_fold(self.client, self.exp_id, self.parents[cell.cell_id], cell, fold)
+        self.done[cell.cell_id][fold["subject"]] = fold
+        self.finished_now += 1
+        self.train_seconds += fold["train_seconds"]
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.finished_now * (self.total - self.finished_now)
+        cells_done = sum(len(self.done[c.cell_id]) == len(c.subjects) for c in self.cells.values())
+        acc = float(np.mean(np.asarray(fold["y_true"]) == np.asarray(fold["y_pred"])))
+        self.log(f"[{self.finished_now}/{self.total} folds, {cells_done}/{len(self.cells)} cells, "
+                 f"{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min] {cell.name} | fold {fold['subject']}: "
+                 f"acc {acc:.3f} on {len(fold['y_true'])}, {fold['train_seconds']:.1f} s")
+        if len(self.done[cell.cell_id]) == len(cell.subjects):
+            finish_cell(self.client, self.parents[cell.cell_id], cell, self.done[cell.cell_id], self.log)
+
+
+def finish_cell(client, parent_id: str, cell: Cell, folds: dict, log=print) -> dict:
+    """Pool a complete cell's folds, log the parent run's scores and figures, and return the scores."""
+    scores = pooled_scores(cell, folds)
+    tracking.log_cell(client, parent_id, cell, scores, _cell_stats(cell, folds))
+    s = scores["all"]
+    log(f"  cell done: {cell.name}: UF1 {s['uf1']:.4f}  UAR {s['uar']:.4f}  ({len(cell.subjects)} folds)")
+    return scores
+
+
+def prepare_data(cfg: GridConfig, log=print) -> dict[str, ProtocolData]:
+    """Preprocess the configured datasets (or generate the demo) and load each protocol's arrays."""
+    from preprocess.demo import make_demo_dataset
+
+    from .config import DatasetSpec
+
+    shards = (cfg.work_dir / "shards").resolve()
+    specs = cfg.datasets
+    if cfg.demo:
+        demo_dir = (cfg.work_dir / "demo_data").resolve()
+        manifest = demo_dir / "demo_manifest.csv"
+        if not manifest.is_file():
+            log(f"DEMO: writing the built-in demo dataset ({DEMO_SUBJECTS} pseudo-subjects from matplotlib's "
+                f"grace_hopper.jpg, class-specific 1-2 px facial motion) to {demo_dir}")
+            make_demo_dataset(demo_dir, DEMO_SUBJECTS, DEMO_PER_CLASS)
+        specs = [DatasetSpec("manifest", manifest, name="demo", protocols=["SDE"],
+                             options={"classes": ["negative", "positive", "surprise"]})]
+    data = {}
+    for spec in specs:
+        log(f"preprocessing {spec.name or spec.format} from {spec.root} (finished shards are reused) ...")
+        folder = preprocess(spec, shards, progress=lambda m: log("  " + m))
+        for protocol in spec.protocols or available_protocols(folder):
+            d = load_protocol(folder, protocol)
+            data[d.key] = d
+            log(f"  {d.key}: {len(d.labels)} samples, {len(set(d.subjects))} subjects, classes {d.classes}")
+    return data
+
+
+def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> GridOutcome:
+    """Run (or finish) the grid described by ``cfg``; see the module docstring.
+
+    Args:
+        cfg: the grid configuration.
+        log: receives one-line progress messages.
+        inject_failure: ``SUBJECT`` or ``SUBJECT:once``: make that fold's trials fail (tests only).
+
+    Returns:
+        :class:`GridOutcome`.
+
+    Raises:
+        preprocess.adapters.DatasetError, ValueError: for a wrong dataset or configuration.
+    """
+    start = time.perf_counter()
+    ray = connect_ray()
+    resources = ray.cluster_resources()
+    has_gpu = resources.get("GPU", 0) > 0
+    profile = cfg.resolved_profile(has_gpu)
+    gpus = cfg.gpus_per_trial if cfg.gpus_per_trial is not None else (0.25 if has_gpu else 0.0)
+    log(f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; profile {profile}; "
+        f"each fold asks for {cfg.cpus_per_trial:g} CPU" + (f" and {gpus:g} GPU" if gpus else ""))
+    if cfg.cpus_per_trial > resources.get("CPU", 0) or gpus > resources.get("GPU", 0):
+        raise ValueError(f"a fold asks for {cfg.cpus_per_trial:g} CPU / {gpus:g} GPU but the cluster has "
+                         f"{resources.get('CPU', 0):g} / {resources.get('GPU', 0):g}: no trial could ever start")
+    data = prepare_data(cfg, log)
+    cells = build_cells(cfg, data, profile)
+    client, exp_id = tracking.setup(cfg.experiment)
+    by_id = {c.cell_id: c for c in cells}
+    parents = {c.cell_id: tracking.parent_run(client, exp_id, c) for c in cells}
+    done = {c.cell_id: tracking.finished_folds(client, exp_id, c.cell_id) for c in cells}
+    reused = sum(len(v) for v in done.values())
+    pending = [dict(cell_id=c.cell_id, data_key=c.data_key, subject=s, model=c.model, recipe=c.recipe,
+                    threads=max(1, int(cfg.cpus_per_trial)), inject=inject_failure,
+                    marker_dir=str((cfg.work_dir / "markers").resolve()))
+               for c in cells for s in c.subjects if s not in done[c.cell_id]]
+    log(f"{len(cells)} cells, {sum(len(c.subjects) for c in cells)} folds: {reused} finished earlier "
+        f"(MLflow experiment '{cfg.experiment}'), {len(pending)} to train")
+    progress = _Progress(client, exp_id, by_id, parents, done, len(pending), log)
+    # cells whose folds all finished earlier but whose parent was never closed (driver killed in between)
+    for c in cells:
+        if len(done[c.cell_id]) == len(c.subjects) and client.get_run(parents[c.cell_id]).info.status != "FINISHED":
+            finish_cell(client, parents[c.cell_id], c, done[c.cell_id], log)
+    if pending:
+        _tune(cfg, pending, data, gpus, progress)
+    outcome = GridOutcome(cells, trained=progress.finished_now, reused=reused, failures=progress.failures,
+                          train_seconds=progress.train_seconds)
+    for c in cells:
+        if len(done[c.cell_id]) == len(c.subjects):
+            outcome.scores[c.cell_id] = pooled_scores(c, done[c.cell_id])
+    missing = [(c, s) for c in cells for s in c.subjects if s not in done[c.cell_id]]
+    known = {(f["cell"], f["subject"]) for f in outcome.failures}
+    for c, s in missing:  # e.g. Ctrl-C: trials that never finished
+        if (f"{c.name} | fold {s}", s) not in known:
+            outcome.failures.append({"cell": f"{c.name} | fold {s}", "subject": s, "error": "did not finish"})
+    outcome.wall_seconds = time.perf_counter() - start
+    from .report import write_tables
+
+    outcome.results_dir = write_tables(client, exp_id, cfg.experiment, cfg.results_dir)
+    return outcome
+
+
+def _tune(cfg: GridConfig, pending: list[dict], data: dict, gpus: float, progress: _Progress) -> None:
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(fold_trial, data=data),
+                                    {"cpu": cfg.cpus_per_trial, "gpu": gpus})
+    storage = (cfg.work_dir / "ray_results").resolve()
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(pending)},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=cfg.max_concurrent or None,
+            reuse_actors=True,  # one worker process per slot: no torch import per fold
+            trial_name_creator=lambda t: f"{progress.cells[t.config['trial']['cell_id']].preset}_{t.config['trial']['subject']}",
+            trial_dirname_creator=lambda t: f"{t.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(storage),
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=[progress.callback],
+            verbose=0,
+        ),
+    )
+    tuner.fit()
+
+
+def summary_table(outcome: GridOutcome) -> str:
+    """The table printed at the end: one line per cell with its pooled UF1 / UAR (and the paper's)."""
+    lines = [f"{'cell':<34} {'folds':>7} {'UF1':>7} {'UAR':>7}   paper Table 4 (CDE Full)"]
+    for c in outcome.cells:
+        s = outcome.scores.get(c.cell_id)
+        paper = PAPER_TABLE4.get(c.preset) if c.protocol == "CDE" else None
+        ptxt = f"{paper[0]:.4f} / {paper[1]:.4f}" if paper else ""
+        if s:
+            lines.append(f"{c.name:<34} {len(c.subjects):>7} {s['all']['uf1']:7.4f} {s['all']['uar']:7.4f}   {ptxt}")
+        else:
+            lines.append(f"{c.name:<34} {len(c.subjects):>7} {'incomplete':>15}")
+    return "\n".join(lines)
+

@@ -1,0 +1,191 @@
+"""MLflow for the grid: the store, one parent run per cell, one child run per fold.
+
+Only the driver writes to MLflow (trials return their predictions and curves to it), so a fresh SQLite
+store is never raced by concurrent trials. The store and the experiment are created before any trial
+starts. A fold counts as done when its child run is FINISHED; a re-run of the same grid looks the
+finished folds up by the cell's id and trains only the rest.
+
+Store: ``MLFLOW_TRACKING_URI`` when set (e.g. the cluster's tracking server), else a SQLite file
+``mlflow.db`` in the working directory with artifacts in ``mlartifacts/`` beside it. MLflow 3 no longer
+accepts the old ``./mlruns`` file store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+TAG_KIND, TAG_CELL, TAG_FOLD = "epir.kind", "epir.cell_id", "epir.fold"
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def setup(experiment: str):
+    """Create (or open) the store and the experiment, on the driver, before trials start.
+
+    Returns:
+        (MlflowClient, experiment id).
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        artifacts = (Path.cwd() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        return client, client.create_experiment(experiment, artifact_location=artifacts)
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return client, exp.experiment_id
+
+
+def _search(client, exp_id: str, query: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp_id], query, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit (``+dirty`` with uncommitted changes), or ``unknown``."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _flat(prefix: str, d: dict) -> dict:
+    return {f"{prefix}.{k}": ("None" if v is None else str(v)) for k, v in d.items()}
+
+
+def parent_run(client, exp_id: str, cell) -> str:
+    """The cell's parent run id, created (RUNNING, with the cell's parameters) on first use."""
+    found = _search(client, exp_id, f"tags.`{TAG_KIND}` = 'cell' and tags.`{TAG_CELL}` = '{cell.cell_id}'")
+    if found:
+        return found[0].info.run_id
+    from mlflow.entities import Param, RunTag
+
+    tags = {TAG_KIND: "cell", TAG_CELL: cell.cell_id, "mlflow.runName": cell.name, **cell.tags()}
+    run = client.create_run(exp_id, tags=tags, run_name=cell.name)
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in cell.params().items()])
+    client.set_tag(run.info.run_id, "epir.git_commit", git_commit())
+    return run.info.run_id
+
+
+def finished_folds(client, exp_id: str, cell_id: str) -> dict[str, dict]:
+    """Finished child runs of a cell: ``{subject: fold payload}`` read back from their artifacts."""
+    runs = _search(client, exp_id, f"tags.`{TAG_KIND}` = 'fold' and tags.`{TAG_CELL}` = '{cell_id}' "
+                                   "and attributes.status = 'FINISHED'")
+    out = {}
+    for r in runs:
+        subject = r.data.tags[TAG_FOLD]
+        if subject in out:
+            continue
+        path = client.download_artifacts(r.info.run_id, "fold.json")
+        out[subject] = json.loads(Path(path).read_text())
+    return out
+
+
+def log_fold(client, exp_id: str, parent_id: str, cell, fold: dict) -> str:
+    """One child run for one finished fold: the full configuration as params, per-epoch loss and
+    training accuracy as metric histories, the fold's metrics, its predictions (``predictions.csv``)
+    and everything as ``fold.json``; marked FINISHED last, so a half-logged fold is not counted."""
+    from mlflow.entities import Metric, Param
+
+    tags = {"mlflow.parentRunId": parent_id, TAG_KIND: "fold", TAG_CELL: cell.cell_id, TAG_FOLD: fold["subject"],
+            "epir.node": str(fold.get("node", "")), "epir.device": str(fold.get("device", "")), **cell.tags()}
+    run = client.create_run(exp_id, tags=tags, run_name=f"{cell.name} | {fold['subject']}")
+    rid = run.info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(rec[k]), now, int(rec["epoch"])) for rec in fold["curve"] for k in rec if k != "epoch"]
+    yt, yp = np.asarray(fold["y_true"]), np.asarray(fold["y_pred"])
+    metrics += [Metric("test_accuracy", float(np.mean(yt == yp)), now, 0),
+                Metric("test_samples", float(len(yt)), now, 0),
+                Metric("train_seconds", float(fold["train_seconds"]), now, 0),
+                Metric("selected_epoch", float(fold["selected_epoch"]), now, 0)]
+    params = {**cell.params(), "fold.test_subject": fold["subject"]}
+    for i in range(0, len(metrics), 900):
+        client.log_batch(rid, metrics=metrics[i : i + 900])
+    client.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
+    lines = ["sample_id,y_true,y_pred," + ",".join(f"p_{c}" for c in cell.classes)]
+    for s, t, p, pr in zip(fold["sample_ids"], fold["y_true"], fold["y_pred"], fold["probs"]):
+        lines.append(f"{s},{cell.classes[t]},{cell.classes[p]}," + ",".join(f"{x:.5f}" for x in pr))
+    client.log_text(rid, "\n".join(lines) + "\n", "predictions.csv")
+    client.log_text(rid, json.dumps(fold), "fold.json")
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def confusion_figure(confusion: list[list[int]], classes: list[str], title: str):
+    """A matplotlib figure of a confusion matrix (rows: true class, columns: predicted), counts and row %."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(confusion, dtype=float)
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(classes), 1.2 + 1.0 * len(classes)))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{int(cm[i, j])}\n{share[i, j]:.0%}", ha="center", va="center",
+                    color="white" if share[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_xticks(range(len(classes)), classes, rotation=30)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def log_cell(client, parent_id: str, cell, scores: dict, stats: dict) -> None:
+    """Finish a cell's parent run: pooled UF1 / UAR / accuracy overall and per source dataset, the
+    confusion matrices as figures and JSON, complexity, wall and training time, package versions."""
+    import matplotlib.pyplot as plt
+    from mlflow.entities import Metric
+
+    from preprocess.pipeline import package_versions
+
+    now = int(time.time() * 1000)
+    metrics = []
+    for group, s in scores.items():
+        suffix = "" if group == "all" else f"_{group}"
+        metrics += [Metric(f"{k}{suffix}", float(s[k]), now, 0) for k in ("uf1", "uar", "accuracy")]
+    metrics += [Metric(k, float(v), now, 0) for k, v in stats.items()]
+    client.log_batch(parent_id, metrics=metrics)
+    for group, s in scores.items():
+        fig = confusion_figure(s["confusion"], cell.classes, f"{cell.name} [{group}] UF1 {s['uf1']:.4f} UAR {s['uar']:.4f}"
+                               + (" BEST-TEST-EPOCH" if cell.peeks else ""))
+        client.log_figure(parent_id, fig, f"confusion_{group}.png")
+        plt.close(fig)
+    client.log_text(parent_id, json.dumps(scores, indent=2), "scores.json")
+    client.log_text(parent_id, json.dumps(package_versions(), indent=2), "versions.json")
+    client.set_tag(parent_id, "epir.git_commit", git_commit())
+    client.set_tag(parent_id, "epir.versions", json.dumps(package_versions()))
+    client.set_terminated(parent_id, "FINISHED")
+
+
+def finished_cells(client, exp_id: str) -> list:
+    """The experiment's finished parent runs (complete cells), newest first."""
+    runs = _search(client, exp_id, f"tags.`{TAG_KIND}` = 'cell' and attributes.status = 'FINISHED'")
+    return sorted(runs, key=lambda r: r.info.end_time or 0, reverse=True)
+

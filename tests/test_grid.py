@@ -1,0 +1,134 @@
+"""The grid's public command `python grid/run_all.py`: a short grid on the real composite (MLflow parent
+and child runs, results tables, resume without retraining, a failing fold retried and reported), the
+built-in demo, and the configuration parsing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from grid.config import DatasetSpec, GridConfig, load_config
+from grid.run_all import build_parser, make_config, parse_dataset
+
+from .conftest import REPO
+
+TINY = ["--set", "epochs=2", "--set", "dim=12", "--set", "dim_head=4", "--set", "depth=4",
+        "--set", "integration_blocks=2", "--set", "batch_size=128"]
+
+
+def _run(args, cwd, timeout=900):
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # a fresh local Ray, never a cluster left running
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, str(REPO / "grid" / "run_all.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _runs(cwd, experiment):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return client, runs
+
+
+def test_short_grid_on_the_real_composite(composite_root, tmp_path):
+    args = ["--dataset", f"megc2019={composite_root}", "--presets", "epir", "--folds", "3",
+            "--experiment", "cde-test", "--profile", "cpu", *TINY, "--max-failures", "1"]
+    # 1. the largest subject's fold (s03) is made to fail every attempt: retried once, then reported;
+    #    the other two folds finish and the run exits 1.
+    first = _run([*args, "--inject-failure", "s03"], tmp_path)
+    out = first.stdout + first.stderr
+    assert first.returncode == 1, out[-4000:]
+    assert "retry  CDE megc2019 epir | fold s03" in out, out[-4000:]
+    assert "FAILED  CDE megc2019 epir | fold s03" in out and "injected failure" in out, out[-4000:]
+    client, runs = _runs(tmp_path, "cde-test")
+    folds = [r for r in runs if r.data.tags.get("epir.kind") == "fold"]
+    assert sorted(r.data.tags["epir.fold"] for r in folds) == ["s20", "sub17"]
+    # 2. the same command finishes the grid, training only the failed fold
+    second = _run(args, tmp_path)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert "2 finished earlier" in out and "1 to train" in out, out[-3000:]
+    client, runs = _runs(tmp_path, "cde-test")
+    parents = [r for r in runs if r.data.tags.get("epir.kind") == "cell"]
+    folds = [r for r in runs if r.data.tags.get("epir.kind") == "fold"]
+    assert len(parents) == 1 and len(folds) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in folds} == {parent.info.run_id}
+    m = parent.data.metrics
+    # s03 and s20 are SMIC subjects, sub17 a CASME II one: each source dataset present is scored alone
+    for key in ("uf1", "uar", "uf1_casme2", "uar_smic", "params_M", "macs_M", "wall_seconds"):
+        assert key in m, key
+    assert 0.0 <= m["uf1"] <= 1.0 and parent.data.tags["epir.epoch_selection"] == "last"
+    assert parent.data.tags["epir.git_commit"] != "" and parent.data.params["model.dim"] == "12"
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"confusion_all.png", "scores.json", "versions.json"} <= arts
+    child = folds[0]
+    assert len(client.get_metric_history(child.info.run_id, "loss")) == 2  # one point per epoch
+    assert len(client.get_metric_history(child.info.run_id, "train_acc")) == 2
+    assert "predictions.csv" in {a.path for a in client.list_artifacts(child.info.run_id)}
+    # pooled scores equal sklearn's on the children's predictions
+    from sklearn.metrics import f1_score, recall_score
+
+    preds = pd.concat([pd.read_csv(client.download_artifacts(r.info.run_id, "predictions.csv")) for r in folds])
+    assert m["uf1"] == pytest.approx(f1_score(preds["y_true"], preds["y_pred"], average="macro"), abs=1e-6)
+    assert m["uar"] == pytest.approx(recall_score(preds["y_true"], preds["y_pred"], average="macro"), abs=1e-6)
+    # results/ tables, labelled as a partial grid
+    res = tmp_path / "results" / "cde-test"
+    for name in ("table1_cde", "table4_ablation"):
+        assert (res / f"{name}.md").is_file() and (res / f"{name}.csv").is_file()
+    t1 = (res / "table1_cde.md").read_text()
+    assert "PARTIAL: 3 folds" in t1 and "EPIR (paper)" in t1 and "0.8852" in t1
+    assert pd.read_csv(res / "runs.csv")["commit"].iloc[0] == parent.data.tags["epir.git_commit"]
+    # 3. once more: nothing to train
+    third = _run(args, tmp_path)
+    out = third.stdout + third.stderr
+    assert third.returncode == 0 and "3 finished earlier" in out and "0 to train" in out, out[-3000:]
+    assert len([r for r in _runs(tmp_path, "cde-test")[1] if r.data.tags.get("epir.kind") == "fold"]) == 3
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    res = _run(["--folds", "2", "--presets", "epir"], tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "DEMO: no dataset configured" in out
+    table = (tmp_path / "results" / "epir-grid-demo" / "table2_3_sde.md").read_text()
+    assert "DEMO data" in table and "PARTIAL: 2 folds" in table
+    _, runs = _runs(tmp_path, "epir-grid-demo")
+    assert len([r for r in runs if r.data.tags.get("epir.kind") == "fold"]) == 2
+    assert {r.data.tags["epir.demo"] for r in runs} == {"true"}
+
+
+def test_configuration_parsing(tmp_path):
+    spec = parse_dataset("casme2=/data/CASME2:SDE+CDE")
+    assert spec.format == "casme2" and str(spec.root) == "/data/CASME2" and spec.protocols == ["SDE", "CDE"]
+    assert parse_dataset("manifest=C:/x/m.csv").protocols == []
+    with pytest.raises(ValueError, match="FORMAT=ROOT"):
+        parse_dataset("casme2")
+    with pytest.raises(ValueError, match="format"):
+        parse_dataset("casme9=/x")
+    toml = tmp_path / "grid.toml"
+    toml.write_text('experiment = "x"\npresets = ["epir"]\n[[datasets]]\nformat = "manifest"\nroot = "m.csv"\n'
+                    'classes = ["a", "b"]\n[overrides]\nepochs = 3\n')
+    kw = load_config(toml)
+    assert kw["datasets"][0].root == tmp_path / "m.csv" and kw["datasets"][0].options == {"classes": ["a", "b"]}
+    cfg = GridConfig(**kw)
+    model, recipe = cfg.settings("epir", "cpu", 2)
+    assert recipe["epochs"] == 3 and model["num_classes"] == 2 and model["dim"] == 64
+    cfg = make_config(build_parser().parse_args(["--config", str(toml), "--set", "epochs=5", "--set", "hflip=false"]))
+    assert cfg.overrides == {"epochs": 5, "hflip": False} and not cfg.demo
+    demo = make_config(build_parser().parse_args([]))
+    assert demo.demo and demo.profile == "demo" and demo.experiment == "epir-grid-demo"
+    toml.write_text("experimnt = 'typo'\n")
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config(toml)
+    with pytest.raises(ValueError, match="unknown override"):
+        GridConfig(datasets=[DatasetSpec("megc2019", tmp_path)], overrides={"epoch": 3})
+    with pytest.raises(ValueError, match="unknown preset"):
+        GridConfig(presets=["vit"])
