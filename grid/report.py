@@ -97,8 +97,14 @@ def _notes(df: pd.DataFrame) -> str:
     if df["partial"].any():
         lines.append("**PARTIAL rows** evaluate only some LOSO folds; they are not the dataset's score.")
     lines.append("Scores: UF1 and UAR on predictions pooled over all folds of a cell (MEGC convention). "
-                 "Provenance of every row (configuration, commit, epoch selection, folds, wall time): `runs.csv`.")
-    return "\n".join(f"- {ln}" for ln in lines) + "\n"
+                 "Full provenance of every row: `runs.csv` and the MLflow parent run named below.")
+    prov = pd.DataFrame({
+        "row": [_label(r) for _, r in df.iterrows()], "dataset": df["dataset"], "protocol": df["protocol"],
+        "width": df["dim"], "blocks": df["depth"], "epochs": df["epochs"], "lr": df["lr"], "batch": df["batch_size"],
+        "mirroring": df["hflip"], "epoch selection": df["epoch_selection"], "folds": df["folds"],
+        "wall (min)": df["wall_minutes"].round(1).astype(str), "training (min)": df["train_minutes"].round(1).astype(str),
+        "commit": df["commit"].str[:12], "MLflow run": df["run_id"]})
+    return "\n".join(f"- {ln}" for ln in lines) + "\n\n### Runs behind these rows\n\n" + _md(prov)
 
 
 def write_tables(client, exp_id: str, experiment: str, results_dir: Path) -> Path | None:

@@ -5,18 +5,23 @@ in MLflow, with paper-style tables in results/.
     python grid/run_all.py --dataset megc2019=../shared/data/megc2019_composite --presets epir,baseline
     python grid/run_all.py --config grid.toml               # datasets, presets, profile, overrides
     python grid/run_all.py report --experiment epir-grid    # rewrite results/ from MLflow only
+    python grid/run_all.py search --dataset manifest=mylab.csv:SDE --trials 30   # Optuna: alpha, temperature, K
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 # Run as a script, Python puts grid/ first on sys.path, where Ray's workers would find this folder's
 # modules as top-level names; the repository root replaces it.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
+# Before Ray is imported: its `uv run` hook would package the working tree and start every worker
+# through uv, although the environment is already complete (README, "Notes on Ray").
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 from epir.model import PRESETS  # noqa: E402
 from grid.config import FORMATS, PROFILES, DatasetSpec, GridConfig, load_config  # noqa: E402
@@ -48,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python grid/run_all.py`` (its ``--help``)."""
     p = argparse.ArgumentParser(prog="python grid/run_all.py", description=__doc__.split("\n\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="run", choices=["run", "report"],
-                   help="run (default): train what is missing and write results/; report: only write results/")
+    p.add_argument("command", nargs="?", default="run", choices=["run", "report", "search"],
+                   help="run (default): train what is missing and write results/; report: only write results/; "
+                   "search: Optuna search of alpha, temperature and K on one dataset (see 'search options')")
     p.add_argument("--config", type=Path, help="grid TOML file (see grid/config.py and README)")
     p.add_argument("--dataset", action="append", default=[], metavar="FORMAT=ROOT[:PROTOCOLS]",
                    help="a dataset to run (repeatable); overrides the config file's datasets")
@@ -67,6 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, help="retries of a failing fold (default 2)")
     p.add_argument("--work-dir", type=Path, help="shards, demo data, Ray Tune results (default work_dirs)")
     p.add_argument("--results", type=Path, help="tables folder (default results)")
+    p.add_argument("--overrides", type=Path, metavar="JSON",
+                   help="EPIRConfig / TrainRecipe fields from a JSON file, e.g. a search's *.best.json")
+    s = p.add_argument_group("search options", "python grid/run_all.py search --dataset FORMAT=ROOT:PROTOCOL [--presets epir]")
+    s.add_argument("--trials", type=int, default=20, help="Optuna trials the study should hold (default 20); a re-run "
+                   "with the same study resumes it, a larger number extends it")
+    s.add_argument("--alpha", help="contrastive margin range LO,HI (default 0.0,0.8)")
+    s.add_argument("--temperature", help="initial ITALS temperature range LO,HI, log-uniform (default 1,16)")
+    s.add_argument("--merge-k", help="merge count K range LO,HI, integers (default 0,2)")
+    s.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of each fold's TRAINING subjects held out to score a trial (default 0.2)")
+    s.add_argument("--fold-parallel", type=int, default=0, help="folds of one trial at once (default: what fits)")
+    s.add_argument("--concurrent-trials", type=int, default=1, help="Optuna trials at once (default 1)")
+    s.add_argument("--study", help="Optuna study name (default DATASET-PROTOCOL-PRESET-PROFILE)")
+    s.add_argument("--optuna-storage", help="Optuna storage URL (default sqlite:///$PWD/optuna.db)")
+    s.add_argument("--seed", type=int, default=0, help="sampler and validation-split seed (default 0)")
+    s.add_argument("--no-evaluate", action="store_true",
+                   help="skip the honest LOSO test run of the chosen configuration at the end")
     p.add_argument("--inject-failure", help=argparse.SUPPRESS)  # tests: SUBJECT or SUBJECT:once
     return p
 
@@ -102,6 +125,9 @@ def make_config(args) -> GridConfig:
     if args.presets:
         kw["presets"] = [s.strip() for s in args.presets.split(",") if s.strip()]
     overrides = dict(kw.get("overrides", {}))
+    if args.overrides:
+        loaded = json.loads(Path(args.overrides).read_text())
+        overrides.update(loaded.get("overrides", loaded))
     for item in args.set:
         k, sep, v = item.partition("=")
         if not sep:
@@ -132,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.command == "search":
+        return _search(args, cfg)
     if args.command == "report":
         from grid import tracking
         from grid.report import write_tables
@@ -164,6 +192,36 @@ def main(argv: list[str] | None = None) -> int:
     if outcome.failures:
         print("re-run the same command to retry the failed folds (finished folds are not redone)")
     return 1 if outcome.failures else 0
+
+
+def _search(args, cfg: GridConfig) -> int:
+    from grid.search import SearchConfig, SearchSpace, _space_arg, run_search
+    from preprocess.adapters import DatasetError
+
+    if cfg.demo:
+        print("error: search needs a dataset: --dataset FORMAT=ROOT:PROTOCOL (see --help)", file=sys.stderr)
+        return 2
+    if args.presets is None and not (args.config and "presets" in load_config(args.config)):
+        cfg.presets = ["epir"]
+    if args.experiment is None and not (args.config and "experiment" in load_config(args.config)):
+        cfg.experiment = "epir-search"
+    try:
+        space = SearchSpace(**{k: v for k, v in dict(alpha=_space_arg(args.alpha), temperature=_space_arg(args.temperature),
+                                                      merge_k=_space_arg(args.merge_k, int)).items() if v})
+        scfg = SearchConfig(args.trials, space, args.val_fraction, args.fold_parallel, args.concurrent_trials,
+                            args.study, args.optuna_storage, args.seed, not args.no_evaluate)
+        out = run_search(cfg, scfg, log=lambda m: print(m, flush=True))
+    except (DatasetError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\nstudy {out.study}: {out.completed} trials ({out.ran_now} now); best {out.best} "
+          f"with validation UF1 {out.best_value:.4f}")
+    print(f"best configuration: {out.best_path}")
+    if out.test:
+        print(f"test subjects, chosen configuration, reported once: UF1 {out.test['uf1']:.4f}  UAR {out.test['uar']:.4f} "
+              f"({out.test['cell']})")
+    print(f"feed it to a grid run: python grid/run_all.py --overrides {out.best_path} --presets {cfg.presets[0]} ...")
+    return 0
 
 
 if __name__ == "__main__":
