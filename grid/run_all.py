@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print("=" * 78, flush=True)
     try:
         outcome = run_grid(cfg, log=lambda m: print(m, flush=True), inject_failure=args.inject_failure)
-    except (DatasetError, ValueError, FileNotFoundError) as e:
+    except (DatasetError, ValueError, FileNotFoundError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print()
@@ -211,7 +211,7 @@ def _search(args, cfg: GridConfig) -> int:
         scfg = SearchConfig(args.trials, space, args.val_fraction, args.fold_parallel, args.concurrent_trials,
                             args.study, args.optuna_storage, args.seed, not args.no_evaluate)
         out = run_search(cfg, scfg, log=lambda m: print(m, flush=True))
-    except (DatasetError, ValueError, FileNotFoundError) as e:
+    except (DatasetError, ValueError, FileNotFoundError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\nstudy {out.study}: {out.completed} trials ({out.ran_now} now); best {out.best} "

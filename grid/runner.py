@@ -101,7 +101,12 @@ class GridOutcome:
 
 def connect_ray():
     """Connect to the cluster (``RAY_ADDRESS``, or a Ray already running on this node), else start a
-    local Ray. Returns the ``ray`` module."""
+    local Ray. Returns the ``ray`` module.
+
+    Raises:
+        ConnectionError: no cluster at ``RAY_ADDRESS``, or one whose token authentication (Ray 2.59+)
+            refuses this client (the message says where the token goes).
+    """
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
 
@@ -111,6 +116,11 @@ def connect_ray():
             address = "auto"  # on a node of a running cluster (e.g. the head after `ray up`)
         try:
             ray.init(address=address, log_to_driver=False, logging_level="WARNING", configure_logging=True)
+        except ray.exceptions.AuthenticationError as e:
+            raise ConnectionError(
+                f"the Ray cluster at {address} uses token authentication and refused this client: put the "
+                "cluster's token in ~/.ray/auth_token (cluster.yaml copies yours to every node), or set "
+                f"RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH ({e})") from e
         except ConnectionError:
             if address != "auto":
                 raise

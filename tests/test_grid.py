@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -132,3 +134,13 @@ def test_configuration_parsing(tmp_path):
         GridConfig(datasets=[DatasetSpec("megc2019", tmp_path)], overrides={"epoch": 3})
     with pytest.raises(ValueError, match="unknown preset"):
         GridConfig(presets=["vit"])
+
+
+def test_table_rows_say_when_a_score_peeks_at_the_test_subject():
+    from grid.report import _label
+
+    row = dict(preset="epir", profile="paper", peeks_at_test=True, partial=False, folds=68, demo=False)
+    assert "BEST-TEST-EPOCH" in _label(row)
+    assert _label({**row, "peeks_at_test": False}) == "epir (ours, paper)"
+    cfg = GridConfig(datasets=[DatasetSpec("megc2019", Path("x"))], epoch_selection="best_test_epoch")
+    assert cfg.settings("epir", "cpu", 3)[1]["epoch_selection"] == "best_test_epoch"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from epir.model import make_config
 from epir.train import TrainRecipe, fit, predict, to_tensor, train_fold
@@ -72,3 +73,20 @@ def test_epir_learns_real_composite_flows(composite_root):
     assert curve[0]["train_acc"] < 0.8  # it had something to learn
     acc = float(np.mean(predict(model, to_tensor(x)).argmax(-1) == y))
     assert acc >= 0.95, f"training accuracy {acc:.3f} after 80 steps; curve tail {curve[-3:]}"
+
+
+def test_mirror_flips_the_image_and_reverses_horizontal_flow():
+    from epir.train import mirror
+
+    x = torch.rand(2, 3, 28, 28)
+    m = mirror(x, "unit")  # u min-max scaled to 0..1 per sample: -u scales to 1 - u
+    assert torch.allclose(m[:, 0], 1 - x[:, 0].flip(-1)) and torch.equal(m[:, 1:], x[:, 1:].flip(-1))
+    assert torch.allclose(mirror(m, "unit"), x)
+    s = mirror(x - 0.5, "signed")
+    assert torch.allclose(s[:, 0], -(x[:, 0] - 0.5).flip(-1))
+    # a face moving right (u > 0 on its left half only) becomes one moving left on its right half
+    u = torch.zeros(1, 3, 4, 4)
+    u[0, 0, :, :2] = 1.0
+    assert (mirror(u, "signed")[0, 0, :, 2:] == -1).all() and (mirror(u, "signed")[0, 0, :, :2] == 0).all()
+    with pytest.raises(ValueError, match="flow_range"):
+        TrainRecipe(flow_range="pixels")

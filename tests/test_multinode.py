@@ -1,0 +1,71 @@
+"""A short grid on a local multi-node Ray cluster (ray.cluster_utils.Cluster: a head without CPUs and two
+worker nodes that advertise a GPU each): trials spread over both workers and every fold lands in MLflow;
+then one worker is removed mid-run and the grid still completes, nothing lost."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import REPO
+
+FOLDS = 10
+
+
+def _finished_folds(db) -> list[str]:
+    """Node ids of the FINISHED fold runs in the grid's SQLite store (read without MLflow's machinery)."""
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            rows = con.execute(
+                "select t2.value from runs r join tags t1 on t1.run_uuid = r.run_uuid and t1.key = 'epir.kind' "
+                "and t1.value = 'fold' join tags t2 on t2.run_uuid = r.run_uuid and t2.key = 'epir.node' "
+                "where r.status = 'FINISHED'").fetchall()
+    except sqlite3.Error:
+        return []
+    return [r[0] for r in rows]
+
+
+@pytest.fixture
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0})
+    workers = [c.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+    c.wait_for_nodes()
+    yield c, workers
+    c.shutdown()
+
+
+def test_grid_spreads_over_two_workers_and_survives_losing_one(cluster, composite_root, tmp_path):
+    c, (w1, w2) = cluster
+    env = {**os.environ, "RAY_ADDRESS": c.address}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, str(REPO / "grid" / "run_all.py"), "--dataset", f"megc2019={composite_root}",
+           "--presets", "epir", "--folds", str(FOLDS), "--profile", "cpu", "--experiment", "multinode",
+           "--gpus-per-trial", "0.5", "--max-failures", "3",
+           "--set", "epochs=8", "--set", "dim=12", "--set", "dim_head=4", "--set", "depth=4",
+           "--set", "integration_blocks=2"]
+    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    db = tmp_path / "mlflow.db"
+    removed_at = None
+    deadline = time.time() + 600
+    while driver.poll() is None and time.time() < deadline:
+        nodes = _finished_folds(db)
+        if removed_at is None and {w1.node_id, w2.node_id} <= set(nodes):
+            removed_at = len(nodes)  # both workers have finished folds: take the second one away
+            c.remove_node(w2, allow_graceful=False)
+        time.sleep(0.3)
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 0, out[-5000:]
+    assert removed_at is not None and removed_at < FOLDS, f"worker not removed mid-run ({removed_at})\n{out[-3000:]}"
+    nodes = _finished_folds(db)
+    assert len(nodes) == FOLDS, out[-3000:]  # every fold in MLflow, none twice
+    assert {w1.node_id, w2.node_id} <= set(nodes)
+    assert f"{FOLDS}/{FOLDS} folds" in out and "cell done: CDE megc2019 epir" in out
