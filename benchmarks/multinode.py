@@ -35,6 +35,7 @@ def one(workers: int, args, overrides: dict) -> tuple[float, int]:
 
     scratch = Path(tempfile.mkdtemp(prefix=f"multinode-{workers}-"))
     os.chdir(scratch)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0})
     for _ in range(workers):
         cluster.add_node(num_cpus=args.cpus, num_gpus=1)
@@ -54,6 +55,7 @@ def one(workers: int, args, overrides: dict) -> tuple[float, int]:
         ray.shutdown()
         cluster.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exports it; the next run has its own store
 
 
 def main(argv=None) -> int:

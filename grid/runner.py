@@ -128,6 +128,27 @@ def connect_ray():
     return ray
 
 
+def check_fit(resources_per_node: list[dict], bundles: list[dict]) -> None:
+    """Refuse a placement group the cluster can never hold (instead of waiting for it forever).
+
+    Args:
+        resources_per_node: total resources of each alive node (``ray.nodes()``'s ``Resources``).
+        bundles: the trial's bundles.
+
+    Raises:
+        ValueError: the bundles' sum exceeds the cluster, or one bundle fits on no node.
+    """
+    for key in ("CPU", "GPU"):
+        need = sum(b.get(key, 0) for b in bundles)
+        have = sum(n.get(key, 0) for n in resources_per_node)
+        if need > have + 1e-9:
+            raise ValueError(f"a trial reserves {need:g} {key} ({len(bundles)} bundles) but the cluster has {have:g}: "
+                             "lower --cpus-per-trial / --gpus-per-trial (search: --fold-parallel)")
+    for b in bundles:
+        if not any(all(n.get(k, 0) + 1e-9 >= v for k, v in b.items()) for n in resources_per_node):
+            raise ValueError(f"no node can hold a fold bundle {b}")
+
+
 def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) -> list[Cell]:
     """Every dataset x protocol x preset cell, in that order."""
     cells = []
@@ -283,9 +304,8 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
     gpus = cfg.gpus_per_trial if cfg.gpus_per_trial is not None else (0.25 if has_gpu else 0.0)
     log(f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; profile {profile}; "
         f"each fold asks for {cfg.cpus_per_trial:g} CPU" + (f" and {gpus:g} GPU" if gpus else ""))
-    if cfg.cpus_per_trial > resources.get("CPU", 0) or gpus > resources.get("GPU", 0):
-        raise ValueError(f"a fold asks for {cfg.cpus_per_trial:g} CPU / {gpus:g} GPU but the cluster has "
-                         f"{resources.get('CPU', 0):g} / {resources.get('GPU', 0):g}: no trial could ever start")
+    # a fold no node can hold would wait forever: refuse it now
+    check_fit([n["Resources"] for n in ray.nodes() if n["Alive"]], [{"CPU": cfg.cpus_per_trial, "GPU": gpus}])
     data = prepare_data(cfg, log)
     cells = build_cells(cfg, data, profile)
     client, exp_id = tracking.setup(cfg.experiment)

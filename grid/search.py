@@ -152,27 +152,6 @@ def search_trial(config: dict, data, spec: dict) -> None:
                  "train_seconds": sum(f["train_seconds"] for f in folds), "folds_json": json.dumps(folds)})
 
 
-def check_fit(resources_per_node: list[dict], bundles: list[dict]) -> None:
-    """Refuse a placement group the cluster can never hold (instead of waiting for it forever).
-
-    Args:
-        resources_per_node: total resources of each alive node (``ray.nodes()``'s ``Resources``).
-        bundles: the trial's bundles.
-
-    Raises:
-        ValueError: the bundles' sum exceeds the cluster, or one bundle fits on no node.
-    """
-    for key in ("CPU", "GPU"):
-        need = sum(b.get(key, 0) for b in bundles)
-        have = sum(n.get(key, 0) for n in resources_per_node)
-        if need > have + 1e-9:
-            raise ValueError(f"a search trial reserves {need:g} {key} ({len(bundles) - 1} fold bundles) but the cluster "
-                             f"has {have:g}: lower --fold-parallel or --cpus-per-trial/--gpus-per-trial")
-    for b in bundles:
-        if not any(all(n.get(k, 0) + 1e-9 >= v for k, v in b.items()) for n in resources_per_node):
-            raise ValueError(f"no node can hold a fold bundle {b}")
-
-
 @dataclass
 class SearchOutcome:
     """A search's result: the study's best configuration and, when evaluated, its test-subject scores."""
@@ -214,7 +193,7 @@ def run_search(cfg, scfg: SearchConfig, log=print) -> SearchOutcome:
     from ray.tune.search.optuna import OptunaSearch
 
     from . import tracking
-    from .runner import connect_ray, prepare_data, run_grid
+    from .runner import check_fit, connect_ray, prepare_data, run_grid
 
     if len(cfg.presets) != 1:
         raise ValueError(f"a search tunes one preset; got {cfg.presets} (use --presets epir)")

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from grid.data import ProtocolData
-from grid.search import _fold_task, check_fit, inner_fold, validation_subjects
+from grid.runner import check_fit
+from grid.search import _fold_task, inner_fold, validation_subjects
 from preprocess.demo import make_demo_dataset
 
 from .conftest import REPO
