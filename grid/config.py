@@ -26,7 +26,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from epir.model import PRESETS, EPIRConfig
+from epir.model import PRESETS, EPIRConfig, make_config
 from epir.train import TrainRecipe
 
 PROTOCOLS = ("SDE", "CDE")
@@ -135,8 +135,6 @@ class GridConfig:
         recipe = {k: v for k, v in merged.items() if k in RECIPE_FIELDS}
         recipe["epoch_selection"] = self.epoch_selection
         model["num_classes"] = num_classes
-        from epir.model import make_config
-
         cfg = make_config(preset, **model)  # validates
         return dataclasses.asdict(cfg), dataclasses.asdict(TrainRecipe(**recipe))
 

@@ -54,7 +54,7 @@ def preprocess(spec: DatasetSpec, shards: Path, progress=print) -> Path:
     Raises:
         preprocess.adapters.DatasetError: wrong root, bad annotations, or no surviving sample.
     """
-    from preprocess.adapters import ADAPTERS, DatasetError
+    from preprocess.adapters import ADAPTERS, DatasetError, dataset_name
     from preprocess.pipeline import run
 
     if not spec.root.exists():
@@ -62,8 +62,7 @@ def preprocess(spec: DatasetSpec, shards: Path, progress=print) -> Path:
     opts = dict(spec.options)
     annotations = opts.pop("annotations", None)
     adapted = ADAPTERS[spec.format](spec.root, Path(annotations) if annotations else None, **opts)
-    name = spec.name or (adapted.samples["dataset"].iloc[0] if spec.format == "manifest" and len(adapted.samples)
-                         else spec.format)
+    name = dataset_name(spec.format, adapted, spec.name)
     summary = run(adapted, name, shards, precomputed=spec.format == "megc2019", progress=progress)
     progress(summary.render())
     return summary.out_dir

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _search(args, cfg: GridConfig) -> int:
-    from grid.search import SearchConfig, SearchSpace, _space_arg, run_search
+    from grid.search import SearchConfig, SearchSpace, parse_range, run_search
     from preprocess.adapters import DatasetError
 
     if cfg.demo:
@@ -206,8 +206,8 @@ def _search(args, cfg: GridConfig) -> int:
     if args.experiment is None and not (args.config and "experiment" in load_config(args.config)):
         cfg.experiment = "epir-search"
     try:
-        space = SearchSpace(**{k: v for k, v in dict(alpha=_space_arg(args.alpha), temperature=_space_arg(args.temperature),
-                                                      merge_k=_space_arg(args.merge_k, int)).items() if v})
+        space = SearchSpace(**{k: v for k, v in dict(alpha=parse_range(args.alpha), temperature=parse_range(args.temperature),
+                                                      merge_k=parse_range(args.merge_k, int)).items() if v})
         scfg = SearchConfig(args.trials, space, args.val_fraction, args.fold_parallel, args.concurrent_trials,
                             args.study, args.optuna_storage, args.seed, not args.no_evaluate)
         out = run_search(cfg, scfg, log=lambda m: print(m, flush=True))

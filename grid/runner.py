@@ -2,7 +2,8 @@
 Ray Tune trials, recorded in MLflow by the driver.
 
 Flow of :func:`run_grid`:
-1. connect to Ray (``RAY_ADDRESS``, or the cluster this node belongs to, else a local Ray);
+1. connect to Ray (``preprocess.pipeline.init_ray``: ``RAY_ADDRESS``, or the cluster this node
+   belongs to, else a local Ray);
 2. preprocess every configured dataset with the real pipeline (finished shards are reused);
 3. build the cells, open the MLflow store, create each cell's parent run, look up finished folds;
 4. run every remaining fold as one Tune trial (one Tuner for all cells, so cells overlap); a failing
@@ -14,7 +15,6 @@ Flow of :func:`run_grid`:
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,8 @@ from epir.model import PAPER_TABLE4
 from . import tracking
 from .config import GridConfig, cell_id
 from .data import ProtocolData, available_protocols, load_protocol, preprocess
+from preprocess.pipeline import init_ray
+
 from .trainable import FOLD_KEY, fold_trial
 
 # The demo dataset's size: 6 pseudo-subjects x 3 classes x 3 samples = 54 samples, 6 LOSO folds.
@@ -79,7 +81,7 @@ class Cell:
 
     def params(self) -> dict:
         """The full configuration as MLflow params: ``model.*``, ``recipe.*``, data and protocol."""
-        return {**tracking._flat("model", self.model), **tracking._flat("recipe", self.recipe),
+        return {**tracking.flat_params("model", self.model), **tracking.flat_params("recipe", self.recipe),
                 "dataset": self.dataset, "protocol": self.protocol, "preset": self.preset, "profile": self.profile,
                 "shards_config_id": self.config_id, "classes": ",".join(self.classes),
                 "folds": str(len(self.subjects)), "subjects_total": str(self.all_subjects)}
@@ -97,35 +99,6 @@ class GridOutcome:
     wall_seconds: float = 0.0
     train_seconds: float = 0.0
     results_dir: Path | None = None
-
-
-def connect_ray():
-    """Connect to the cluster (``RAY_ADDRESS``, or a Ray already running on this node), else start a
-    local Ray. Returns the ``ray`` module.
-
-    Raises:
-        ConnectionError: no cluster at ``RAY_ADDRESS``, or one whose token authentication (Ray 2.59+)
-            refuses this client (the message says where the token goes).
-    """
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address is None and Path("/tmp/ray/ray_current_cluster").exists():
-            address = "auto"  # on a node of a running cluster (e.g. the head after `ray up`)
-        try:
-            ray.init(address=address, log_to_driver=False, logging_level="WARNING", configure_logging=True)
-        except ray.exceptions.AuthenticationError as e:
-            raise ConnectionError(
-                f"the Ray cluster at {address} uses token authentication and refused this client: put the "
-                "cluster's token in ~/.ray/auth_token (cluster.yaml copies yours to every node), or set "
-                f"RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH ({e})") from e
-        except ConnectionError:
-            if address != "auto":
-                raise
-            ray.init(log_to_driver=False, logging_level="WARNING", configure_logging=True)
-    return ray
 
 
 def check_fit(resources_per_node: list[dict], bundles: list[dict]) -> None:
@@ -201,7 +174,8 @@ class _Progress:
 
             def on_trial_error(cb, iteration, trials, trial, **info):  # noqa: N805
                 err = self.error_line(trial)
-                self.failures.append({"cell": self.label(trial), "subject": trial.config["trial"]["subject"],
+                t = trial.config["trial"]
+                self.failures.append({"cell": self.label(trial), "cell_id": t["cell_id"], "subject": t["subject"],
                                       "error": err})
                 self.log(f"  FAILED {self.label(trial)} after retries: {err}")
 
@@ -297,7 +271,7 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
         preprocess.adapters.DatasetError, ValueError: for a wrong dataset or configuration.
     """
     start = time.perf_counter()
-    ray = connect_ray()
+    ray = init_ray()
     resources = ray.cluster_resources()
     has_gpu = resources.get("GPU", 0) > 0
     profile = cfg.resolved_profile(has_gpu)
@@ -332,10 +306,11 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
         if len(done[c.cell_id]) == len(c.subjects):
             outcome.scores[c.cell_id] = pooled_scores(c, done[c.cell_id])
     missing = [(c, s) for c in cells for s in c.subjects if s not in done[c.cell_id]]
-    known = {(f["cell"], f["subject"]) for f in outcome.failures}
+    known = {(f["cell_id"], f["subject"]) for f in outcome.failures}
     for c, s in missing:  # e.g. Ctrl-C: trials that never finished
-        if (f"{c.name} | fold {s}", s) not in known:
-            outcome.failures.append({"cell": f"{c.name} | fold {s}", "subject": s, "error": "did not finish"})
+        if (c.cell_id, s) not in known:
+            outcome.failures.append({"cell": f"{c.name} | fold {s}", "cell_id": c.cell_id, "subject": s,
+                                     "error": "did not finish"})
     outcome.wall_seconds = time.perf_counter() - start
     from .report import write_tables
 

@@ -166,7 +166,8 @@ class SearchOutcome:
     test: dict | None = None
 
 
-def _space_arg(text: str | None, cast=float):
+def parse_range(text: str | None, cast=float) -> tuple | None:
+    """``"LO,HI"`` (or ``"X"``) -> ``(cast(LO), cast(HI))``; None for an empty value. Raises ValueError."""
     if not text:
         return None
     lo, _, hi = text.partition(",")
@@ -193,11 +194,13 @@ def run_search(cfg, scfg: SearchConfig, log=print) -> SearchOutcome:
     from ray.tune.search.optuna import OptunaSearch
 
     from . import tracking
-    from .runner import check_fit, connect_ray, prepare_data, run_grid
+    from preprocess.pipeline import init_ray
+
+    from .runner import check_fit, prepare_data, run_grid
 
     if len(cfg.presets) != 1:
         raise ValueError(f"a search tunes one preset; got {cfg.presets} (use --presets epir)")
-    ray = connect_ray()
+    ray = init_ray()
     res = ray.cluster_resources()
     has_gpu = res.get("GPU", 0) > 0
     profile = cfg.resolved_profile(has_gpu)
@@ -232,7 +235,7 @@ def run_search(cfg, scfg: SearchConfig, log=print) -> SearchOutcome:
     log(f"search '{study}' ({storage_url}): {d.key}, preset {preset}, profile {profile}, {len(subjects)} folds per "
         f"trial, {parallel} at once ({bundle} each); {done} trials completed earlier, {remaining} to run")
     client, exp_id = tracking.setup(cfg.experiment)
-    found = tracking._search(client, exp_id, f"tags.`{tracking.TAG_KIND}` = 'search' and tags.`epir.study` = '{study}'")
+    found = tracking.search_runs(client, exp_id, f"tags.`{tracking.TAG_KIND}` = 'search' and tags.`epir.study` = '{study}'")
     if found:
         parent = found[0].info.run_id
     else:
@@ -241,7 +244,7 @@ def run_search(cfg, scfg: SearchConfig, log=print) -> SearchOutcome:
                                       "epir.dataset": d.dataset, "epir.protocol": d.protocol, "epir.preset": preset,
                                       "epir.profile": profile, "epir.git_commit": tracking.git_commit()})
         parent = run.info.run_id
-        params = {**tracking._flat("model", model), **tracking._flat("recipe", recipe),
+        params = {**tracking.flat_params("model", model), **tracking.flat_params("recipe", recipe),
                   **{f"space.{k}": str(v) for k, v in dataclasses.asdict(scfg.space).items()},
                   "val_fraction": str(scfg.val_fraction), "folds": str(len(subjects)), "seed": str(scfg.seed)}
         client.log_batch(parent, params=[Param(k, v) for k, v in params.items()])

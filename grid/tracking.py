@@ -50,7 +50,8 @@ def setup(experiment: str):
     return client, exp.experiment_id
 
 
-def _search(client, exp_id: str, query: str) -> list:
+def search_runs(client, exp_id: str, query: str) -> list:
+    """Every run of an experiment matching an MLflow filter ``query``, all pages."""
     runs, token = [], None
     while True:
         page = client.search_runs([exp_id], query, max_results=1000, page_token=token)
@@ -72,16 +73,17 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _flat(prefix: str, d: dict) -> dict:
+def flat_params(prefix: str, d: dict) -> dict:
+    """``{k: v}`` -> ``{"prefix.k": str(v)}``, the form MLflow params take."""
     return {f"{prefix}.{k}": ("None" if v is None else str(v)) for k, v in d.items()}
 
 
 def parent_run(client, exp_id: str, cell) -> str:
     """The cell's parent run id, created (RUNNING, with the cell's parameters) on first use."""
-    found = _search(client, exp_id, f"tags.`{TAG_KIND}` = 'cell' and tags.`{TAG_CELL}` = '{cell.cell_id}'")
+    found = search_runs(client, exp_id, f"tags.`{TAG_KIND}` = 'cell' and tags.`{TAG_CELL}` = '{cell.cell_id}'")
     if found:
         return found[0].info.run_id
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
 
     tags = {TAG_KIND: "cell", TAG_CELL: cell.cell_id, "mlflow.runName": cell.name, **cell.tags()}
     run = client.create_run(exp_id, tags=tags, run_name=cell.name)
@@ -92,7 +94,7 @@ def parent_run(client, exp_id: str, cell) -> str:
 
 def finished_folds(client, exp_id: str, cell_id: str) -> dict[str, dict]:
     """Finished child runs of a cell: ``{subject: fold payload}`` read back from their artifacts."""
-    runs = _search(client, exp_id, f"tags.`{TAG_KIND}` = 'fold' and tags.`{TAG_CELL}` = '{cell_id}' "
+    runs = search_runs(client, exp_id, f"tags.`{TAG_KIND}` = 'fold' and tags.`{TAG_CELL}` = '{cell_id}' "
                                    "and attributes.status = 'FINISHED'")
     out = {}
     for r in runs:
@@ -187,6 +189,6 @@ def log_cell(client, parent_id: str, cell, scores: dict, stats: dict) -> None:
 
 def finished_cells(client, exp_id: str) -> list:
     """The experiment's finished parent runs (complete cells), newest first."""
-    runs = _search(client, exp_id, f"tags.`{TAG_KIND}` = 'cell' and attributes.status = 'FINISHED'")
+    runs = search_runs(client, exp_id, f"tags.`{TAG_KIND}` = 'cell' and attributes.status = 'FINISHED'")
     return sorted(runs, key=lambda r: r.info.end_time or 0, reverse=True)
 

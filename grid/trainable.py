@@ -59,7 +59,7 @@ def fold_trial(config: dict, data: dict) -> None:
     recipe = TrainRecipe(**t["recipe"])
     started = time.time()
     r = train_fold(d.flows, d.labels, d.subjects, t["subject"], EPIRConfig(**t["model"]), recipe,
-                   on_epoch_end=lambda rec: tune.report({k: v for k, v in rec.items()}))
+                   on_epoch_end=lambda rec: tune.report(dict(rec)))
     fold = {
         "subject": r.test_subject, "sample_ids": d.sample_ids[r.test_index].tolist(),
         "groups": d.groups[r.test_index].tolist(), "y_true": r.y_true.tolist(), "y_pred": r.y_pred.tolist(),

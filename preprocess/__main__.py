@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .adapters import ADAPTERS, DatasetError
+from .adapters import ADAPTERS, DatasetError, dataset_name
 
 EPILOG = """\
 datasets and the --root each expects:
@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                           classes=[c.strip() for c in args.classes.split(",")] if args.classes else None)
         print(f"reading {args.dataset} annotations from {args.root} ...", flush=True)
         adapted = ADAPTERS[args.dataset](args.root, args.annotations, **kwargs)
-        name = args.name or (adapted.samples["dataset"].iloc[0] if args.dataset == "manifest" and len(adapted.samples)
-                             else args.dataset)
+        name = dataset_name(args.dataset, adapted, args.name)
         print(f"{len(adapted.samples)} samples to process, {len(adapted.rejects)} rejected from the annotations", flush=True)
         summary = run(adapted, name, args.out, cfg, workers=args.workers, shard_size=args.shard_size,
                       precomputed=args.dataset == "megc2019", force=args.force,

@@ -379,6 +379,16 @@ def megc2019(root: Path, annotations: Path | None = None) -> AdapterResult:
     return AdapterResult(samples, rejects, {"sde": [], "cde": list(CDE_CLASSES)})
 
 
+def dataset_name(fmt: str, adapted: AdapterResult, name: str | None = None) -> str:
+    """The output folder name of an adapted dataset: ``name`` when given, else a manifest's file stem
+    (its samples' ``dataset``), else the format (``casme2``, ``megc2019``, ...)."""
+    if name:
+        return name
+    if fmt == "manifest" and len(adapted.samples):
+        return str(adapted.samples["dataset"].iloc[0])
+    return fmt
+
+
 # --- a lab's own data: manifest CSV ------------------------------------------------------------
 
 MANIFEST_COLUMNS = ["subject", "sample_id", "onset_path", "apex_path", "label"]

@@ -258,10 +258,16 @@ def _group_hash(df: pd.DataFrame) -> str:
 
 
 def init_ray():
-    """Connect to ``RAY_ADDRESS`` when set, else start a local Ray; quiet Ray Data's console logs.
+    """Connect to ``RAY_ADDRESS``, or to the cluster of the node this runs on (``ray start`` writes
+    ``/tmp/ray/ray_current_cluster``, e.g. on the head after ``ray up``), else start a local Ray; quiet
+    Ray Data's console logs. Used by preprocessing and by the grid.
 
     Returns:
         the ``ray`` module, initialised.
+
+    Raises:
+        ConnectionError: no cluster at ``RAY_ADDRESS``, or one whose token authentication (Ray 2.59+)
+            refuses this client (the message says where the token goes).
     """
     import logging
 
@@ -278,11 +284,24 @@ def init_ray():
         if h.get_name() == "console":
             h.setLevel(logging.WARNING)
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False,
-                 configure_logging=True, logging_level="WARNING")
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS")
+    if address is None and Path("/tmp/ray/ray_current_cluster").exists():
+        address = "auto"
+    kwargs = dict(log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    try:
+        ray.init(address=address, **kwargs)
+    except ray.exceptions.AuthenticationError as e:
+        raise ConnectionError(
+            f"the Ray cluster at {address} uses token authentication and refused this client: put the "
+            "cluster's token in ~/.ray/auth_token (cluster.yaml copies yours to every node), or set "
+            f"RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH ({e})") from e
+    except ConnectionError:
+        if address != "auto":  # a stale address file: no cluster is running on this node after all
+            raise
+        ray.init(**kwargs)
     return ray
-
 
 def build_dataset(samples: pd.DataFrame, cfg: PreprocessConfig, workers: int, precomputed: bool,
                   gpu_per_actor: float | None = None, batch_size: int = 8, face_cls=None, flow_fn=None):

@@ -20,3 +20,15 @@ def composite_root() -> Path:
         pytest.skip(f"real MEGC2019 composite absent: {COMPOSITE}/combined_3class_gt.csv not found "
                     "(set EPIR_SHARED_DATA to the folder holding megc2019_composite/)")
     return COMPOSITE
+
+
+def run_grid_cli(args, cwd, env=None, timeout=900):
+    """Run ``python grid/run_all.py ARGS`` in ``cwd`` with the embedded MLflow store and, unless ``env``
+    says otherwise, a fresh local Ray (never a cluster left running). Returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    full = {**os.environ, "RAY_ADDRESS": "local", **(env or {})}
+    full.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, str(REPO / "grid" / "run_all.py"), *args], cwd=cwd, env=full,
+                          capture_output=True, text=True, timeout=timeout)

@@ -4,10 +4,6 @@ built-in demo, and the configuration parsing."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 from pathlib import Path
 
 import pandas as pd
@@ -16,18 +12,14 @@ import pytest
 from grid.config import DatasetSpec, GridConfig, load_config
 from grid.run_all import build_parser, make_config, parse_dataset
 
-from .conftest import REPO
+from .conftest import run_grid_cli
 
 TINY = ["--set", "epochs=2", "--set", "dim=12", "--set", "dim_head=4", "--set", "depth=4",
         "--set", "integration_blocks=2", "--set", "batch_size=128"]
 
 
-def _run(args, cwd, timeout=900):
-    env = {**os.environ, "RAY_ADDRESS": "local"}  # a fresh local Ray, never a cluster left running
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, str(REPO / "grid" / "run_all.py"), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
+def _run(args, cwd):
+    return run_grid_cli(args, cwd)
 
 def _runs(cwd, experiment):
     from mlflow.tracking import MlflowClient

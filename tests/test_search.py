@@ -5,9 +5,6 @@ grid run, every trial an MLflow run)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +14,7 @@ from grid.runner import check_fit
 from grid.search import _fold_task, inner_fold, validation_subjects
 from preprocess.demo import make_demo_dataset
 
-from .conftest import REPO
+from .conftest import run_grid_cli
 
 TINY_MODEL = dict(img_size=28, in_chans=3, patch_size=7, num_classes=3, dim=8, depth=3, heads=3, dim_head=3,
                   mlp_ratio=2.0, tokenizer="dnspt", itals=True, temperature=2.0, dtsm=True, integration_blocks=1,
@@ -71,24 +68,17 @@ def test_trial_resources_must_fit_the_cluster():
         check_fit(nodes, [{}, {"CPU": 3}])
 
 
-def _cli(args, cwd):
-    env = {**os.environ, "RAY_ADDRESS": "local"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, str(REPO / "grid" / "run_all.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
 def test_search_on_a_manifest_dataset(tmp_path):
     manifest = make_demo_dataset(tmp_path / "lab", subjects=4, samples_per_class=2, seed=1)
     base = ["search", "--dataset", f"manifest={manifest}:SDE", "--profile", "demo", "--set", "epochs=2",
             "--set", "dim=12", "--set", "dim_head=4", "--set", "depth=4", "--set", "integration_blocks=1",
             "--val-fraction", "0.34", "--experiment", "lab-search"]
-    first = _cli([*base, "--trials", "2", "--no-evaluate"], tmp_path)
+    first = run_grid_cli([*base, "--trials", "2", "--no-evaluate"], tmp_path)
     out = first.stdout + first.stderr
     assert first.returncode == 0, out[-4000:]
     assert "0 trials completed earlier, 2 to run" in out and "[trial 2/2]" in out, out[-3000:]
     # extend the stored study by one trial, then evaluate the chosen configuration on the test subjects
-    second = _cli([*base, "--trials", "3"], tmp_path)
+    second = run_grid_cli([*base, "--trials", "3"], tmp_path)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-4000:]
     assert "2 trials completed earlier, 1 to run" in out, out[-3000:]
@@ -109,7 +99,7 @@ def test_search_on_a_manifest_dataset(tmp_path):
         assert {"alpha", "temperature", "merge_k"} <= set(r.data.params) and "val_uf1" in r.data.metrics
     assert "test_uf1" in parent[0].data.metrics and "best_val_uf1" in parent[0].data.metrics
     # the chosen configuration, fed to a grid run, is the cell the search evaluated: nothing to train
-    grid = _cli(["--dataset", f"manifest={manifest}:SDE", "--presets", "epir", "--profile", "demo", "--set", "epochs=2",
+    grid = run_grid_cli(["--dataset", f"manifest={manifest}:SDE", "--presets", "epir", "--profile", "demo", "--set", "epochs=2",
                  "--set", "dim=12", "--set", "dim_head=4", "--set", "depth=4", "--set", "integration_blocks=1",
                  "--overrides", str(tmp_path / "results" / "lab-search" / "demo_manifest-SDE-epir-demo.best.json"),
                  "--experiment", "lab-search"], tmp_path)
