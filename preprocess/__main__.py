@@ -20,7 +20,8 @@ datasets and the --root each expects:
 
 Output: OUT/<dataset>/<config id>/shard-*/ (Parquet), rejects.csv (every rejected sample and its
 reason) and manifest.json (configuration, package versions, counts), written last. A re-run with the
-same configuration reuses finished shards. Connects to RAY_ADDRESS when set, else starts a local Ray.
+same configuration reuses finished shards. Connects to RAY_ADDRESS, or the cluster of this node, else
+starts a local Ray.
 """
 
 
