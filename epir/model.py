@@ -211,7 +211,32 @@ class EPIR(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        # Per-channel input standardisation, (x - mean) / std; identity unless set_input_stats is called.
+        self.register_buffer("input_mean", torch.zeros(1, cfg.in_chans, 1, 1))
+        self.register_buffer("input_std", torch.ones(1, cfg.in_chans, 1, 1))
         self._init_weights()
+
+    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise every input channel as ``(x - mean) / std`` before tokenization.
+
+        The statistics belong to the training samples only (``fit`` computes them on the fold's training
+        flows), like torchvision's ``Normalize`` with dataset statistics. They are buffers, so they move
+        with the model and are saved in its ``state_dict``.
+
+        Args:
+            mean, std: (C,) per-channel mean and standard deviation of the training flows.
+
+        Raises:
+            ValueError: for a shape other than (C,) or a non-positive std.
+        """
+        c = self.config.in_chans
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if mean.shape != (c,) or std.shape != (c,):
+            raise ValueError(f"mean and std must have shape ({c},), got {tuple(mean.shape)} and {tuple(std.shape)}")
+        if not bool((std > 0).all()):
+            raise ValueError(f"std must be positive, got {std.tolist()}")
+        self.input_mean.copy_(mean.view(1, c, 1, 1))
+        self.input_std.copy_(std.view(1, c, 1, 1))
 
     def _init_weights(self):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -229,6 +254,7 @@ class EPIR(nn.Module):
             raise ValueError(
                 f"expected input (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got {tuple(x.shape)}"
             )
+        x = (x - self.input_mean) / self.input_std  # (B, C, H, W); identity unless standardised
         t = self.tokenizer(x)  # (B, N, D)
         t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1) + self.pos_embed  # (B, N+1, D), eq. (4)
         attns: list[torch.Tensor] = []  # attention maps since the token count last changed

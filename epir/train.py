@@ -26,6 +26,7 @@ from .losses import epir_loss
 from .model import EPIR, EPIRConfig
 
 EPOCH_SELECTIONS = ("last", "best_test_epoch")
+SCHEDULES = ("constant", "cosine")
 FLOW_RANGES = ("unit", "signed")
 
 
@@ -47,6 +48,10 @@ class TrainRecipe:
         flow_range: how u is stored: ``unit`` (min-max scaled to 0..1 per sample, as the MEGC2019
             flow images and ``preprocess --normalize minmax``: mirrored u = 1 - u) or ``signed``
             (pixels: mirrored u = -u).
+        schedule: learning rate over the run: ``constant`` (the paper) or ``cosine`` (decays from
+            ``lr`` to 0 over all steps, ``torch.optim.lr_scheduler.CosineAnnealingLR`` stepped per batch).
+        standardize: standardise each input channel with the mean and std of the fold's training flows
+            (:meth:`epir.model.EPIR.set_input_stats`; the paper does not). Mirroring happens before it.
     """
 
     epochs: int = 300
@@ -58,10 +63,14 @@ class TrainRecipe:
     epoch_selection: str = "last"
     hflip: bool = False
     flow_range: str = "unit"
+    standardize: bool = False
+    schedule: str = "constant"
 
     def __post_init__(self):
         if self.flow_range not in FLOW_RANGES:
             raise ValueError(f"flow_range must be one of {FLOW_RANGES}, got {self.flow_range!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.epoch_selection not in EPOCH_SELECTIONS:
             raise ValueError(f"epoch_selection must be one of {EPOCH_SELECTIONS}, got {self.epoch_selection!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -78,7 +87,8 @@ class FoldResult:
         y_true, y_pred: (n,) integer labels and predictions of the test subject.
         probs: (n, C) softmax probabilities.
         curve: one dict per epoch: ``epoch`` (1-based), ``loss`` (mean training loss),
-            ``train_acc`` (accuracy of the training forward passes), and ``test_acc`` only in
+            ``train_acc`` (accuracy of the training forward passes), ``lr`` (learning rate after the
+            epoch's last step), and ``test_acc`` only in
             ``best_test_epoch`` mode.
         selected_epoch: the epoch whose model made the predictions.
         epoch_selection: the mode used; ``peeks_at_test`` is True for ``best_test_epoch``.
@@ -178,8 +188,12 @@ def fit(
     torch.manual_seed(recipe.seed)
     model = EPIR(config).to(device)
     x = to_tensor(x_train).to(device)
+    if recipe.standardize:  # training statistics only; the test subject is never seen here
+        model.set_input_stats(x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-6))
     yt = torch.from_numpy(y).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps = recipe.epochs * -(-len(x) // recipe.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if recipe.schedule == "cosine" else None
     gen = torch.Generator().manual_seed(recipe.seed)
     curve: list[dict] = []
     for epoch in range(1, recipe.epochs + 1):
@@ -197,9 +211,12 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(-1) == yt[idx]).sum())
-        record = {"epoch": epoch, "loss": loss_sum / len(x), "train_acc": correct / len(x)}
+        record = {"epoch": epoch, "loss": loss_sum / len(x), "train_acc": correct / len(x),
+                  "lr": opt.param_groups[0]["lr"]}
         if eval_each_epoch is not None:
             record.update(eval_each_epoch(model, epoch))
         curve.append(record)

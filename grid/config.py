@@ -38,7 +38,8 @@ FORMATS = ("casme2", "samm", "smic", "casme3", "megc2019", "manifest")
 # benchmarks/loso_profile.py; see the README). ``demo`` is the built-in demo's minutes-long grid.
 PROFILES: dict[str, dict] = {
     "paper": {},
-    "cpu": dict(dim=64, dim_head=21, epochs=40, lr=1e-3, hflip=True),
+    "cpu": dict(dim=64, dim_head=21, epochs=40, batch_size=64, lr=5e-4, schedule="cosine", hflip=True,
+                standardize=True),
     "demo": dict(dim=32, dim_head=11, depth=5, integration_blocks=2, epochs=30, lr=2e-3, batch_size=32),
 }
 MODEL_FIELDS = {f.name for f in dataclasses.fields(EPIRConfig)}

@@ -58,6 +58,7 @@ def collect(client, exp_id: str) -> pd.DataFrame:
                    params_M=m.get("params_M"), macs_M=m.get("macs_M"),
                    dim=p.get("model.dim"), depth=p.get("model.depth"), epochs=p.get("recipe.epochs"),
                    lr=p.get("recipe.lr"), batch_size=p.get("recipe.batch_size"), hflip=p.get("recipe.hflip"),
+                   schedule=p.get("recipe.schedule", "constant"), standardize=p.get("recipe.standardize", "False"),
                    commit=t.get("epir.git_commit", "unknown"), run_id=r.info.run_id, cell_id=t[tracking.TAG_CELL],
                    end_time=pd.Timestamp(r.info.end_time, unit="ms"))
         for g, _ in CDE_GROUPS[1:]:
@@ -101,7 +102,8 @@ def _notes(df: pd.DataFrame) -> str:
     prov = pd.DataFrame({
         "row": [_label(r) for _, r in df.iterrows()], "dataset": df["dataset"], "protocol": df["protocol"],
         "width": df["dim"], "blocks": df["depth"], "epochs": df["epochs"], "lr": df["lr"], "batch": df["batch_size"],
-        "mirroring": df["hflip"], "epoch selection": df["epoch_selection"], "folds": df["folds"],
+        "lr schedule": df["schedule"], "mirroring": df["hflip"], "standardised": df["standardize"],
+        "epoch selection": df["epoch_selection"], "folds": df["folds"],
         "wall (min)": df["wall_minutes"].round(1).astype(str), "training (min)": df["train_minutes"].round(1).astype(str),
         "commit": df["commit"].str[:12], "MLflow run": df["run_id"]})
     return "\n".join(f"- {ln}" for ln in lines) + "\n\n### Runs behind these rows\n\n" + _md(prov)

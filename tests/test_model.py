@@ -57,6 +57,25 @@ def test_forward_outputs_and_input_checks():
         model(torch.randn(4, 28, 28, 3))
 
 
+def test_input_standardisation_is_a_saved_per_channel_affine_map():
+    torch.manual_seed(0)
+    model = EPIR(make_config("baseline", dim=16, dim_head=8, depth=3)).eval()
+    x = torch.rand(4, 3, 28, 28)
+    mean, std = torch.tensor([0.5, 0.4, 0.1]), torch.tensor([0.2, 0.25, 0.1])
+    plain = model(((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)))
+    assert not torch.allclose(model(x), plain)
+    model.set_input_stats(mean, std)
+    assert torch.allclose(model(x), plain, atol=1e-6)
+    restored = EPIR(make_config("baseline", dim=16, dim_head=8, depth=3)).eval()
+    restored.load_state_dict(model.state_dict())  # the statistics travel with the weights
+    assert torch.allclose(restored(x), plain, atol=1e-6)
+    assert sum(p.numel() for p in model.parameters()) == measure(model).params  # buffers are not parameters
+    with pytest.raises(ValueError, match="shape"):
+        model.set_input_stats(torch.zeros(2), torch.ones(2))
+    with pytest.raises(ValueError, match="positive"):
+        model.set_input_stats(torch.zeros(3), torch.tensor([1.0, 0.0, 1.0]))
+
+
 def test_every_preset_gets_gradients_everywhere():
     for preset in PRESETS:
         model = EPIR(make_config(preset, dim=24, dim_head=8, depth=9, integration_blocks=4))

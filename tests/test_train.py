@@ -60,6 +60,35 @@ def test_bad_input_is_refused_clearly():
         TrainRecipe(epoch_selection="best")
 
 
+def test_standardisation_uses_the_training_subjects_only():
+    flows, labels, subjects = _toy()
+    recipe = TrainRecipe(epochs=1, batch_size=8, lr=1e-3, device="cpu", standardize=True)
+    train = subjects != "s2"
+    model, _ = fit(make_config("epir", **TINY), recipe, flows[train], labels[train])
+    x = to_tensor(flows[train])
+    assert torch.allclose(model.input_mean.flatten(), x.mean(dim=(0, 2, 3)))
+    assert torch.allclose(model.input_std.flatten(), x.std(dim=(0, 2, 3)))
+    shifted = flows.copy()
+    shifted[~train] += 100.0  # the test subject's flows cannot move the statistics or the predictions
+    a = train_fold(flows, labels, subjects, "s2", make_config("epir", **TINY), recipe)
+    b = train_fold(shifted, labels, subjects, "s2", make_config("epir", **TINY), recipe)
+    assert a.curve == b.curve
+    plain, _ = fit(make_config("epir", **TINY), TrainRecipe(epochs=1, batch_size=8, device="cpu"), flows, labels)
+    assert torch.equal(plain.input_mean, torch.zeros(1, 3, 1, 1)) and torch.equal(plain.input_std, torch.ones(1, 3, 1, 1))
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero():
+    flows, labels, _ = _toy()
+    kw = dict(epochs=4, batch_size=8, lr=1e-3, device="cpu")
+    _, const = fit(make_config("baseline", **TINY), TrainRecipe(**kw), flows, labels)
+    _, cos = fit(make_config("baseline", **TINY), TrainRecipe(schedule="cosine", **kw), flows, labels)
+    assert [c["lr"] for c in const] == [1e-3] * 4
+    lrs = [c["lr"] for c in cos]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[0] < 1e-3 and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="schedule"):
+        TrainRecipe(schedule="step")
+
+
 def test_epir_learns_real_composite_flows(composite_root):
     """The paper-configuration epir preset fits a batch of REAL MEGC2019 flows to ~100 % accuracy."""
     from preprocess.megc2019 import load_composite
