@@ -5,7 +5,14 @@ every subject with ``--folds 0``) with honest epoch selection (``last``), and pr
 time, the pooled UF1 / UAR over those folds, and the projected time of all 68 folds. Use it to size
 a CPU profile before a full grid run; a subset of folds is NOT the composite's score.
 
-    uv run python benchmarks/loso_profile.py --preset epir --dim 64 --epochs 40 --lr 1e-3 --folds 4
+    uv run python benchmarks/loso_profile.py --preset epir --dim 64 --dim-head 21 --epochs 40 --batch-size 64 \
+        --lr 5e-4 --schedule cosine --hflip --standardize --folds 6
+
+It also prints the score with test-time mirroring (the average of the softmax of a test flow and of its
+mirror image), for comparison only; the grid does not use it.
+
+The folds it scores are LOSO test folds: a profile chosen by looking at them has seen those subjects'
+labels, which is worth saying wherever its full-grid scores appear.
 """
 
 from __future__ import annotations

@@ -189,7 +189,8 @@ class EPIR(nn.Module):
 
     Shapes: ``forward(x)`` takes flows (B, C, H, W), channels [u, v, strain], and returns logits
     (B, num_classes); with ``return_features=True`` it also returns the final class tokens (B, D)
-    that the contrastive loss uses.
+    that the contrastive loss uses. Inputs first pass ``(x - input_mean) / input_std``, two (1, C, 1, 1)
+    buffers that are the identity until :meth:`set_input_stats` sets them (``TrainRecipe.standardize``).
 
     Raises:
         ValueError: in forward, for an input of the wrong channel count or size.
