@@ -14,7 +14,6 @@ scratch folder (its own MLflow store and Ray Tune results) and prints
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from grid.config import DatasetSpec, GridConfig  # noqa: E402
+from grid.config import DatasetSpec, GridConfig, parse_overrides  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc2019_composite"
 
@@ -53,7 +52,7 @@ def main(argv=None) -> int:
     if not (args.data / "combined_3class_gt.csv").is_file():
         print(f"real MEGC2019 composite absent: {args.data}", file=sys.stderr)
         return 2
-    overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
+    overrides = parse_overrides(args.set)
     scratch = Path(tempfile.mkdtemp(prefix="grid-bench-"))
     os.chdir(scratch)
     os.environ.pop("MLFLOW_TRACKING_URI", None)

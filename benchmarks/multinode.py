@@ -12,7 +12,6 @@ machine the "nodes" share its cores, so the ideal ratio is 2 only with at least 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from grid.config import DatasetSpec, GridConfig  # noqa: E402
+from grid.config import DatasetSpec, GridConfig, parse_overrides  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc2019_composite"
 
@@ -68,7 +67,7 @@ def main(argv=None) -> int:
     if not (args.data / "combined_3class_gt.csv").is_file():
         print(f"real MEGC2019 composite absent: {args.data}", file=sys.stderr)
         return 2
-    overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
+    overrides = parse_overrides(args.set)
     rate1, n1 = one(1, args, overrides)
     rate2, n2 = one(2, args, overrides)
     print(f"\n{args.folds} folds of epir (cpu profile {overrides or ''}), {args.cpus} CPU per worker node and per fold, "

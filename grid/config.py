@@ -140,6 +140,25 @@ class GridConfig:
         return dataclasses.asdict(cfg), dataclasses.asdict(TrainRecipe(**recipe))
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items -> ``{KEY: VALUE}``; VALUE is read as JSON (``5``, ``1e-3``, ``true``),
+    else kept as text (``schedule=cosine``).
+
+    Raises:
+        ValueError: for an item without ``=``.
+    """
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[k.strip()] = json.loads(v.strip())
+        except json.JSONDecodeError:
+            out[k.strip()] = v.strip()
+    return out
+
+
 def load_config(path: Path | None) -> dict:
     """Read a grid TOML file into GridConfig keyword arguments.
 

@@ -24,7 +24,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 from epir.model import PRESETS  # noqa: E402
-from grid.config import FORMATS, PROFILES, DatasetSpec, GridConfig, load_config  # noqa: E402
+from grid.config import FORMATS, PROFILES, DatasetSpec, GridConfig, load_config, parse_overrides  # noqa: E402
 
 EPILOG = f"""\
 datasets (--dataset FORMAT=ROOT[:PROTOCOLS], repeatable; or [[datasets]] in --config):
@@ -94,13 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def parse_dataset(text: str) -> DatasetSpec:
     """``FORMAT=ROOT[:PROTOCOLS]`` -> :class:`DatasetSpec` (PROTOCOLS like ``SDE+CDE``).
 
@@ -128,11 +121,7 @@ def make_config(args) -> GridConfig:
     if args.overrides:
         loaded = json.loads(Path(args.overrides).read_text())
         overrides.update(loaded.get("overrides", loaded))
-    for item in args.set:
-        k, sep, v = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[k.strip()] = _value(v.strip())
+    overrides.update(parse_overrides(args.set))
     kw["overrides"] = overrides
     for flag, key in [("profile", "profile"), ("experiment", "experiment"), ("folds", "folds"),
                       ("epoch_selection", "epoch_selection"), ("cpus_per_trial", "cpus_per_trial"),

@@ -117,6 +117,12 @@ def test_configuration_parsing(tmp_path):
     assert recipe["epochs"] == 3 and model["num_classes"] == 2 and model["dim"] == 64
     cfg = make_config(build_parser().parse_args(["--config", str(toml), "--set", "epochs=5", "--set", "hflip=false"]))
     assert cfg.overrides == {"epochs": 5, "hflip": False} and not cfg.demo
+    from grid.config import parse_overrides  # the benchmarks read --set the same way
+
+    assert parse_overrides(["schedule=cosine", "lr=5e-4", "standardize=true"]) == {
+        "schedule": "cosine", "lr": 5e-4, "standardize": True}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["epochs"])
     demo = make_config(build_parser().parse_args([]))
     assert demo.demo and demo.profile == "demo" and demo.experiment == "epir-grid-demo"
     toml.write_text("experimnt = 'typo'\n")

@@ -69,7 +69,9 @@ def test_input_standardisation_is_a_saved_per_channel_affine_map():
     restored = EPIR(make_config("baseline", dim=16, dim_head=8, depth=3)).eval()
     restored.load_state_dict(model.state_dict())  # the statistics travel with the weights
     assert torch.allclose(restored(x), plain, atol=1e-6)
-    assert sum(p.numel() for p in model.parameters()) == measure(model).params  # buffers are not parameters
+    names = dict(model.named_parameters())
+    assert "input_mean" not in names and "input_std" not in names  # buffers: the parameter count is unchanged
+    assert {"input_mean", "input_std"} <= set(dict(model.named_buffers()))
     with pytest.raises(ValueError, match="shape"):
         model.set_input_stats(torch.zeros(2), torch.ones(2))
     with pytest.raises(ValueError, match="positive"):
