@@ -7,7 +7,8 @@ Flow of :func:`run_grid`:
 2. preprocess every configured dataset with the real pipeline (finished shards are reused);
 3. build the cells, open the MLflow store, create each cell's parent run, look up finished folds;
 4. run every remaining fold as one Tune trial (one Tuner for all cells, so cells overlap); a failing
-   trial is retried ``max_failures`` times, then reported; the rest of the grid goes on;
+   trial is retried ``max_failures`` times (:func:`run_passes` makes sure of it where Tune stops early),
+   then reported; the rest of the grid goes on;
 5. as each fold ends, log it as a child run; when a cell's last fold is in, log the pooled scores;
 6. write the results tables and print a summary.
 """
@@ -173,16 +174,15 @@ class _Progress:
                 self.log(f"  retry  {self.label(trial)}: {self.error_line(trial)}")
 
             def on_trial_error(cb, iteration, trials, trial, **info):  # noqa: N805
-                err = self.error_line(trial)
                 t = trial.config["trial"]
-                self.failures.append({"cell": self.label(trial), "cell_id": t["cell_id"], "subject": t["subject"],
-                                      "error": err})
-                self.log(f"  FAILED {self.label(trial)} after retries: {err}")
+                n, err = max(1, trial.num_failures), self.error_line(trial)
+                self.errored[(t["cell_id"], t["subject"])] = (n, err)
+                self.log(f"  ended  {self.label(trial)} after {n} attempt(s) in this pass: {err}")
 
         self.callback = CB()
         self.client, self.exp_id, self.cells, self.parents, self.done = client, exp_id, cells, parents, done
         self.total, self.finished_now, self.log = total_pending, 0, log
-        self.failures: list[dict] = []
+        self.errored: dict[tuple[str, str], tuple[int, str]] = {}  # this pass's: (cell_id, subject) -> (attempts, error)
         self.train_seconds = 0.0
         self.start = time.perf_counter()
 
@@ -298,9 +298,17 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
     for c in cells:
         if len(done[c.cell_id]) == len(c.subjects) and client.get_run(parents[c.cell_id]).info.status != "FINISHED":
             finish_cell(client, parents[c.cell_id], c, done[c.cell_id], log)
+    failures = []
     if pending:
-        _tune(cfg, pending, data, gpus, progress)
-    outcome = GridOutcome(cells, trained=progress.finished_now, reused=reused, failures=progress.failures,
+        def one_pass(folds: list[dict], max_failures: int):
+            progress.errored = {}
+            interrupted = _tune(cfg, folds, data, gpus, progress, max_failures)
+            return progress.errored, interrupted
+
+        failed = run_passes(pending, one_pass, cfg.max_failures, log)
+        failures = [{"cell": f"{by_id[c].name} | fold {s}", "cell_id": c, "subject": s, "error": err}
+                    for (c, s), (_, err) in failed.items()]
+    outcome = GridOutcome(cells, trained=progress.finished_now, reused=reused, failures=failures,
                           train_seconds=progress.train_seconds)
     for c in cells:
         if len(done[c.cell_id]) == len(c.subjects):
@@ -318,7 +326,52 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
     return outcome
 
 
-def _tune(cfg: GridConfig, pending: list[dict], data: dict, gpus: float, progress: _Progress) -> None:
+def run_passes(pending: list[dict], one_pass, max_failures: int, log=print) -> dict[tuple[str, str], tuple[int, str]]:
+    """Give every fold its ``max_failures + 1`` attempts, over as many Tune passes as that takes.
+
+    Ray Tune retries a failing trial ``FailureConfig.max_failures`` times, but not when the failure
+    hits while the trial is still PENDING: with ``reuse_actors`` a new trial that is handed a cached
+    actor on a node that has just died fails in ``reset`` and Tune ends it at once (Ray 2.60,
+    ``TuneController._process_trial_failure`` only recovers RUNNING trials). Such folds, and any other
+    that Tune ended before its budget was spent, run again in a further pass of one attempt each.
+
+    Args:
+        pending: the fold specs (dicts with ``cell_id`` and ``subject``) to run.
+        one_pass: ``one_pass(folds, max_failures) -> (errored, interrupted)``; ``errored`` maps
+            ``(cell_id, subject)`` to ``(attempts used, last error line)`` for the folds that ended in
+            error in that pass; ``interrupted`` is True when the pass was stopped (Ctrl-C).
+        max_failures: retries each fold is allowed (attempts = ``max_failures + 1``).
+        log: receives one-line messages.
+
+    Returns:
+        ``(cell_id, subject) -> (attempts used, last error)`` for every fold that ended in error and was
+        not finished by a later pass (an interrupted run leaves its unfinished folds to the caller).
+    """
+    used: dict[tuple[str, str], int] = {}
+    failed: dict[tuple[str, str], tuple[int, str]] = {}
+    todo, budget = pending, max_failures
+    while todo:
+        errored, interrupted = one_pass(todo, budget)
+        for f in todo:
+            key = (f["cell_id"], f["subject"])
+            if key in errored:
+                used[key] = used.get(key, 0) + errored[key][0]
+                failed[key] = (used[key], errored[key][1])
+            else:
+                failed.pop(key, None)
+        if interrupted:
+            break
+        todo = [f for f in todo if (f["cell_id"], f["subject"]) in errored and used[(f["cell_id"], f["subject"])] <= max_failures]
+        if todo:
+            log(f"{len(todo)} fold(s) ended by Ray Tune before their {max_failures + 1} attempts were used "
+                f"(e.g. a reused actor on a node that died): running them again")
+        budget = 0  # one attempt per fold per further pass, so no fold gets more than max_failures + 1
+    return failed
+
+
+def _tune(cfg: GridConfig, pending: list[dict], data: dict, gpus: float, progress: _Progress,
+          max_failures: int) -> bool:
+    """One Tuner over the pending folds; returns True when the run was interrupted (Ctrl-C)."""
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(fold_trial, data=data),
@@ -336,12 +389,14 @@ def _tune(cfg: GridConfig, pending: list[dict], data: dict, gpus: float, progres
         run_config=tune.RunConfig(
             name=f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(storage),
-            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            failure_config=tune.FailureConfig(max_failures=max_failures),
             callbacks=[progress.callback],
             verbose=0,
         ),
     )
-    tuner.fit()
+    results = tuner.fit()
+    # trials neither TERMINATED nor ERROR were stopped before their end (Ctrl-C)
+    return results.num_terminated + results.num_errors < len(results)
 
 
 def summary_table(outcome: GridOutcome) -> str:

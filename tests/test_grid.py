@@ -142,3 +142,36 @@ def test_table_rows_say_when_a_score_peeks_at_the_test_subject():
     assert _label({**row, "peeks_at_test": False}) == "epir (ours, paper)"
     cfg = GridConfig(datasets=[DatasetSpec("megc2019", Path("x"))], epoch_selection="best_test_epoch")
     assert cfg.settings("epir", "cpu", 3)[1]["epoch_selection"] == "best_test_epoch"
+
+
+def test_folds_tune_ended_early_get_their_remaining_attempts():
+    """Ray Tune ends a trial without retrying it when the failure hits while the trial is PENDING (a cached
+    actor on a node that has just died fails its reset): run_passes gives such folds further passes, one
+    attempt each, until each fold has had max_failures + 1 attempts; an interrupted pass stops it."""
+    from grid.runner import run_passes
+
+    folds = [dict(cell_id="c", subject=s) for s in ("a", "b", "x", "y")]
+    plan = {"a": ["ok"], "b": ["fail", "ok"], "x": ["fail"] * 9, "y": ["fail", "fail", "ok"]}
+    calls = []
+
+    def one_pass(todo, budget):  # Tune's early stop: each failing fold ends after one attempt
+        calls.append(([f["subject"] for f in todo], budget))
+        errored = {}
+        for f in todo:
+            if plan[f["subject"]].pop(0) == "fail":
+                errored[("c", f["subject"])] = (1, f"boom {f['subject']}")
+        return errored, False
+
+    log = []
+    failed = run_passes(folds, one_pass, max_failures=2, log=log.append)
+    assert calls == [(["a", "b", "x", "y"], 2), (["b", "x", "y"], 0), (["x", "y"], 0)]
+    assert failed == {("c", "x"): (3, "boom x")}  # 3 attempts = max_failures + 1, then reported
+    assert "running them again" in log[0]
+    # a fold Tune already retried max_failures times is not run again
+    calls.clear()
+    assert run_passes(folds[:1], lambda t, b: (calls.append(b) or {("c", "a"): (3, "e")}, False), 2, log.append) \
+        == {("c", "a"): (3, "e")} and calls == [2]
+    # an interrupted pass (Ctrl-C) is not followed by another
+    calls.clear()
+    assert run_passes(folds[:1], lambda t, b: (calls.append(b) or {("c", "a"): (1, "e")}, True), 2, log.append) \
+        == {("c", "a"): (1, "e")} and calls == [2]
