@@ -252,8 +252,11 @@ def precomputed_stage(batch: pd.DataFrame, cfg: dict) -> pa.Table:
 # --- driver -------------------------------------------------------------------------------------
 
 def _group_hash(df: pd.DataFrame) -> str:
-    key = "\n".join(f"{a}/{b}/{c}/{d}" for a, b, c, d in zip(df["subject"], df["sample_id"], df["onset_path"].fillna(df["flow_path"].fillna("")),
-                                                            df["apex_path"].fillna("")))
+    # object dtype first: a column with no path at all (precomputed flow: no onset/apex frames) is float64
+    # NaN, and filling it with text is deprecated in pandas
+    onset = df["onset_path"].astype(object).fillna(df["flow_path"].astype(object)).fillna("")
+    apex = df["apex_path"].astype(object).fillna("")
+    key = "\n".join(f"{a}/{b}/{c}/{d}" for a, b, c, d in zip(df["subject"], df["sample_id"], onset, apex))
     return hashlib.sha1(key.encode()).hexdigest()[:8]
 
 
