@@ -1,6 +1,7 @@
 """The grid's public command `python grid/run_all.py`: a short grid on the real composite (MLflow parent
-and child runs, results tables, resume without retraining, a failing fold retried and reported), the
-built-in demo, and the configuration parsing."""
+and child runs, results tables, resume without retraining, a failing fold retried and reported), a run
+interrupted by Ctrl-C and then by a killed driver and finished by the same command, the built-in demo,
+the configuration parsing, and the extra Tune passes for folds Tune ends early."""
 
 from __future__ import annotations
 
@@ -175,3 +176,64 @@ def test_folds_tune_ended_early_get_their_remaining_attempts():
     calls.clear()
     assert run_passes(folds[:1], lambda t, b: (calls.append(b) or {("c", "a"): (1, "e")}, True), 2, log.append) \
         == {("c", "a"): (1, "e")} and calls == [2]
+
+
+def _finished_fold_subjects(db: Path) -> list[str]:
+    """Test subjects of the FINISHED fold runs in a grid's SQLite store (read-only, no MLflow machinery)."""
+    import sqlite3
+
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return [r[0] for r in con.execute(
+                "select t2.value from runs r join tags t1 on t1.run_uuid = r.run_uuid and t1.key = 'epir.kind' "
+                "and t1.value = 'fold' join tags t2 on t2.run_uuid = r.run_uuid and t2.key = 'epir.fold' "
+                "where r.status = 'FINISHED'")]
+    except sqlite3.Error:
+        return []
+
+
+def test_ctrl_c_then_a_killed_driver_then_the_same_command_finishes(composite_root, tmp_path):
+    """Long runs survive: Ctrl-C (SIGINT) mid-run, then SIGKILL of the driver mid-run; the third run of the
+    same command trains only what is missing, and every fold is in MLflow exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO
+
+    folds = 6
+    args = [sys.executable, str(REPO / "grid" / "run_all.py"), "--dataset", f"megc2019={composite_root}",
+            "--presets", "epir", "--folds", str(folds), "--experiment", "interrupted", "--profile", "cpu",
+            *TINY, "--set", "epochs=6"]
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    db = tmp_path / "mlflow.db"
+    outputs = []
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        before = len(_finished_fold_subjects(db))
+        driver = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, start_new_session=sig == signal.SIGKILL)
+        deadline = time.time() + 600
+        while driver.poll() is None and len(_finished_fold_subjects(db)) <= before and time.time() < deadline:
+            time.sleep(0.2)
+        assert driver.poll() is None, f"the run ended before it could be interrupted\n{driver.communicate()[0][-3000:]}"
+        if sig == signal.SIGKILL:  # the driver and its local Ray, as when the machine's session is killed
+            os.killpg(driver.pid, sig)
+        else:
+            driver.send_signal(sig)
+        out, _ = driver.communicate(timeout=180)
+        outputs.append(out)
+        assert driver.returncode != 0, out[-3000:]
+    done = _finished_fold_subjects(db)
+    assert 2 <= len(done) < folds, "\n".join(o[-2000:] for o in outputs)
+    assert "did not finish" in outputs[0], outputs[0][-3000:]  # Ctrl-C: the unfinished folds are listed
+    third = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    out = third.stdout + third.stderr
+    assert third.returncode == 0, out[-4000:]
+    assert f"{len(done)} finished earlier" in out and f"{folds - len(done)} to train" in out, out[-3000:]
+    final = _finished_fold_subjects(db)
+    assert len(final) == folds and len(set(final)) == folds, final  # every fold once, none trained twice
