@@ -347,21 +347,23 @@ def run_passes(pending: list[dict], one_pass, max_failures: int, log=print) -> d
         ``(cell_id, subject) -> (attempts used, last error)`` for every fold that ended in error and was
         not finished by a later pass (an interrupted run leaves its unfinished folds to the caller).
     """
+    def key(f: dict) -> tuple[str, str]:
+        return f["cell_id"], f["subject"]
+
     used: dict[tuple[str, str], int] = {}
     failed: dict[tuple[str, str], tuple[int, str]] = {}
     todo, budget = pending, max_failures
     while todo:
         errored, interrupted = one_pass(todo, budget)
-        for f in todo:
-            key = (f["cell_id"], f["subject"])
-            if key in errored:
-                used[key] = used.get(key, 0) + errored[key][0]
-                failed[key] = (used[key], errored[key][1])
+        for k in map(key, todo):
+            if k in errored:
+                used[k] = used.get(k, 0) + errored[k][0]
+                failed[k] = (used[k], errored[k][1])
             else:
-                failed.pop(key, None)
+                failed.pop(k, None)
         if interrupted:
             break
-        todo = [f for f in todo if (f["cell_id"], f["subject"]) in errored and used[(f["cell_id"], f["subject"])] <= max_failures]
+        todo = [f for f in todo if key(f) in errored and used[key(f)] <= max_failures]
         if todo:
             log(f"{len(todo)} fold(s) ended by Ray Tune before their {max_failures + 1} attempts were used "
                 f"(e.g. a reused actor on a node that died): running them again")
