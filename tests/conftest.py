@@ -32,3 +32,21 @@ def run_grid_cli(args, cwd, env=None, timeout=900):
     full.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([sys.executable, str(REPO / "grid" / "run_all.py"), *args], cwd=cwd, env=full,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def finished_fold_tags(db: Path, tag: str) -> list[str]:
+    """Value of ``tag`` (e.g. ``epir.fold``, ``epir.node``) of each FINISHED fold run in a grid's SQLite
+    MLflow store, read-only and without MLflow's machinery, so a test can poll it while a driver writes.
+    Empty when the store does not exist yet or is locked."""
+    import sqlite3
+
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return [r[0] for r in con.execute(
+                "select t2.value from runs r join tags t1 on t1.run_uuid = r.run_uuid and t1.key = 'epir.kind' "
+                "and t1.value = 'fold' join tags t2 on t2.run_uuid = r.run_uuid and t2.key = ? "
+                "where r.status = 'FINISHED'", (tag,))]
+    except sqlite3.Error:
+        return []

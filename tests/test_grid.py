@@ -13,7 +13,7 @@ import pytest
 from grid.config import DatasetSpec, GridConfig, load_config
 from grid.run_all import build_parser, make_config, parse_dataset
 
-from .conftest import run_grid_cli
+from .conftest import finished_fold_tags, run_grid_cli
 
 TINY = ["--set", "epochs=2", "--set", "dim=12", "--set", "dim_head=4", "--set", "depth=4",
         "--set", "integration_blocks=2", "--set", "batch_size=128"]
@@ -179,19 +179,8 @@ def test_folds_tune_ended_early_get_their_remaining_attempts():
 
 
 def _finished_fold_subjects(db: Path) -> list[str]:
-    """Test subjects of the FINISHED fold runs in a grid's SQLite store (read-only, no MLflow machinery)."""
-    import sqlite3
-
-    if not db.exists():
-        return []
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            return [r[0] for r in con.execute(
-                "select t2.value from runs r join tags t1 on t1.run_uuid = r.run_uuid and t1.key = 'epir.kind' "
-                "and t1.value = 'fold' join tags t2 on t2.run_uuid = r.run_uuid and t2.key = 'epir.fold' "
-                "where r.status = 'FINISHED'")]
-    except sqlite3.Error:
-        return []
+    """Test subjects of the FINISHED fold runs."""
+    return finished_fold_tags(db, "epir.fold")
 
 
 def test_ctrl_c_then_a_killed_driver_then_the_same_command_finishes(composite_root, tmp_path):

@@ -6,31 +6,20 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, finished_fold_tags
 
 FOLDS = 10
 
 
 def _finished_folds(db) -> list[str]:
-    """Node ids of the FINISHED fold runs in the grid's SQLite store (read without MLflow's machinery)."""
-    if not db.exists():
-        return []
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            rows = con.execute(
-                "select t2.value from runs r join tags t1 on t1.run_uuid = r.run_uuid and t1.key = 'epir.kind' "
-                "and t1.value = 'fold' join tags t2 on t2.run_uuid = r.run_uuid and t2.key = 'epir.node' "
-                "where r.status = 'FINISHED'").fetchall()
-    except sqlite3.Error:
-        return []
-    return [r[0] for r in rows]
+    """Node ids of the FINISHED fold runs."""
+    return finished_fold_tags(db, "epir.node")
 
 
 @pytest.fixture
