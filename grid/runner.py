@@ -182,7 +182,7 @@ class _Progress:
         self.callback = CB()
         self.client, self.exp_id, self.cells, self.parents, self.done = client, exp_id, cells, parents, done
         self.total, self.finished_now, self.log = total_pending, 0, log
-        self.errored: dict[tuple[str, str], tuple[int, str]] = {}  # this pass's: (cell_id, subject) -> (attempts, error)
+        self.errored: dict[tuple[str, str], tuple[int, str]] = {}  # the current pass's (_tune resets it)
         self.train_seconds = 0.0
         self.start = time.perf_counter()
 
@@ -300,12 +300,8 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
             finish_cell(client, parents[c.cell_id], c, done[c.cell_id], log)
     failures = []
     if pending:
-        def one_pass(folds: list[dict], max_failures: int):
-            progress.errored = {}
-            interrupted = _tune(cfg, folds, data, gpus, progress, max_failures)
-            return progress.errored, interrupted
-
-        failed = run_passes(pending, one_pass, cfg.max_failures, log)
+        failed = run_passes(pending, lambda folds, budget: _tune(cfg, folds, data, gpus, progress, budget),
+                            cfg.max_failures, log)
         failures = [{"cell": f"{by_id[c].name} | fold {s}", "cell_id": c, "subject": s, "error": err}
                     for (c, s), (_, err) in failed.items()]
     outcome = GridOutcome(cells, trained=progress.finished_now, reused=reused, failures=failures,
@@ -372,9 +368,16 @@ def run_passes(pending: list[dict], one_pass, max_failures: int, log=print) -> d
 
 
 def _tune(cfg: GridConfig, pending: list[dict], data: dict, gpus: float, progress: _Progress,
-          max_failures: int) -> bool:
-    """One Tuner over the pending folds; returns True when the run was interrupted (Ctrl-C)."""
+          max_failures: int) -> tuple[dict, bool]:
+    """One Tuner over the pending folds (one pass of :func:`run_passes`).
+
+    Returns:
+        ``(errored, interrupted)``: ``(cell_id, subject) -> (attempts, last error line)`` of the folds
+        that ended in error, and True when the run was stopped before its end (Ctrl-C).
+    """
     from ray import tune
+
+    progress.errored = {}
 
     trainable = tune.with_resources(tune.with_parameters(fold_trial, data=data),
                                     {"cpu": cfg.cpus_per_trial, "gpu": gpus})
@@ -398,7 +401,7 @@ def _tune(cfg: GridConfig, pending: list[dict], data: dict, gpus: float, progres
     )
     results = tuner.fit()
     # trials neither TERMINATED nor ERROR were stopped before their end (Ctrl-C)
-    return results.num_terminated + results.num_errors < len(results)
+    return progress.errored, results.num_terminated + results.num_errors < len(results)
 
 
 def summary_table(outcome: GridOutcome) -> str:
