@@ -27,7 +27,7 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from epir.metrics import uar, uf1  # noqa: E402
+from epir.metrics import score, uar, uf1  # noqa: E402
 from preprocess.megc2019 import load_composite  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc2019_composite"
@@ -69,10 +69,10 @@ def main(argv=None) -> int:
     what = f"C = {args.C}" if not args.inner_cv else (
         "C per fold from the training subjects: " + ", ".join(f"{c:g} x{chosen.count(c)}" for c in sorted(set(chosen))))
     print(f"logistic regression on raw flow pixels, {len(order)} LOSO folds, {what}; {time.perf_counter() - start:.0f} s")
-    print(f"  Full ({len(y)} samples): UF1 {uf1(y, pred):.4f}  UAR {uar(y, pred):.4f}")
-    for name in sorted(df["dataset"].unique()):
-        m = (df["dataset"] == name).to_numpy()
-        print(f"  {name} ({m.sum()} samples): UF1 {uf1(y[m], pred[m]):.4f}  UAR {uar(y[m], pred[m]):.4f}")
+    scores = score(y, pred, int(y.max()) + 1, df["dataset"].to_numpy())
+    for name in ["all", *sorted(k for k in scores if k != "all")]:
+        s = scores[name]
+        print(f"  {'Full' if name == 'all' else name} ({s['n']} samples): UF1 {s['uf1']:.4f}  UAR {s['uar']:.4f}")
     m = np.isin(subjects, order[: args.largest])
     print(f"  {args.largest} largest subjects ({m.sum()} samples): UF1 {uf1(y[m], pred[m]):.4f}  UAR {uar(y[m], pred[m]):.4f}")
     return 0
