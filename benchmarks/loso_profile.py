@@ -27,8 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from epir.metrics import uar, uf1  # noqa: E402
-from epir.model import PRESETS, make_config  # noqa: E402
-from epir.train import TrainRecipe, fit, mirror, predict, to_tensor  # noqa: E402
+from epir.presets import LADDER, make_config  # noqa: E402
+from epir.train import TrainRecipe, fit, mirror, predict, to_model_input  # noqa: E402
 from preprocess.megc2019 import load_composite  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc2019_composite"
@@ -37,7 +37,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc20
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--preset", default="epir", choices=list(PRESETS))
+    p.add_argument("--preset", default="epir", choices=LADDER)
     p.add_argument("--dim", type=int, default=256, help="token width (paper 256)")
     p.add_argument("--dim-head", type=int, help="width per head (default dim // 3)")
     p.add_argument("--depth", type=int, default=13, help="blocks (paper 13)")
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         test = subjects.astype(str) == str(s)
         start = time.perf_counter()
         model, curve = fit(cfg, recipe, flows[~test], labels[~test])
-        x = to_tensor(flows[test]).to(next(model.parameters()).device)
+        x = to_model_input(flows[test], cfg, recipe.flow_range).to(next(model.parameters()).device)
         probs = predict(model, x)
         both = (probs + predict(model, mirror(x, recipe.flow_range))) / 2  # test-time mirroring, for comparison
         times.append(time.perf_counter() - start)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from epir.complexity import measure  # noqa: E402
 from epir.losses import epir_loss  # noqa: E402
-from epir.model import EPIR, PRESETS, make_config  # noqa: E402
+from epir.presets import LADDER, build_model, make_config  # noqa: E402
 from epir.train import resolve_device, to_tensor  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc2019_composite"
@@ -53,7 +53,7 @@ class Trainer:
     def __init__(self, preset: str, device: torch.device):
         torch.manual_seed(0)
         self.cfg = make_config(preset)
-        self.model = EPIR(self.cfg).to(device).train()
+        self.model = build_model(self.cfg).to(device).train()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=5e-5)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     print(f"input: {source}; batch {args.batch_size}; median of {args.steps} steps after {args.warmup} warm-up, presets interleaved")
     # Presets are interleaved, one step each per round, so that drift in the machine's speed
     # (other load, frequency scaling) hits every preset alike and the ratios stay fair.
-    trainers = {preset: Trainer(preset, device) for preset in PRESETS}
-    times: dict[str, list[float]] = {preset: [] for preset in PRESETS}
+    trainers = {preset: Trainer(preset, device) for preset in LADDER}
+    times: dict[str, list[float]] = {preset: [] for preset in LADDER}
     for r in range(args.warmup + args.steps):
         for preset, trainer in trainers.items():
             t = trainer.step(x, y)

@@ -8,16 +8,20 @@ import json
 import sys
 
 from .complexity import PAPER_MACS, PAPER_PARAMS, measure
-from .model import EPIR, EPIRConfig, PRESETS, make_config
+from .presets import FAMILIES, PRESETS, build_model, config_to_dict, family_fields, make_config
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("architecture overrides (default: the preset's paper configuration)")
-    for f in dataclasses.fields(EPIRConfig):
-        if f.type in ("int", int):
-            g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=int, default=None)
-        elif f.type in ("float", float, "float | None"):
-            g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=float, default=None)
+    g = p.add_argument_group("architecture overrides (default: the preset's configuration); each applies to "
+                             "the presets whose family has the field")
+    seen: dict[str, str] = {}
+    for family, (cls, _) in FAMILIES.items():
+        for f in dataclasses.fields(cls):
+            kind = {"int": int, "float": float, "float | None": float}.get(str(f.type), f.type)
+            if f.name in seen or kind not in (int, float):
+                continue
+            seen[f.name] = family
+            g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,33 +34,44 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser(
         "info",
         help="parameters, multiply-accumulates (MACs), FLOPs = 2 x MACs and tokens per block for ONE sample",
-        description="Complexity of one forward pass of one sample. Presets are the ablation ladder of EPIR "
-        "Table 4: " + ", ".join(PRESETS) + ". At the paper configuration 'epir' should give the paper's "
-        "Table 1 figures: 7.03 M parameters and 84.03 M MACs.",
+        description="Complexity of one forward pass of one sample. Presets: the ablation ladder of EPIR "
+        "Table 4 and peer models: " + ", ".join(PRESETS) + ". At the paper configuration 'epir' should give "
+        "the paper's Table 1 figures: 7.03 M parameters and 84.03 M MACs.",
     )
-    info.add_argument("--preset", default="epir", choices=list(PRESETS), help="ablation preset (default: epir)")
+    info.add_argument("--preset", default="epir", choices=list(PRESETS), help="preset (default: epir)")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _add_overrides(info)
     args = parser.parse_args(argv)
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(EPIRConfig)
-                 if getattr(args, f.name, None) is not None}
+    preset = PRESETS[args.preset]
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "preset", "json") and v is not None}
+    foreign = sorted(set(given) - family_fields(preset.family))
+    if foreign:
+        parser.error(f"--{', --'.join(f.replace('_', '-') for f in foreign)} do(es) not apply to {args.preset} "
+                     f"({preset.family} family)")
     try:
-        config = make_config(args.preset, **overrides)
+        config = make_config(args.preset, **given)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
-    c = measure(EPIR(config))
+    c = measure(build_model(config))
     if args.json:
-        print(json.dumps({"preset": args.preset, "config": dataclasses.asdict(config), **c.to_dict()}))
+        print(json.dumps({"preset": args.preset, "config": config_to_dict(config), **c.to_dict()}))
         return 0
-    print(f"preset            {args.preset}")
-    print(f"input             {config.in_chans} x {config.img_size} x {config.img_size}, "
-          f"{config.num_patches} patches of {config.patch_size} px + class token, {config.num_classes} classes")
-    print(f"parameters        {c.params:,}  ({c.params / 1e6:.2f} M; paper epir: {PAPER_PARAMS / 1e6:.2f} M)")
-    print(f"MACs / sample     {c.macs:,}  ({c.macs / 1e6:.2f} M; paper epir: {PAPER_MACS / 1e6:.2f} M)")
+    print(f"preset            {args.preset} ({preset.family} family; {preset.source})")
+    print(f"input             {config.in_chans} x {config.img_size} x {config.img_size} "
+          f"{config.input_convention.describe()}, {config.num_classes} classes"
+          + (f", {config.num_patches} patches of {config.patch_size} px + class token" if preset.family == "epir" else ""))
+    paper = args.preset == "epir"
+    print(f"parameters        {c.params:,}  ({c.params / 1e6:.2f} M" + (f"; paper epir: {PAPER_PARAMS / 1e6:.2f} M)" if paper else ")"))
+    print(f"MACs / sample     {c.macs:,}  ({c.macs / 1e6:.2f} M" + (f"; paper epir: {PAPER_MACS / 1e6:.2f} M)" if paper else ")"))
     print(f"FLOPs / sample    {c.flops:,}  ({c.flops / 1e6:.2f} M = 2 x MACs)")
-    print("tokens per block  " + "  ".join(f"{i}:{a}->{b}" if a != b else f"{i}:{a}"
-                                            for i, (a, b) in enumerate(zip(c.tokens_in, c.tokens_out))))
+    if c.tokens_in:
+        print("tokens per block  " + "  ".join(f"{i}:{a}->{b}" if a != b else f"{i}:{a}"
+                                                for i, (a, b) in enumerate(zip(c.tokens_in, c.tokens_out))))
+    if preset.recipe:
+        print(f"own recipe        {', '.join(f'{k}={v}' for k, v in preset.recipe.items())}")
+    if preset.published:
+        print(f"published         UF1 {preset.published[0]:.4f}, UAR {preset.published[1]:.4f} (MEGC2019 composite, CDE Full)")
     return 0
 
 

@@ -3,7 +3,8 @@
 MACs are counted by PyTorch's own ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, linear
 layers, convolutions, attention products; it counts 2 FLOPs per MAC). Elementwise work (LayerNorm,
 softmax, GELU) is not counted, as with ``thop`` which the MER literature, and EPIR's Table 1 "FLOPs",
-use. Token counts are read from forward hooks on the blocks, so they show what the model really did.
+use. Token counts are read from forward hooks on the blocks of a Transformer (EPIR family), so they show what
+the model really did; a model without blocks (a CNN peer) reports none.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import EPIR
+from torch import nn
 
 # EPIR Table 1: 7.03 M parameters and 84.03 M "FLOPs" (MACs, see PAPER.md).
 PAPER_PARAMS = 7.03e6
@@ -28,7 +29,7 @@ class Complexity:
         params: trainable parameters.
         macs: multiply-accumulates.
         flops: 2 x macs.
-        tokens_in: tokens entering each block, class token included (length = depth).
+        tokens_in: tokens entering each block, class token included (length = depth; empty for a CNN).
         tokens_out: tokens leaving each block.
     """
 
@@ -48,11 +49,12 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def measure(model: EPIR) -> Complexity:
+def measure(model: nn.Module) -> Complexity:
     """Run one sample through ``model`` (in eval mode, no grad) and count its cost.
 
     Args:
-        model: an :class:`epir.model.EPIR`; its config gives the input shape (1, C, H, W).
+        model: a model of the library (:func:`epir.presets.build_model`); its ``config`` gives the input
+            shape (1, in_chans, img_size, img_size).
 
     Returns:
         :class:`Complexity` for batch size 1.
@@ -66,7 +68,7 @@ def measure(model: EPIR) -> Complexity:
         tokens_in.append(args[0].shape[1])
         tokens_out.append(out[0].shape[1])
 
-    hooks = [blk.register_forward_hook(record) for blk in model.blocks]
+    hooks = [blk.register_forward_hook(record) for blk in getattr(model, "blocks", [])]
     was_training = model.training
     model.eval()
     try:

@@ -1,4 +1,4 @@
-"""The EPIR model and the six presets of the paper's ablation ladder (EPIR Sec. 3, Table 4).
+"""The EPIR model (EPIR Sec. 3); the presets of the paper's ablation ladder live in :mod:`epir.presets`.
 
 Layout in the style of timm's ``vision_transformer.py``: a patch tokenizer, a class token and a
 learnable position embedding, a stack of pre-norm Transformer blocks, a final LayerNorm and a linear
@@ -15,14 +15,15 @@ head on the class token.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from .attention import Attention
 from .dtsm import attention_rollout, gather_selected, select_tokens
+from .inputs import FLOW_CHANNELS, InputConvention
 from .merge import bipartite_soft_matching
 from .tokenization import TOKENIZERS, PatchTokenizer
 
@@ -33,7 +34,7 @@ class EPIRConfig:
 
     Attributes:
         img_size: input side H = W in pixels (28, as STSTNet/HTNet flows).
-        in_chans: input channels ([u, v, optical strain] = 3).
+        in_chans: input channels, the first ``in_chans`` of [u, v, optical strain] (3).
         patch_size: patch side p in pixels (7 -> 16 patches).
         num_classes: number of emotion classes C.
         dim: token width D.
@@ -52,6 +53,7 @@ class EPIRConfig:
         alpha: contrastive margin.
     """
 
+    family: ClassVar[str] = "epir"
     img_size: int = 28
     in_chans: int = 3
     patch_size: int = 7
@@ -76,6 +78,8 @@ class EPIRConfig:
         for name in ("img_size", "in_chans", "patch_size", "num_classes", "dim", "depth", "heads", "dim_head"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.in_chans > len(FLOW_CHANNELS):
+            raise ValueError(f"in_chans must be at most {len(FLOW_CHANNELS)} ({', '.join(FLOW_CHANNELS)}), got {self.in_chans}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         if self.merge_k < 0 or self.integration_blocks < 0:
@@ -92,49 +96,14 @@ class EPIRConfig:
                 )
 
     @property
+    def input_convention(self) -> InputConvention:
+        """[u, v, strain][:in_chans] on the data's own scale and range (EPIR trains from scratch on them)."""
+        return InputConvention(FLOW_CHANNELS[: self.in_chans], None, 1.0)
+
+    @property
     def num_patches(self) -> int:
         """Patch tokens per sample, (img_size / patch_size)^2, class token not counted."""
         return (self.img_size // self.patch_size) ** 2
-
-
-# The ablation ladder of EPIR Table 4; each rung adds one component to the one before.
-_LADDER = [
-    ("baseline", dict(tokenizer="linear", itals=False, dtsm=False, merge_k=0, contrastive=False)),
-    ("+dtsm", dict(dtsm=True, contrastive=True)),
-    ("+itals", dict(itals=True)),
-    ("+spt", dict(tokenizer="spt")),
-    ("+dnspt", dict(tokenizer="dnspt")),
-    ("epir", dict(merge_k=1)),
-]
-PRESETS: dict[str, dict] = {}
-_acc: dict = {}
-for _name, _delta in _LADDER:
-    _acc = {**_acc, **_delta}
-    PRESETS[_name] = dict(_acc)
-# What the paper reports for each rung (Table 4, CDE Full, UF1 / UAR), kept beside the presets.
-PAPER_TABLE4 = {
-    "baseline": (0.7325, 0.7214),
-    "+dtsm": (0.7736, 0.7838),
-    "+itals": (0.8021, 0.8165),
-    "+spt": (0.8513, 0.8627),
-    "+dnspt": (0.8759, 0.8747),
-    "epir": (0.8852, 0.8944),
-}
-
-
-def make_config(preset: str = "epir", **overrides) -> EPIRConfig:
-    """Config of a preset of the ablation ladder, with field overrides.
-
-    Args:
-        preset: one of ``PRESETS`` (``baseline``, ``+dtsm``, ``+itals``, ``+spt``, ``+dnspt``, ``epir``).
-        **overrides: any :class:`EPIRConfig` field (e.g. ``depth=9``, ``merge_k=2``, ``num_classes=5``).
-
-    Raises:
-        KeyError: for an unknown preset; TypeError for an unknown field; ValueError for an invalid config.
-    """
-    if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
-    return dataclasses.replace(EPIRConfig(), **{**PRESETS[preset], **overrides})
 
 
 class Mlp(nn.Module):

@@ -1,15 +1,20 @@
-"""Training and evaluation of one leave-one-subject-out (LOSO) fold from arrays.
+"""Training and evaluation of one leave-one-subject-out (LOSO) fold from arrays, for any model of the
+library (the EPIR ladder and the peers of :mod:`epir.presets`).
 
 The default recipe is the paper's (EPIR Sec. 4.2): Adam, learning rate 5e-5, batch size 256, 300
-epochs, loss CE + L_con. Epoch selection:
+epochs, loss CE + L_con. One training yields two results, stored side by side and never mixed:
 
-- ``last`` (default, honest): the model after the last epoch predicts the test subject; the test
-  subject is never looked at before that.
-- ``best_test_epoch``: the test subject is scored after every epoch and the epoch with the best test
-  accuracy is kept (the last of equal ones), as HTNet's public ``main_HTNet.py`` does. It peeks at the
-  test subject and inflates scores (Varanka et al., IEEE TAC 2023); results carry
-  ``peeks_at_test=True`` and must be labelled so wherever they appear.
+- the honest one (``FoldResult.y_pred`` / ``probs``): the model after the last epoch predicts the
+  test subject, which no choice looked at;
+- the best-test-epoch one (``FoldResult.best_test_epoch``): the test subject is scored after every
+  epoch and the epoch with the best test accuracy is kept (the last of equal ones), as HTNet's public
+  ``main_HTNet.py`` does. It PEEKS at the test subject and inflates scores (Varanka et al., IEEE TAC
+  2023); it exists to compare with published numbers and to measure the inflation (the "oracle gap"),
+  and is labelled wherever it appears. Scoring the test subject does not touch training: it runs in
+  eval mode, without gradients, and draws no random numbers.
 
+Inputs are our flows (N, H, W, 3) ``[u, v, strain]`` in the range ``recipe.flow_range``; each batch is
+converted to the model's declared input convention (:mod:`epir.inputs`) after augmentation.
 Nothing here knows of Ray or MLflow: progress goes to an optional per-epoch callback.
 """
 
@@ -21,13 +26,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
+from .inputs import FLOW_CHANNELS, convert, data_convention
 from .losses import epir_loss
-from .model import EPIR, EPIRConfig
+from .presets import build_model, make_config
 
-EPOCH_SELECTIONS = ("last", "best_test_epoch")
 SCHEDULES = ("constant", "cosine")
 FLOW_RANGES = ("unit", "signed")
+SAMPLE_ORDERS = ("shuffle", "by_label", "given")
 
 
 @dataclass(frozen=True)
@@ -41,17 +48,23 @@ class TrainRecipe:
         weight_decay: Adam weight decay (the paper uses none).
         seed: seeds initialisation and shuffling.
         device: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda[:i]``.
-        epoch_selection: ``last`` or ``best_test_epoch`` (see module docstring).
         hflip: mirror a random half of each training batch left-right (faces are roughly symmetric;
             the paper does not augment). Mirroring reverses the horizontal flow, so u is mapped by
             ``flow_range``.
-        flow_range: how u is stored: ``unit`` (min-max scaled to 0..1 per sample, as the MEGC2019
-            flow images and ``preprocess --normalize minmax``: mirrored u = 1 - u) or ``signed``
-            (pixels: mirrored u = -u).
+        flow_range: how the data's flows are stored: ``unit`` (min-max scaled to 0..1 per sample, as the
+            MEGC2019 flow images and ``preprocess --normalize minmax``: mirrored u = 1 - u) or ``signed``
+            (pixels: mirrored u = -u). The grid sets it from the shards' manifest.
         schedule: learning rate over the run: ``constant`` (the paper) or ``cosine`` (decays from
             ``lr`` to 0 over all steps, ``torch.optim.lr_scheduler.CosineAnnealingLR`` stepped per batch).
         standardize: standardise each input channel with the mean and std of the fold's training flows
-            (:meth:`epir.model.EPIR.set_input_stats`; the paper does not). Mirroring happens before it.
+            (:meth:`epir.model.EPIR.set_input_stats`; EPIR family only; the paper does not). Mirroring
+            happens before it.
+        sample_order: order of the training samples in each epoch: ``shuffle`` (a new permutation every
+            epoch), ``by_label`` (the same order every epoch, class by class, as STSTNet's ``main.py`` reads
+            them from one folder per class), ``given`` (the arrays' order, every epoch).
+
+    Raises:
+        ValueError: for an unknown mode or a non-positive size, count or rate.
     """
 
     epochs: int = 300
@@ -60,38 +73,54 @@ class TrainRecipe:
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
-    epoch_selection: str = "last"
     hflip: bool = False
     flow_range: str = "unit"
     standardize: bool = False
     schedule: str = "constant"
+    sample_order: str = "shuffle"
 
     def __post_init__(self):
         if self.flow_range not in FLOW_RANGES:
             raise ValueError(f"flow_range must be one of {FLOW_RANGES}, got {self.flow_range!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.epoch_selection not in EPOCH_SELECTIONS:
-            raise ValueError(f"epoch_selection must be one of {EPOCH_SELECTIONS}, got {self.epoch_selection!r}")
+        if self.sample_order not in SAMPLE_ORDERS:
+            raise ValueError(f"sample_order must be one of {SAMPLE_ORDERS}, got {self.sample_order!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
 
 
 @dataclass
+class BestTestEpoch:
+    """The fold's result at the epoch its TEST subject scored best on: it PEEKS at the test subject.
+
+    Attributes:
+        epoch: the chosen epoch (1-based; the last of equally good ones, as HTNet's code).
+        y_pred: (n,) predictions of that epoch; probs: (n, C) its softmax probabilities.
+        test_acc: (epochs,) the test subject's accuracy after every epoch.
+    """
+
+    epoch: int
+    y_pred: np.ndarray
+    probs: np.ndarray
+    test_acc: list[float]
+
+    peeks_at_test: bool = True
+
+
+@dataclass
 class FoldResult:
-    """Outcome of one LOSO fold.
+    """Outcome of one LOSO fold: the honest result and, beside it, the best-test-epoch one.
 
     Attributes:
         test_subject: the held-out subject.
         test_index: (n,) positions of the test samples in the arrays given to :func:`train_fold`.
-        y_true, y_pred: (n,) integer labels and predictions of the test subject.
-        probs: (n, C) softmax probabilities.
+        y_true: (n,) integer labels of the test subject.
+        y_pred, probs: (n,) predictions and (n, C) softmax probabilities of the LAST epoch (honest).
         curve: one dict per epoch: ``epoch`` (1-based), ``loss`` (mean training loss),
             ``train_acc`` (accuracy of the training forward passes), ``lr`` (learning rate after the
-            epoch's last step), and ``test_acc`` only in
-            ``best_test_epoch`` mode.
-        selected_epoch: the epoch whose model made the predictions.
-        epoch_selection: the mode used; ``peeks_at_test`` is True for ``best_test_epoch``.
+            epoch's last step).
+        best_test_epoch: the test-subject-chosen epoch's result (:class:`BestTestEpoch`; peeks).
         train_seconds: wall time of training and prediction, in seconds.
         device: where it ran.
     """
@@ -102,15 +131,14 @@ class FoldResult:
     y_pred: np.ndarray
     probs: np.ndarray
     curve: list[dict] = field(default_factory=list)
-    selected_epoch: int = 0
-    epoch_selection: str = "last"
+    best_test_epoch: BestTestEpoch | None = None
     train_seconds: float = 0.0
     device: str = "cpu"
 
     @property
-    def peeks_at_test(self) -> bool:
-        """True when the test subject chose the epoch (``best_test_epoch``): label such results."""
-        return self.epoch_selection == "best_test_epoch"
+    def selected_epoch(self) -> int:
+        """The epoch whose model made the honest predictions: the last."""
+        return len(self.curve)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -121,7 +149,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def to_tensor(flows: np.ndarray) -> torch.Tensor:
-    """Flows (N, H, W, 3) float32 [u, v, strain] -> tensor (N, 3, H, W) float32.
+    """Flows (N, H, W, C) float32 -> tensor (N, C, H, W) float32, channels kept in their order.
 
     Raises:
         ValueError: if ``flows`` is not 4-D.
@@ -130,6 +158,21 @@ def to_tensor(flows: np.ndarray) -> torch.Tensor:
     if flows.ndim != 4:
         raise ValueError(f"flows must be (N, H, W, C), got shape {flows.shape}")
     return torch.from_numpy(np.ascontiguousarray(flows.transpose(0, 3, 1, 2)))
+
+
+def to_model_input(flows, config, flow_range: str) -> torch.Tensor:
+    """Our flows (N, H, W, 3) ``[u, v, strain]`` -> the model's input (N, C', H, W) in its convention.
+
+    Args:
+        flows: numpy (N, H, W, 3) or an already transposed tensor (N, 3, H, W).
+        config: a model config (declares ``input_convention``).
+        flow_range: ``unit`` or ``signed``, how the flows are stored.
+
+    Raises:
+        ValueError: as :func:`epir.inputs.convert` (a convention that cannot be met without guessing).
+    """
+    x = flows if isinstance(flows, torch.Tensor) else to_tensor(flows)
+    return convert(x, data_convention(flow_range), config.input_convention)
 
 
 def mirror(x: torch.Tensor, flow_range: str = "unit") -> torch.Tensor:
@@ -144,8 +187,9 @@ def mirror(x: torch.Tensor, flow_range: str = "unit") -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: EPIR, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    """Softmax probabilities (N, C) of ``model`` (eval mode) on inputs x (N, C_in, H, W) already on its device."""
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Softmax probabilities (N, C) of ``model`` (eval mode) on inputs x (N, C_in, H, W) already in its
+    input convention (:func:`to_model_input`) and on its device."""
     was_training = model.training
     model.eval()
     out = [model(x[i : i + batch_size]).softmax(-1).float().cpu() for i in range(0, len(x), batch_size)]
@@ -153,29 +197,39 @@ def predict(model: EPIR, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+def _epoch_order(n: int, recipe: TrainRecipe, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    if recipe.sample_order == "shuffle":
+        return torch.randperm(n, generator=gen)
+    if recipe.sample_order == "by_label":
+        return torch.argsort(labels.cpu(), stable=True)
+    return torch.arange(n)
+
+
 def fit(
-    config: EPIRConfig,
+    config,
     recipe: TrainRecipe,
     x_train: np.ndarray,
     y_train: np.ndarray,
     on_epoch_end: Callable[[dict], None] | None = None,
-    eval_each_epoch: Callable[[EPIR, int], dict] | None = None,
-) -> tuple[EPIR, list[dict]]:
+    eval_each_epoch: Callable[[nn.Module, int], dict] | None = None,
+) -> tuple[nn.Module, list[dict]]:
     """Train a fresh model on flows (N, H, W, 3) and labels (N,), seeded by ``recipe.seed``.
 
     Args:
-        config: model configuration (its ``contrastive`` and ``alpha`` choose the loss).
+        config: model configuration of any family (its ``contrastive`` and ``alpha`` choose the loss).
         recipe: optimisation settings.
-        x_train: (N, H, W, C) float32 flows; y_train: (N,) integer labels in 0..C-1.
+        x_train: (N, H, W, 3) float32 flows ``[u, v, strain]`` in ``recipe.flow_range``; y_train: (N,)
+            integer labels in 0..C-1.
         on_epoch_end: called with each epoch's record (a dict, see :class:`FoldResult`).
         eval_each_epoch: called as ``f(model, epoch)`` after every epoch; its dict is merged into
-            the epoch's record (used by ``best_test_epoch``).
+            the epoch's record.
 
     Returns:
         The trained model (on the recipe's device) and the per-epoch records.
 
     Raises:
-        ValueError: for empty or inconsistent arrays or labels outside 0..C-1.
+        ValueError: for empty or inconsistent arrays, labels outside 0..C-1, an input convention the
+            data cannot meet, or ``standardize`` for a model without input statistics.
     """
     if len(x_train) == 0:
         raise ValueError("no training samples")
@@ -184,12 +238,18 @@ def fit(
     y = np.asarray(y_train, dtype=np.int64)
     if y.min() < 0 or y.max() >= config.num_classes:
         raise ValueError(f"labels must lie in 0..{config.num_classes - 1}, got {y.min()}..{y.max()}")
+    if np.asarray(x_train).shape[-1] != len(FLOW_CHANNELS):
+        raise ValueError(f"flows must be (N, H, W, {len(FLOW_CHANNELS)}) [u, v, strain], got {np.asarray(x_train).shape}")
     device = resolve_device(recipe.device)
     torch.manual_seed(recipe.seed)
-    model = EPIR(config).to(device)
-    x = to_tensor(x_train).to(device)
+    model = build_model(config).to(device)
+    x = to_tensor(x_train).to(device)  # the data's convention; converted per batch after augmentation
+    src, dst = data_convention(recipe.flow_range), config.input_convention
     if recipe.standardize:  # training statistics only; the test subject is never seen here
-        model.set_input_stats(x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-6))
+        if not hasattr(model, "set_input_stats"):
+            raise ValueError(f"standardize: the {config.family} model has no input statistics (EPIR family only)")
+        xm = convert(x, src, dst)
+        model.set_input_stats(xm.mean(dim=(0, 2, 3)), xm.std(dim=(0, 2, 3)).clamp_min(1e-6))
     yt = torch.from_numpy(y).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps = recipe.epochs * -(-len(x) // recipe.batch_size)
@@ -198,7 +258,7 @@ def fit(
     curve: list[dict] = []
     for epoch in range(1, recipe.epochs + 1):
         model.train()
-        order = torch.randperm(len(x), generator=gen).to(device)
+        order = _epoch_order(len(x), recipe, yt, gen).to(device)
         loss_sum, correct = 0.0, 0
         for i in range(0, len(x), recipe.batch_size):
             idx = order[i : i + recipe.batch_size]
@@ -206,7 +266,7 @@ def fit(
             if recipe.hflip:
                 flip = torch.rand(len(idx), generator=gen) < 0.5
                 xb = torch.where(flip.to(device)[:, None, None, None], mirror(xb, recipe.flow_range), xb)
-            logits, feats = model(xb, return_features=True)
+            logits, feats = model(convert(xb, src, dst), return_features=True)
             loss = epir_loss(logits, feats, yt[idx], alpha=config.alpha, use_contrastive=config.contrastive)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -230,29 +290,30 @@ def train_fold(
     labels: np.ndarray,
     subjects: Sequence,
     test_subject,
-    config: EPIRConfig | None = None,
+    config=None,
     recipe: TrainRecipe | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
 ) -> FoldResult:
     """Train on every subject but ``test_subject`` and predict ``test_subject`` (one LOSO fold).
 
     Args:
-        flows: (N, H, W, 3) float32 [u, v, strain] flows of all samples.
+        flows: (N, H, W, 3) float32 ``[u, v, strain]`` flows of all samples, in ``recipe.flow_range``.
         labels: (N,) integer labels in 0..C-1.
         subjects: (N,) subject of each sample (compared as strings).
         test_subject: the subject held out.
-        config: model configuration (default: the ``epir`` paper configuration).
+        config: model configuration of any family (default: the ``epir`` paper configuration).
         recipe: optimisation settings (default: the paper recipe).
-        on_epoch_end: optional callback receiving each epoch's record.
+        on_epoch_end: optional callback receiving each epoch's record (never the test accuracy).
 
     Returns:
-        :class:`FoldResult` with the test subject's predictions and the training curve.
+        :class:`FoldResult`: the last epoch's (honest) predictions, and the best-test-epoch ones beside
+        them (``best_test_epoch``, labelled as peeking).
 
     Raises:
         ValueError: if the arrays differ in length, the test subject has no samples, or no
-            training samples remain.
+            training samples remain; as :func:`fit`.
     """
-    config = config or EPIRConfig()
+    config = config or make_config("epir")
     recipe = recipe or TrainRecipe()
     subjects = np.asarray([str(s) for s in subjects])
     labels = np.asarray(labels, dtype=np.int64)
@@ -265,27 +326,23 @@ def train_fold(
         raise ValueError("no training samples: every sample belongs to the test subject")
     test_index = np.flatnonzero(test)
     device = resolve_device(recipe.device)
-    x_test = to_tensor(flows[test]).to(device)
+    x_test = to_model_input(flows[test], config, recipe.flow_range).to(device)
     y_test = labels[test]
 
     best: dict = {"acc": -1.0, "probs": None, "epoch": 0}
+    test_acc: list[float] = []
 
-    def peek(model: EPIR, epoch: int) -> dict:
+    def peek(model: nn.Module, epoch: int) -> dict:
         probs = predict(model, x_test, recipe.batch_size)
         acc = float(np.mean(probs.argmax(-1) == y_test))
+        test_acc.append(acc)
         if acc >= best["acc"]:  # HTNet keeps the last of equally good epochs
             best.update(acc=acc, probs=probs, epoch=epoch)
-        return {"test_acc": acc}
+        return {}  # kept out of the training curve: the curve is what callbacks and logs see
 
     start = time.perf_counter()
-    model, curve = fit(
-        config, recipe, flows[~test], labels[~test], on_epoch_end,
-        eval_each_epoch=peek if recipe.epoch_selection == "best_test_epoch" else None,
-    )
-    if recipe.epoch_selection == "best_test_epoch":
-        probs, selected = best["probs"], best["epoch"]
-    else:
-        probs, selected = predict(model, x_test, recipe.batch_size), recipe.epochs
+    model, curve = fit(config, recipe, flows[~test], labels[~test], on_epoch_end, eval_each_epoch=peek)
+    probs = predict(model, x_test, recipe.batch_size)
     return FoldResult(
         test_subject=str(test_subject),
         test_index=test_index,
@@ -293,8 +350,7 @@ def train_fold(
         y_pred=probs.argmax(-1),
         probs=probs,
         curve=curve,
-        selected_epoch=selected,
-        epoch_selection=recipe.epoch_selection,
+        best_test_epoch=BestTestEpoch(best["epoch"], best["probs"].argmax(-1), best["probs"], test_acc),
         train_seconds=time.perf_counter() - start,
         device=str(device),
     )

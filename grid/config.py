@@ -5,16 +5,21 @@ overrides the file. With neither a file nor a ``--dataset`` flag the grid runs t
 
     # grid.toml
     experiment = "epir-grid"          # MLflow experiment; results/<experiment>/ holds its tables
-    presets = ["baseline", "epir"]    # default: the six rungs of the paper's Table 4
+    presets = ["baseline", "epir"]    # default: the six rungs of the paper's Table 4; peers: "ststnet"
     profile = "auto"                  # auto | paper | cpu | demo   (see PROFILES)
+    seeds = [0, 1, 2]                 # one cell per seed; tables give the mean and spread (default [0])
 
     [[datasets]]
     format = "megc2019"               # a preprocess adapter: casme2 samm smic casme3 megc2019 manifest
     root = "../shared/data/megc2019_composite"
     protocols = ["CDE"]               # SDE and/or CDE; default: what the dataset's labels allow
 
-    [overrides]                       # any TrainRecipe or EPIRConfig field, on top of the profile
+    [overrides]                       # any TrainRecipe field, or a model field of a chosen preset's family
     epochs = 60
+
+Profiles size the EPIR ladder (its presets carry no recipe). A peer preset (``ststnet``) keeps the
+recipe its authors published whatever the profile; its cells say profile ``published``. Overrides apply
+to every preset whose model family has the field.
 """
 
 from __future__ import annotations
@@ -26,14 +31,14 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from epir.model import PRESETS, EPIRConfig, make_config
+from epir.presets import FAMILIES, LADDER, PRESETS, config_to_dict, family_fields, make_config
 from epir.train import TrainRecipe
 
 PROTOCOLS = ("SDE", "CDE")
 FORMATS = ("casme2", "samm", "smic", "casme3", "megc2019", "manifest")
 
-# Training profiles: model width and recipe overrides on top of each preset (EPIRConfig / TrainRecipe
-# fields). ``paper`` is EPIR Sec. 4.2 at the paper width. ``cpu`` is sized so that the epir and
+# Training profiles: model width and recipe overrides on top of each EPIR-ladder preset (EPIRConfig /
+# TrainRecipe fields; peers keep their published recipe). ``paper`` is EPIR Sec. 4.2 at the paper width. ``cpu`` is sized so that the epir and
 # baseline cells of the 68-fold composite finish in about 90 minutes on 2 CPU cores (measured with
 # benchmarks/loso_profile.py; see the README). ``demo`` is the built-in demo's minutes-long grid.
 PROFILES: dict[str, dict] = {
@@ -42,8 +47,9 @@ PROFILES: dict[str, dict] = {
                 standardize=True),
     "demo": dict(dim=32, dim_head=11, depth=5, integration_blocks=2, epochs=30, lr=2e-3, batch_size=32),
 }
-MODEL_FIELDS = {f.name for f in dataclasses.fields(EPIRConfig)}
+MODEL_FIELDS = set().union(*(family_fields(f) for f in FAMILIES))
 RECIPE_FIELDS = {f.name for f in dataclasses.fields(TrainRecipe)}
+PUBLISHED = "published"  # the profile label of a peer's cells: its own published recipe
 
 
 @dataclass
@@ -79,12 +85,13 @@ class GridConfig:
 
     Attributes:
         datasets: the datasets to run; empty = the built-in demo.
-        presets: ablation presets (``epir.model.PRESETS``).
+        presets: presets of ``epir.presets.PRESETS`` (the ablation ladder and peers).
         profile: ``auto`` (``paper`` where the cluster has GPUs, else ``cpu``), or a key of ``PROFILES``.
-        overrides: EPIRConfig / TrainRecipe fields applied after the profile.
+        overrides: TrainRecipe fields and model fields, applied after the profile (a model field to the
+            presets whose family has it).
+        seeds: one cell per seed (``TrainRecipe.seed``); the tables report the mean and spread.
         experiment: MLflow experiment name; tables go to ``results_dir/<experiment>/``.
         folds: run only the first N subjects' folds of each cell (0 = all; a partial grid is labelled).
-        epoch_selection: ``last`` (honest) or ``best_test_epoch`` (peeks at the test subject; labelled).
         cpus_per_trial, gpus_per_trial: Ray resources of one fold; gpus_per_trial None = 0.25 where the
             cluster has GPUs, else 0.
         max_failures: retries of a failing fold before it is reported as failed.
@@ -95,12 +102,12 @@ class GridConfig:
     """
 
     datasets: list[DatasetSpec] = field(default_factory=list)
-    presets: list[str] = field(default_factory=lambda: list(PRESETS))
+    presets: list[str] = field(default_factory=lambda: list(LADDER))
     profile: str = "auto"
     overrides: dict = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
     experiment: str = "epir-grid"
     folds: int = 0
-    epoch_selection: str = "last"
     cpus_per_trial: float = 1.0
     gpus_per_trial: float | None = None
     max_failures: int = 2
@@ -115,10 +122,15 @@ class GridConfig:
             raise ValueError(f"unknown preset(s) {unknown}; choose from {list(PRESETS)}")
         if self.profile != "auto" and self.profile not in PROFILES:
             raise ValueError(f"profile must be auto or one of {list(PROFILES)}, got {self.profile!r}")
-        bad = set(self.overrides) - MODEL_FIELDS - RECIPE_FIELDS
+        chosen = set().union(*(family_fields(PRESETS[p].family) for p in self.presets)) if self.presets else set()
+        bad = set(self.overrides) - chosen - RECIPE_FIELDS
         if bad:
-            raise ValueError(f"unknown override(s) {sorted(bad)}; any EPIRConfig or TrainRecipe field is allowed")
-        TrainRecipe(epoch_selection=self.epoch_selection)  # validates the mode
+            raise ValueError(f"unknown override(s) {sorted(bad)}: not a TrainRecipe field nor a model field of the "
+                             f"chosen presets' families ({', '.join(sorted({PRESETS[p].family for p in self.presets}))})")
+        if "seed" in self.overrides:
+            raise ValueError("the seed is set by seeds (--seeds 0,1,2), which makes one cell per seed")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of distinct integers, got {self.seeds}")
         if self.folds < 0 or self.max_failures < 0 or self.cpus_per_trial <= 0:
             raise ValueError("folds and max_failures must be >= 0 and cpus_per_trial > 0")
         self.work_dir, self.results_dir = Path(self.work_dir), Path(self.results_dir)
@@ -129,15 +141,25 @@ class GridConfig:
             return self.profile
         return "paper" if has_gpu else "cpu"
 
-    def settings(self, preset: str, profile: str, num_classes: int) -> tuple[dict, dict]:
-        """(EPIRConfig fields, TrainRecipe fields) of one cell: preset <- profile <- overrides."""
-        merged = {**PROFILES[profile], **self.overrides}
-        model = {k: v for k, v in merged.items() if k in MODEL_FIELDS}
+    def settings(self, preset: str, profile: str, num_classes: int, seed: int = 0) -> tuple[dict, dict, str]:
+        """One cell's settings: preset <- profile (EPIR ladder only) <- overrides, and the seed.
+
+        Returns:
+            (model config as :func:`epir.presets.config_to_dict`, TrainRecipe fields, the profile label:
+            ``profile`` for the ladder, ``published`` for a peer, which keeps its own recipe).
+
+        Raises:
+            ValueError / TypeError: for an invalid combination.
+        """
+        p = PRESETS[preset]
+        fields = family_fields(p.family)
+        merged = {**p.recipe, **(PROFILES[profile] if p.profiled else {}), **self.overrides}
+        model = {k: v for k, v in merged.items() if k in fields}
         recipe = {k: v for k, v in merged.items() if k in RECIPE_FIELDS}
-        recipe["epoch_selection"] = self.epoch_selection
+        recipe["seed"] = seed
         model["num_classes"] = num_classes
         cfg = make_config(preset, **model)  # validates
-        return dataclasses.asdict(cfg), dataclasses.asdict(TrainRecipe(**recipe))
+        return config_to_dict(cfg), dataclasses.asdict(TrainRecipe(**recipe)), profile if p.profiled else PUBLISHED
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -3,31 +3,42 @@
 Writes, into ``results/<experiment>/``, Markdown and CSV in the layout of EPIR's
 - Table 1 (CDE: Full, SAMM, CASME II, SMIC; UF1, UAR) -> ``table1_cde``,
 - Tables 2/3 (SDE per dataset) -> ``table2_3_sde``,
-- Table 4 (the ablation ladder on CDE Full) -> ``table4_ablation``,
-with the paper's numbers beside ours, and ``runs.csv``: the configuration, commit, epoch-selection mode,
-fold count and wall time of every cell a table shows. Scores from ``best_test_epoch`` runs, partial
-grids (``--folds N``) and the demo are labelled in every row and title they touch.
+- Table 4 (the ablation ladder, and peers, on CDE Full) -> ``table4_ablation``,
+with the published numbers beside ours, and ``runs.csv``: one line per cell (seed) with its
+configuration, commit, fold count and wall time.
+
+One table row is one setting (dataset, protocol, preset, model, recipe and folds) pooled over its
+seeds: the mean UF1 / UAR over seeds, their standard deviation (``sd``, with n - 1; empty for one seed)
+and the seeds. Every row holds the honest score (each fold's last epoch) and, in separate columns
+marked PEEKS, the best-test-epoch score of the same trainings (the epoch each fold's test subject liked
+best, as HTNet's public code) and the gap between the two. Rows of old runs whose own score peeked
+(``--epoch-selection best_test_epoch`` before both were recorded), partial grids (``--folds N``) and the
+demo are labelled in every row and title they touch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from epir.model import PAPER_TABLE4, PRESETS
+from epir.presets import LADDER, PAPER_TABLE4, PRESETS
 
 from . import tracking
 
-# EPIR Table 1 (CDE) and Tables 2/3 (SDE), UF1 / UAR (../shared/PAPER.md).
+# EPIR Table 1 (CDE) and Tables 2/3 (SDE), UF1 / UAR (../shared/PAPER.md), and honest peer figures.
 PAPER_CDE = {
     "EPIR (paper)": {"full": (0.8852, 0.8944), "samm": (0.8383, 0.8383), "casme2": (0.9882, 0.9896), "smic": (0.8279, 0.8363)},
     "HTNet (paper)": {"full": (0.8603, 0.8475)},
     "MFDAN (paper)": {"full": (0.8453, 0.8688)},
     "STSTNet (paper)": {"full": (0.7353, 0.7605)},
+    "STSTNet (christy1206 PyTorch, last epoch of 800)": {"full": (0.7209, 0.7250)},
 }
 PAPER_SDE = {"samm": (0.8011, 0.8052), "casme2": (0.8712, 0.8466), "smic": (0.8025, 0.8213), "casme3": (0.6727, 0.6345)}
 CDE_GROUPS = [("full", "Full"), ("samm", "SAMM"), ("casme2", "CASME II"), ("smic", "SMIC")]
+PEEK = tracking.PEEK
+KEY = ["dataset", "protocol", "preset", "profile", "epoch_selection", "folds", "demo"]
 
 
 def _label(row) -> str:
@@ -41,8 +52,18 @@ def _label(row) -> str:
     return f"{row['preset']} (ours, {row['profile']})" + (f" [{'; '.join(marks)}]" if marks else "")
 
 
+def _score_columns() -> list[str]:
+    names = []
+    for prefix in ("", "bte_"):
+        for g, _ in CDE_GROUPS:
+            suffix = "" if g == "full" else f"_{g}"
+            names += [f"{prefix}uf1{suffix}", f"{prefix}uar{suffix}"]
+    return names
+
+
 def collect(client, exp_id: str) -> pd.DataFrame:
-    """One row per finished cell (the newest of equal dataset/protocol/preset/profile/mode/folds)."""
+    """One row per finished cell (per seed; the newest of a repeated setting and seed), with its honest
+    scores (``uf1``, ``uar``, ``uf1_<group>``, ...) and its best-test-epoch scores (``bte_uf1``, ...)."""
     rows = []
     for r in tracking.finished_cells(client, exp_id):
         t, m, p = r.data.tags, r.data.metrics, r.data.params
@@ -52,24 +73,51 @@ def collect(client, exp_id: str) -> pd.DataFrame:
         row = dict(dataset=t["epir.dataset"], protocol=t["epir.protocol"], preset=t["epir.preset"],
                    profile=t["epir.profile"], epoch_selection=t["epir.epoch_selection"],
                    peeks_at_test=t.get("epir.peeks_at_test") == "true", demo=t.get("epir.demo") == "true",
-                   folds=int(folds), partial=int(folds) < int(total), uf1=m["uf1"], uar=m["uar"],
+                   folds=int(folds), partial=int(folds) < int(total),
+                   seed=int(t.get("epir.seed", p.get("recipe.seed", 0))),
+                   setting=t.get("epir.setting") or t[tracking.TAG_CELL],
                    wall_minutes=m.get("wall_seconds", float("nan")) / 60,
                    train_minutes=m.get("train_seconds_sum", float("nan")) / 60,
-                   params_M=m.get("params_M"), macs_M=m.get("macs_M"),
+                   params_M=m.get("params_M"), macs_M=m.get("macs_M"), family=p.get("model.family", "epir"),
                    dim=p.get("model.dim"), depth=p.get("model.depth"), epochs=p.get("recipe.epochs"),
                    lr=p.get("recipe.lr"), batch_size=p.get("recipe.batch_size"), hflip=p.get("recipe.hflip"),
                    schedule=p.get("recipe.schedule", "constant"), standardize=p.get("recipe.standardize", "False"),
                    commit=t.get("epir.git_commit", "unknown"), run_id=r.info.run_id, cell_id=t[tracking.TAG_CELL],
                    end_time=pd.Timestamp(r.info.end_time, unit="ms"))
-        for g, _ in CDE_GROUPS[1:]:
-            if f"uf1_{g}" in m:
-                row[f"uf1_{g}"], row[f"uar_{g}"] = m[f"uf1_{g}"], m[f"uar_{g}"]
+        for name in _score_columns():
+            key = f"{PEEK}{name[4:]}" if name.startswith("bte_") else name
+            row[name] = m.get(key, np.nan)
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    key = ["dataset", "protocol", "preset", "profile", "epoch_selection", "folds", "demo"]
-    return df.sort_values("end_time", ascending=False).drop_duplicates(key).reset_index(drop=True)
+    return df.sort_values("end_time", ascending=False).drop_duplicates(["setting", "seed"]).reset_index(drop=True)
+
+
+def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting: the newest cell's description, the mean of every score over its seeds,
+    ``uf1_sd`` / ``uar_sd`` / ``bte_uf1_sd`` (standard deviation over seeds, n - 1; NaN for one seed),
+    ``n_seeds``, ``seeds``, ``gap_uf1`` / ``gap_uar`` (best-test-epoch minus honest), summed minutes; then
+    the newest setting of each dataset / protocol / preset / profile / fold count."""
+    out = []
+    for _, g in cells.sort_values("end_time", ascending=False).groupby("setting", sort=False):
+        row = g.iloc[0].to_dict()
+        for name in _score_columns():
+            row[name] = g[name].mean()
+        for name in ("uf1", "uar", "bte_uf1", "bte_uar"):
+            row[f"{name}_sd"] = g[name].std(ddof=1) if len(g) > 1 else np.nan
+        row["gap_uf1"], row["gap_uar"] = row["bte_uf1"] - row["uf1"], row["bte_uar"] - row["uar"]
+        row["n_seeds"], row["seeds"] = len(g), ",".join(str(s) for s in sorted(g["seed"]))
+        row["wall_minutes"], row["train_minutes"] = g["wall_minutes"].sum(), g["train_minutes"].sum()
+        out.append(row)
+    df = pd.DataFrame(out)
+    return df.sort_values("end_time", ascending=False).drop_duplicates(KEY).reset_index(drop=True)
+
+
+def _fmt(mean, sd=np.nan) -> str:
+    if mean is None or pd.isna(mean):
+        return ""
+    return f"{mean:.4f}" + ("" if pd.isna(sd) else f" ± {sd:.4f}")
 
 
 def _md(df: pd.DataFrame) -> str:
@@ -83,7 +131,8 @@ def _md(df: pd.DataFrame) -> str:
 
 
 def _order(df: pd.DataFrame) -> pd.DataFrame:
-    rank = {p: i for i, p in enumerate(reversed(list(PRESETS)))}  # epir first, as the paper lists it
+    names = list(reversed(LADDER)) + [p for p in PRESETS if p not in LADDER]  # epir first, as the paper lists it
+    rank = {p: i for i, p in enumerate(names)}
     return df.assign(_r=df["preset"].map(rank)).sort_values(["dataset", "_r", "profile"]).drop(columns="_r")
 
 
@@ -97,59 +146,83 @@ def _notes(df: pd.DataFrame) -> str:
                      "honest LOSO scores and exist only to compare with published numbers.")
     if df["partial"].any():
         lines.append("**PARTIAL rows** evaluate only some LOSO folds; they are not the dataset's score.")
-    lines.append("Scores: UF1 and UAR on predictions pooled over all folds of a cell (MEGC convention). "
-                 "Full provenance of every row: `runs.csv` and the MLflow parent run named below.")
+    lines.append("Scores: UF1 and UAR on predictions pooled over all folds of a cell (MEGC convention), each fold "
+                 "predicting with its LAST epoch; `mean ± sd` over the row's seeds (sd with n - 1), one seed: the score.")
+    if df["bte_uf1"].notna().any():
+        lines.append("Columns marked **PEEKS** score the same trainings at the epoch each fold's TEST subject scored "
+                     "best (HTNet's `main_HTNet.py`): not an honest result; `gap` = PEEKS minus honest, the inflation "
+                     "that choice adds.")
+    lines.append("Full provenance of every row: `runs.csv` (one line per seed) and the MLflow parent runs named below.")
     prov = pd.DataFrame({
         "row": [_label(r) for _, r in df.iterrows()], "dataset": df["dataset"], "protocol": df["protocol"],
-        "width": df["dim"], "blocks": df["depth"], "epochs": df["epochs"], "lr": df["lr"], "batch": df["batch_size"],
-        "lr schedule": df["schedule"], "mirroring": df["hflip"], "standardised": df["standardize"],
-        "epoch selection": df["epoch_selection"], "folds": df["folds"],
-        "wall (min)": df["wall_minutes"].round(1).astype(str), "training (min)": df["train_minutes"].round(1).astype(str),
-        "commit": df["commit"].str[:12], "MLflow run": df["run_id"]})
+        "seeds": df["seeds"], "width": df["dim"], "blocks": df["depth"], "epochs": df["epochs"], "lr": df["lr"],
+        "batch": df["batch_size"], "lr schedule": df["schedule"], "mirroring": df["hflip"],
+        "standardised": df["standardize"], "folds": df["folds"],
+        "wall (min, all seeds)": df["wall_minutes"].round(1).astype(str),
+        "training (min, all seeds)": df["train_minutes"].round(1).astype(str),
+        "commit": df["commit"].str[:12], "newest MLflow run": df["run_id"]})
     return "\n".join(f"- {ln}" for ln in lines) + "\n\n### Runs behind these rows\n\n" + _md(prov)
 
 
 def write_tables(client, exp_id: str, experiment: str, results_dir: Path) -> Path | None:
     """Write the tables of an experiment's finished cells; returns the folder, or None when none finished."""
-    df = collect(client, exp_id)
-    if df.empty:
+    cells = collect(client, exp_id)
+    if cells.empty:
         return None
     out = Path(results_dir) / experiment
     out.mkdir(parents=True, exist_ok=True)
-    df = _order(df)
-    df.drop(columns=["end_time"]).to_csv(out / "runs.csv", index=False)
+    _order(cells).drop(columns=["end_time"]).to_csv(out / "runs.csv", index=False)
+    df = _order(aggregate(cells))
     header = f"# {experiment}\n\n"
     cde = df[df["protocol"] == "CDE"]
     if not cde.empty:
-        rows = []
+        rows, csv_rows = [], []
         for _, r in cde.iterrows():
-            row = {"dataset": r["dataset"], "method": _label(r)}
+            row = {"dataset": r["dataset"], "method": _label(r), "seeds": r["seeds"]}
+            csv = dict(row)
             for g, name in CDE_GROUPS:
                 suffix = "" if g == "full" else f"_{g}"
-                row[f"{name} UF1"], row[f"{name} UAR"] = r.get(f"uf1{suffix}"), r.get(f"uar{suffix}")
+                for k, label in (("uf1", "UF1"), ("uar", "UAR")):
+                    sd = r.get(f"{k}_sd") if g == "full" else np.nan
+                    row[f"{name} {label}"] = _fmt(r.get(f"{k}{suffix}"), sd)
+                    csv[f"{name} {label}"] = r.get(f"{k}{suffix}")
+            for k, label in (("uf1", "UF1"), ("uar", "UAR")):
+                row[f"Full {label} best test epoch (PEEKS)"] = _fmt(r.get(f"bte_{k}"), r.get(f"bte_{k}_sd"))
+                csv[f"Full {label} sd"] = r.get(f"{k}_sd")
+                csv[f"Full {label} best test epoch (PEEKS)"] = r.get(f"bte_{k}")
             rows.append(row)
+            csv_rows.append(csv)
         for method, vals in PAPER_CDE.items():
-            row = {"dataset": "MEGC2019 composite", "method": method}
+            row = {"dataset": "MEGC2019 composite", "method": method, "seeds": ""}
             for g, name in CDE_GROUPS:
-                row[f"{name} UF1"], row[f"{name} UAR"] = vals.get(g, (float("nan"),) * 2)
+                row[f"{name} UF1"], row[f"{name} UAR"] = vals.get(g, (np.nan,) * 2)
             rows.append(row)
-        t1 = pd.DataFrame(rows)
-        t1.to_csv(out / "table1_cde.csv", index=False)
+            csv_rows.append(dict(row))
+        pd.DataFrame(csv_rows).to_csv(out / "table1_cde.csv", index=False)
         (out / "table1_cde.md").write_text(header + "## Table 1: composite dataset evaluation (CDE), UF1 / UAR\n\n"
-                                          + _md(t1) + "\n" + _notes(cde))
-        t4 = pd.DataFrame([{"dataset": r["dataset"], "preset": r["preset"], "method": _label(r),
-                            "UF1": r["uf1"], "UAR": r["uar"],
-                            "paper UF1": PAPER_TABLE4[r["preset"]][0], "paper UAR": PAPER_TABLE4[r["preset"]][1],
-                            "params (M)": r["params_M"], "MACs (M)": r["macs_M"]}
-                           for _, r in cde.iterrows()])
+                                          + _md(pd.DataFrame(rows).fillna("")) + "\n" + _notes(cde))
+        t4 = []
+        for _, r in cde.iterrows():
+            pub = PRESETS[r["preset"]].published if r["preset"] in PRESETS else None
+            t4.append({"dataset": r["dataset"], "preset": r["preset"], "method": _label(r), "seeds": r["seeds"],
+                       "UF1": r["uf1"], "UF1 sd": r["uf1_sd"], "UAR": r["uar"], "UAR sd": r["uar_sd"],
+                       "UF1 best test epoch (PEEKS)": r["bte_uf1"], "UAR best test epoch (PEEKS)": r["bte_uar"],
+                       "gap UF1": r["gap_uf1"], "gap UAR": r["gap_uar"],
+                       "published UF1": pub[0] if pub else np.nan, "published UAR": pub[1] if pub else np.nan,
+                       "params (M)": r["params_M"], "MACs (M)": r["macs_M"]})
+        t4 = pd.DataFrame(t4)
         t4.to_csv(out / "table4_ablation.csv", index=False)
-        (out / "table4_ablation.md").write_text(header + "## Table 4: ablation ladder, CDE Full, UF1 / UAR\n\n"
-                                               + _md(t4) + "\n" + _notes(cde))
+        (out / "table4_ablation.md").write_text(
+            header + "## Table 4: ablation ladder (and peers), CDE Full, UF1 / UAR\n\n"
+            "`published`: the paper's Table 4 for the ladder (EPIR, arXiv 2604.08106), the source's own figure for "
+            "a peer.\n\n" + _md(t4) + "\n" + _notes(cde))
     sde = df[df["protocol"] == "SDE"]
     if not sde.empty:
-        t2 = pd.DataFrame([{"dataset": r["dataset"], "method": _label(r), "UF1": r["uf1"], "UAR": r["uar"],
-                            "paper UF1": PAPER_SDE.get(r["dataset"], (float("nan"),) * 2)[0],
-                            "paper UAR": PAPER_SDE.get(r["dataset"], (float("nan"),) * 2)[1]}
+        t2 = pd.DataFrame([{"dataset": r["dataset"], "method": _label(r), "seeds": r["seeds"],
+                            "UF1": r["uf1"], "UF1 sd": r["uf1_sd"], "UAR": r["uar"], "UAR sd": r["uar_sd"],
+                            "UF1 best test epoch (PEEKS)": r["bte_uf1"],
+                            "paper UF1": PAPER_SDE.get(r["dataset"], (np.nan,) * 2)[0],
+                            "paper UAR": PAPER_SDE.get(r["dataset"], (np.nan,) * 2)[1]}
                            for _, r in sde.iterrows()])
         t2.to_csv(out / "table2_3_sde.csv", index=False)
         (out / "table2_3_sde.md").write_text(header + "## Tables 2 and 3: single dataset evaluation (SDE), UF1 / UAR\n\n"

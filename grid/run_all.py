@@ -23,7 +23,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 # through uv, although the environment is already complete (README, "Notes on Ray").
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from epir.model import PRESETS  # noqa: E402
+from epir.presets import LADDER, PRESETS  # noqa: E402
 from grid.config import FORMATS, PROFILES, DatasetSpec, GridConfig, load_config, parse_overrides  # noqa: E402
 
 EPILOG = f"""\
@@ -33,10 +33,15 @@ datasets (--dataset FORMAT=ROOT[:PROTOCOLS], repeatable; or [[datasets]] in --co
   Each dataset is preprocessed by the real pipeline into WORK_DIR/shards (finished shards reused).
   With no dataset at all, the grid runs the built-in DEMO (synthetic motion on grace_hopper.jpg).
 
-cells and folds: one cell per dataset x protocol x preset, a full leave-one-subject-out evaluation;
-  one Ray Tune trial per fold. UF1 / UAR pool the predictions of all of a cell's folds.
+cells and folds: one cell per dataset x protocol x preset x seed, a full leave-one-subject-out
+  evaluation; one Ray Tune trial per fold. UF1 / UAR pool the predictions of all of a cell's folds; the
+  tables give the mean and spread over seeds. Every fold predicts with its last epoch (honest); the
+  epoch its test subject liked best is recorded beside it (best_test_epoch.*, PEEKS), never instead.
 
-profiles (model width and recipe; --set KEY=VALUE overrides any EPIRConfig / TrainRecipe field):
+presets: the EPIR ladder ({', '.join(LADDER)}) and peers on their published recipes
+  ({', '.join(p for p in PRESETS if p not in LADDER)}).
+profiles (model width and recipe of the EPIR ladder; --set KEY=VALUE overrides any TrainRecipe field
+  and the model fields of the chosen presets' families):
 {chr(10).join(f'  {k:<6} {v or "EPIR Sec. 4.2: width 256, 300 epochs, Adam 5e-5, batch 256"}' for k, v in PROFILES.items())}
   auto   paper where the cluster has GPUs, else cpu
 
@@ -59,14 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="grid TOML file (see grid/config.py and README)")
     p.add_argument("--dataset", action="append", default=[], metavar="FORMAT=ROOT[:PROTOCOLS]",
                    help="a dataset to run (repeatable); overrides the config file's datasets")
-    p.add_argument("--presets", help=f"comma-separated ablation presets (default all: {','.join(PRESETS)})")
+    p.add_argument("--presets", help=f"comma-separated presets (default the ladder: {','.join(LADDER)}; "
+                   f"all: {','.join(PRESETS)})")
+    p.add_argument("--seeds", help="comma-separated seeds, one cell each (default 0), e.g. 0,1,2")
     p.add_argument("--profile", choices=["auto", *PROFILES], help="training profile (default auto)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an EPIRConfig / TrainRecipe field, e.g. --set epochs=60 --set dim=128")
+                   help="override a TrainRecipe field or a model field, e.g. --set epochs=60 --set dim=128")
     p.add_argument("--experiment", help="MLflow experiment and results/ subfolder (default epir-grid; demo: epir-grid-demo)")
     p.add_argument("--folds", type=int, help="only the N largest subjects' folds per cell (a PARTIAL grid, labelled)")
-    p.add_argument("--epoch-selection", choices=["last", "best_test_epoch"],
-                   help="last (default, honest) or best_test_epoch (peeks at the test subject; labelled)")
     p.add_argument("--cpus-per-trial", type=float, help="CPUs per fold (default 1)")
     p.add_argument("--gpus-per-trial", type=float, help="GPU fraction per fold (default 0.25 with GPUs, else 0)")
     p.add_argument("--max-concurrent", type=int, help="at most N folds at once (default: as resources allow)")
@@ -74,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, help="shards, demo data, Ray Tune results (default work_dirs)")
     p.add_argument("--results", type=Path, help="tables folder (default results)")
     p.add_argument("--overrides", type=Path, metavar="JSON",
-                   help="EPIRConfig / TrainRecipe fields from a JSON file, e.g. a search's *.best.json")
+                   help="TrainRecipe / model fields from a JSON file, e.g. a search's *.best.json")
     s = p.add_argument_group("search options", "python grid/run_all.py search --dataset FORMAT=ROOT:PROTOCOL [--presets epir]")
     s.add_argument("--trials", type=int, default=20, help="Optuna trials the study should hold (default 20); a re-run "
                    "with the same study resumes it, a larger number extends it")
@@ -117,6 +122,11 @@ def make_config(args) -> GridConfig:
         kw["datasets"] = [parse_dataset(d) for d in args.dataset]
     if args.presets:
         kw["presets"] = [s.strip() for s in args.presets.split(",") if s.strip()]
+    if args.seeds:
+        try:
+            kw["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
     overrides = dict(kw.get("overrides", {}))
     if args.overrides:
         loaded = json.loads(Path(args.overrides).read_text())
@@ -124,7 +134,7 @@ def make_config(args) -> GridConfig:
     overrides.update(parse_overrides(args.set))
     kw["overrides"] = overrides
     for flag, key in [("profile", "profile"), ("experiment", "experiment"), ("folds", "folds"),
-                      ("epoch_selection", "epoch_selection"), ("cpus_per_trial", "cpus_per_trial"),
+                      ("cpus_per_trial", "cpus_per_trial"),
                       ("gpus_per_trial", "gpus_per_trial"), ("max_concurrent", "max_concurrent"),
                       ("max_failures", "max_failures"), ("work_dir", "work_dir"), ("results", "results_dir")]:
         if getattr(args, flag) is not None:

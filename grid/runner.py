@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from epir.metrics import score
-from epir.model import PAPER_TABLE4
+from epir.presets import PRESETS
 
 from . import tracking
 from .config import GridConfig, cell_id
@@ -38,13 +38,16 @@ DEMO_SUBJECTS, DEMO_PER_CLASS = 6, 3
 
 @dataclass
 class Cell:
-    """One dataset x protocol x preset: a full LOSO evaluation.
+    """One dataset x protocol x preset x seed: a full LOSO evaluation.
 
     Attributes:
-        cell_id: hash of data, protocol, preset, model, recipe and fold selection (MLflow tag).
-        name: ``<protocol> <dataset> <preset>`` (the parent run's name).
+        cell_id: hash of data, protocol, preset, model, recipe (seed included) and fold selection (MLflow tag).
+        setting_id: the same hash without the seed: the cells of one setting over several seeds share it,
+            and the tables pool them (mean and spread).
+        name: ``<protocol> <dataset> <preset>[ seed N]`` (the parent run's name).
+        profile: the training profile, or ``published`` for a peer on its own recipe.
         data_key: key of its :class:`grid.data.ProtocolData`.
-        model, recipe: EPIRConfig and TrainRecipe fields.
+        model, recipe: the model config (:func:`epir.presets.config_to_dict`) and TrainRecipe fields.
         subjects: the test subjects of its folds; ``all_subjects``: how many the dataset has.
     """
 
@@ -62,11 +65,12 @@ class Cell:
     subjects: list[str]
     all_subjects: int
     demo: bool = False
+    setting_id: str = ""
 
     @property
-    def peeks(self) -> bool:
-        """True when the fold's test subject picks the epoch (``best_test_epoch``)."""
-        return self.recipe["epoch_selection"] == "best_test_epoch"
+    def seed(self) -> int:
+        """The recipe's seed."""
+        return int(self.recipe["seed"])
 
     @property
     def partial(self) -> bool:
@@ -76,8 +80,9 @@ class Cell:
     def tags(self) -> dict:
         """MLflow tags shared by the parent and child runs (strings)."""
         return {"epir.dataset": self.dataset, "epir.protocol": self.protocol, "epir.preset": self.preset,
-                "epir.profile": self.profile, "epir.epoch_selection": self.recipe["epoch_selection"],
-                "epir.peeks_at_test": str(self.peeks).lower(), "epir.demo": str(self.demo).lower(),
+                "epir.profile": self.profile, "epir.seed": str(self.seed), "epir.setting": self.setting_id,
+                # the run's own metrics are the honest ones (last epoch); best_test_epoch.* metrics peek
+                "epir.epoch_selection": "last", "epir.peeks_at_test": "false", "epir.demo": str(self.demo).lower(),
                 "epir.folds": f"{len(self.subjects)}/{self.all_subjects}"}
 
     def params(self) -> dict:
@@ -124,25 +129,37 @@ def check_fit(resources_per_node: list[dict], bundles: list[dict]) -> None:
 
 
 def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) -> list[Cell]:
-    """Every dataset x protocol x preset cell, in that order."""
+    """Every dataset x protocol x preset x seed cell, in that order."""
     cells = []
     for key, d in data.items():
         subjects = d.fold_subjects
         chosen = subjects[: cfg.folds] if cfg.folds else subjects
         for preset in cfg.presets:
-            model, recipe = cfg.settings(preset, profile, len(d.classes))
-            recipe["flow_range"] = d.flow_range
-            ident = cell_id(dict(data=key, shards=d.config_id, n=len(d.labels), model=model, recipe=recipe,
-                                 subjects=chosen, demo=cfg.demo))
-            cells.append(Cell(ident, f"{d.protocol} {d.dataset} {preset}", d.dataset, d.protocol, preset, profile, key,
-                              d.config_id, d.classes, model, recipe, chosen, len(subjects), cfg.demo))
+            for seed in cfg.seeds:
+                model, recipe, label = cfg.settings(preset, profile, len(d.classes), seed)
+                recipe["flow_range"] = d.flow_range
+                parts = dict(data=key, shards=d.config_id, n=len(d.labels), model=model, recipe=recipe,
+                             subjects=chosen, demo=cfg.demo)
+                setting = cell_id({**parts, "recipe": {k: v for k, v in recipe.items() if k != "seed"}})
+                name = f"{d.protocol} {d.dataset} {preset}" + (f" seed {seed}" if cfg.seeds != [0] else "")
+                cells.append(Cell(cell_id(parts), name, d.dataset, d.protocol, preset, label, key, d.config_id,
+                                  d.classes, model, recipe, chosen, len(subjects), cfg.demo, setting))
     return cells
 
 
-def pooled_scores(cell: Cell, folds: dict[str, dict]) -> dict:
+def pooled_scores(cell: Cell, folds: dict[str, dict], best_test_epoch: bool = False) -> dict | None:
     """UF1 / UAR / accuracy / confusion from the predictions pooled over the cell's folds, overall and per
-    source dataset when there is more than one (EPIR Table 1 scores SAMM, CASME II, SMIC as subsets)."""
+    source dataset when there is more than one (EPIR Table 1 scores SAMM, CASME II, SMIC as subsets).
+
+    Args:
+        best_test_epoch: score the folds' best-test-epoch predictions instead of the honest ones (they
+            PEEK at each fold's test subject); None when a fold has none (folds logged before they existed).
+    """
     fs = [folds[s] for s in cell.subjects]
+    if best_test_epoch:
+        if not all(f.get("best_test_epoch") for f in fs):
+            return None
+        fs = [{**f, "y_pred": f["best_test_epoch"]["y_pred"]} for f in fs]
     yt = np.concatenate([f["y_true"] for f in fs]).astype(int)
     yp = np.concatenate([f["y_pred"] for f in fs]).astype(int)
     groups = np.concatenate([f["groups"] for f in fs])
@@ -152,9 +169,9 @@ def pooled_scores(cell: Cell, folds: dict[str, dict]) -> dict:
 def _cell_stats(cell: Cell, folds: dict[str, dict]) -> dict:
     fs = [folds[s] for s in cell.subjects]
     from epir.complexity import measure
-    from epir.model import EPIR, EPIRConfig
+    from epir.presets import build_model, config_from_dict
 
-    c = measure(EPIR(EPIRConfig(**cell.model)))
+    c = measure(build_model(config_from_dict(cell.model)))
     return {"folds": len(fs), "train_seconds_sum": sum(f["train_seconds"] for f in fs),
             "wall_seconds": max(f["finished"] for f in fs) - min(f["started"] for f in fs),
             "params_M": c.params / 1e6, "macs_M": c.macs / 1e6}
@@ -220,11 +237,14 @@ class _Progress:
 
 
 def finish_cell(client, parent_id: str, cell: Cell, folds: dict, log=print) -> dict:
-    """Pool a complete cell's folds, log the parent run's scores and figures, and return the scores."""
+    """Pool a complete cell's folds, log the parent run's scores (honest, and best-test-epoch beside them,
+    labelled) and figures, and return the honest scores."""
     scores = pooled_scores(cell, folds)
-    tracking.log_cell(client, parent_id, cell, scores, _cell_stats(cell, folds))
+    peek = pooled_scores(cell, folds, best_test_epoch=True)
+    tracking.log_cell(client, parent_id, cell, scores, _cell_stats(cell, folds), peek, folds)
     s = scores["all"]
-    log(f"  cell done: {cell.name}: UF1 {s['uf1']:.4f}  UAR {s['uar']:.4f}  ({len(cell.subjects)} folds)")
+    extra = f"; best test epoch (peeks): UF1 {peek['all']['uf1']:.4f}" if peek else ""
+    log(f"  cell done: {cell.name}: UF1 {s['uf1']:.4f}  UAR {s['uar']:.4f}  ({len(cell.subjects)} folds{extra})")
     return scores
 
 
@@ -406,14 +426,14 @@ def _tune(cfg: GridConfig, pending: list[dict], data: dict, gpus: float, progres
 
 def summary_table(outcome: GridOutcome) -> str:
     """The table printed at the end: one line per cell with its pooled UF1 / UAR (and the paper's)."""
-    lines = [f"{'cell':<34} {'folds':>7} {'UF1':>7} {'UAR':>7}   paper Table 4 (CDE Full)"]
+    lines = [f"{'cell':<40} {'folds':>7} {'UF1':>7} {'UAR':>7}   published (CDE Full)"]
     for c in outcome.cells:
         s = outcome.scores.get(c.cell_id)
-        paper = PAPER_TABLE4.get(c.preset) if c.protocol == "CDE" else None
+        paper = PRESETS[c.preset].published if c.protocol == "CDE" else None
         ptxt = f"{paper[0]:.4f} / {paper[1]:.4f}" if paper else ""
         if s:
-            lines.append(f"{c.name:<34} {len(c.subjects):>7} {s['all']['uf1']:7.4f} {s['all']['uar']:7.4f}   {ptxt}")
+            lines.append(f"{c.name:<40} {len(c.subjects):>7} {s['all']['uf1']:7.4f} {s['all']['uar']:7.4f}   {ptxt}")
         else:
-            lines.append(f"{c.name:<34} {len(c.subjects):>7} {'incomplete':>15}")
+            lines.append(f"{c.name:<40} {len(c.subjects):>7} {'incomplete':>15}")
     return "\n".join(lines)
 

@@ -105,18 +105,20 @@ def inner_fold(flows: np.ndarray, labels: np.ndarray, subjects: np.ndarray, test
         ``{"subject", "val_subjects", "sample_index", "y_true", "y_pred", "train_seconds"}`` on the
         validation subjects.
     """
-    from epir.model import EPIRConfig
-    from epir.train import TrainRecipe, fit, predict, resolve_device, to_tensor
+    from epir.presets import config_from_dict
+    from epir.train import TrainRecipe, fit, predict, resolve_device, to_model_input
 
     subjects = np.asarray([str(s) for s in subjects])
     if (subjects == str(test_subject)).any():
         raise ValueError(f"inner_fold was given samples of the test subject {test_subject!r}")
     val = validation_subjects(subjects, test_subject, val_fraction, seed)
     is_val = np.isin(subjects, val)
-    rec = TrainRecipe(**{**recipe, "epoch_selection": "last"})
+    rec = TrainRecipe(**recipe)
+    config = config_from_dict(model)
     start = time.perf_counter()
-    net, _ = fit(EPIRConfig(**model), rec, flows[~is_val], labels[~is_val])
-    probs = predict(net, to_tensor(flows[is_val]).to(resolve_device(rec.device)), rec.batch_size)
+    net, _ = fit(config, rec, flows[~is_val], labels[~is_val])
+    x_val = to_model_input(flows[is_val], config, rec.flow_range).to(resolve_device(rec.device))
+    probs = predict(net, x_val, rec.batch_size)
     return {"subject": str(test_subject), "val_subjects": val, "y_true": labels[is_val].tolist(),
             "y_pred": probs.argmax(-1).tolist(), "train_seconds": time.perf_counter() - start}
 
@@ -136,11 +138,11 @@ def search_trial(config: dict, data, spec: dict) -> None:
     import ray
     from ray import tune
 
-    from epir.model import EPIRConfig
+    from epir.presets import config_from_dict
 
     model = {**spec["model"], "alpha": float(config["alpha"]), "temperature": float(config["temperature"]),
              "merge_k": int(config["merge_k"])}
-    EPIRConfig(**model)  # a clear error for an impossible combination
+    config_from_dict(model)  # a clear error for an impossible combination
     ref = ray.put(data)
     task = ray.remote(_fold_task).options(num_cpus=spec["cpus"], num_gpus=spec["gpus"], max_retries=2)
     futures = [task.remote(ref, s, model, spec["recipe"], spec["val_fraction"], spec["seed"], spec["threads"])
@@ -210,7 +212,7 @@ def run_search(cfg, scfg: SearchConfig, log=print) -> SearchOutcome:
                          "(give --dataset FORMAT=ROOT:SDE or :CDE)")
     ((key, d),) = data.items()
     preset = cfg.presets[0]
-    model, recipe = cfg.settings(preset, profile, len(d.classes))
+    model, recipe, _ = cfg.settings(preset, profile, len(d.classes))
     recipe["flow_range"] = d.flow_range
     subjects = d.fold_subjects[: cfg.folds] if cfg.folds else d.fold_subjects
     cpus = cfg.cpus_per_trial

@@ -106,10 +106,24 @@ def finished_folds(client, exp_id: str, cell_id: str) -> dict[str, dict]:
     return out
 
 
+PEEK = "best_test_epoch."  # prefix of every metric that peeks at the test subject
+
+
+def _predictions_csv(cell, fold: dict, y_pred, probs) -> str:
+    lines = ["sample_id,y_true,y_pred," + ",".join(f"p_{c}" for c in cell.classes)]
+    for s, t, p, pr in zip(fold["sample_ids"], fold["y_true"], y_pred, probs):
+        lines.append(f"{s},{cell.classes[t]},{cell.classes[p]}," + ",".join(f"{x:.5f}" for x in pr))
+    return "\n".join(lines) + "\n"
+
+
 def log_fold(client, exp_id: str, parent_id: str, cell, fold: dict) -> str:
     """One child run for one finished fold: the full configuration as params, per-epoch loss and
-    training accuracy as metric histories, the fold's metrics, its predictions (``predictions.csv``)
-    and everything as ``fold.json``; marked FINISHED last, so a half-logged fold is not counted."""
+    training accuracy as metric histories, the fold's metrics, its honest predictions
+    (``predictions.csv``), and everything as ``fold.json``; marked FINISHED last, so a half-logged fold is
+    not counted. The best-test-epoch result of the same training sits beside it, labelled: metrics
+    ``best_test_epoch.epoch``, ``best_test_epoch.test_accuracy``, the history
+    ``best_test_epoch.test_acc_by_epoch`` (the test subject's accuracy after each epoch) and
+    ``predictions_best_test_epoch.csv``."""
     from mlflow.entities import Metric, Param
 
     tags = {"mlflow.parentRunId": parent_id, TAG_KIND: "fold", TAG_CELL: cell.cell_id, TAG_FOLD: fold["subject"],
@@ -123,14 +137,19 @@ def log_fold(client, exp_id: str, parent_id: str, cell, fold: dict) -> str:
                 Metric("test_samples", float(len(yt)), now, 0),
                 Metric("train_seconds", float(fold["train_seconds"]), now, 0),
                 Metric("selected_epoch", float(fold["selected_epoch"]), now, 0)]
+    peek = fold.get("best_test_epoch")
+    if peek:
+        metrics += [Metric(f"{PEEK}epoch", float(peek["epoch"]), now, 0),
+                    Metric(f"{PEEK}test_accuracy", float(np.mean(yt == np.asarray(peek["y_pred"]))), now, 0)]
+        metrics += [Metric(f"{PEEK}test_acc_by_epoch", float(a), now, e) for e, a in enumerate(peek["test_acc"], 1)]
     params = {**cell.params(), "fold.test_subject": fold["subject"]}
     for i in range(0, len(metrics), 900):
         client.log_batch(rid, metrics=metrics[i : i + 900])
     client.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
-    lines = ["sample_id,y_true,y_pred," + ",".join(f"p_{c}" for c in cell.classes)]
-    for s, t, p, pr in zip(fold["sample_ids"], fold["y_true"], fold["y_pred"], fold["probs"]):
-        lines.append(f"{s},{cell.classes[t]},{cell.classes[p]}," + ",".join(f"{x:.5f}" for x in pr))
-    client.log_text(rid, "\n".join(lines) + "\n", "predictions.csv")
+    client.log_text(rid, _predictions_csv(cell, fold, fold["y_pred"], fold["probs"]), "predictions.csv")
+    if peek:
+        client.log_text(rid, _predictions_csv(cell, fold, peek["y_pred"], peek["probs"]),
+                        "predictions_best_test_epoch.csv")
     client.log_text(rid, json.dumps(fold), "fold.json")
     client.set_terminated(rid, "FINISHED")
     return rid
@@ -160,27 +179,80 @@ def confusion_figure(confusion: list[list[int]], classes: list[str], title: str)
     return fig
 
 
-def log_cell(client, parent_id: str, cell, scores: dict, stats: dict) -> None:
+def learning_curve_figure(folds: list[dict], title: str):
+    """A matplotlib figure of a cell's training curves: mean and min..max band over its folds of the
+    training loss and accuracy per epoch (and of the test subjects' accuracy per epoch, which the
+    best-test-epoch result is chosen from, drawn dashed and labelled as such)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = min(len(f["curve"]) for f in folds)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, name in ((axes[0], "loss", "training loss"), (axes[1], "train_acc", "training accuracy")):
+        v = np.asarray([[rec[key] for rec in f["curve"][:epochs]] for f in folds], dtype=float)
+        x = np.arange(1, epochs + 1)
+        ax.plot(x, v.mean(0), label=f"{name}, mean of {len(folds)} folds")
+        ax.fill_between(x, v.min(0), v.max(0), alpha=0.25, label="min .. max over folds")
+        ax.set_xlabel("epoch")
+        ax.set_title(name, fontsize=9)
+    peeks = [f["best_test_epoch"]["test_acc"][:epochs] for f in folds if f.get("best_test_epoch")]
+    if len(peeks) == len(folds):
+        w = np.asarray([len(f["y_true"]) for f in folds], dtype=float)
+        axes[1].plot(np.arange(1, epochs + 1), (np.asarray(peeks) * w[:, None]).sum(0) / w.sum(), "--",
+                     label="test subjects' accuracy (pooled; for the oracle gap only)")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def score_metrics(scores: dict, now: int, prefix: str = "") -> list:
+    """MLflow metrics of pooled scores: ``uf1``, ``uar``, ``accuracy`` overall and ``uf1_<group>`` ... per
+    source dataset, each name behind ``prefix`` (``best_test_epoch.`` for the peeking result)."""
+    from mlflow.entities import Metric
+
+    out = []
+    for group, s in scores.items():
+        suffix = "" if group == "all" else f"_{group}"
+        out += [Metric(f"{prefix}{k}{suffix}", float(s[k]), now, 0) for k in ("uf1", "uar", "accuracy")]
+    return out
+
+
+def log_cell(client, parent_id: str, cell, scores: dict, stats: dict, peek: dict | None = None,
+             folds: dict | None = None) -> None:
     """Finish a cell's parent run: pooled UF1 / UAR / accuracy overall and per source dataset, the
-    confusion matrices as figures and JSON, complexity, wall and training time, package versions."""
+    confusion matrices as figures and JSON, complexity, wall and training time, package versions.
+
+    ``peek``, the pooled best-test-epoch scores of the same folds, goes beside them under
+    ``best_test_epoch.*`` (with ``best_test_epoch.gap_uf1`` / ``gap_uar``, how much choosing the epoch on
+    the test subject adds) and into ``scores_best_test_epoch.json``; it never replaces the honest ones.
+    With ``folds`` (subject -> fold record), ``learning_curves.png`` shows the folds' training curves."""
     import matplotlib.pyplot as plt
     from mlflow.entities import Metric
 
     from preprocess.pipeline import package_versions
 
     now = int(time.time() * 1000)
-    metrics = []
-    for group, s in scores.items():
-        suffix = "" if group == "all" else f"_{group}"
-        metrics += [Metric(f"{k}{suffix}", float(s[k]), now, 0) for k in ("uf1", "uar", "accuracy")]
+    metrics = score_metrics(scores, now)
     metrics += [Metric(k, float(v), now, 0) for k, v in stats.items()]
+    if peek:
+        metrics += score_metrics(peek, now, PEEK)
+        metrics += [Metric(f"{PEEK}gap_{k}", float(peek["all"][k] - scores["all"][k]), now, 0) for k in ("uf1", "uar")]
     client.log_batch(parent_id, metrics=metrics)
     for group, s in scores.items():
-        fig = confusion_figure(s["confusion"], cell.classes, f"{cell.name} [{group}] UF1 {s['uf1']:.4f} UAR {s['uar']:.4f}"
-                               + (" BEST-TEST-EPOCH" if cell.peeks else ""))
+        fig = confusion_figure(s["confusion"], cell.classes, f"{cell.name} [{group}] UF1 {s['uf1']:.4f} UAR {s['uar']:.4f}")
         client.log_figure(parent_id, fig, f"confusion_{group}.png")
         plt.close(fig)
     client.log_text(parent_id, json.dumps(scores, indent=2), "scores.json")
+    if peek:
+        client.log_text(parent_id, json.dumps(peek, indent=2), "scores_best_test_epoch.json")
+    if folds:
+        fig = learning_curve_figure([folds[s] for s in cell.subjects], f"{cell.name}: learning curves")
+        client.log_figure(parent_id, fig, "learning_curves.png")
+        plt.close(fig)
     client.log_text(parent_id, json.dumps(package_versions(), indent=2), "versions.json")
     client.set_tag(parent_id, "epir.git_commit", git_commit())
     client.set_tag(parent_id, "epir.versions", json.dumps(package_versions()))

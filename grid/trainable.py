@@ -1,8 +1,10 @@
 """The Ray Tune trial of the grid: one leave-one-subject-out fold of one cell.
 
-The trial trains with :func:`epir.train.train_fold`, reports every epoch (``epoch``, ``loss``,
-``train_acc``) through ``ray.tune.report``, and finishes with a report whose ``fold_json`` holds the
-test subject's predictions and the curve; the driver logs that to MLflow. Trials never write to MLflow.
+The trial trains with :func:`epir.train.train_fold`, reports its progress (``epoch``, ``loss``,
+``train_acc``; every epoch, or every ``epochs // 100``-th for long recipes) through ``ray.tune.report``,
+and finishes with a report whose ``fold_json`` holds the
+test subject's predictions (:func:`fold_record`) and the curve; the driver logs that to MLflow. Trials
+never write to MLflow.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 FOLD_KEY = "fold_json"
+REPORTS_PER_FOLD = 100  # at most this many progress reports to Tune per fold; the full curve goes to MLflow
 
 
 class InjectedFailure(RuntimeError):
@@ -34,11 +37,38 @@ def _maybe_fail(spec: str | None, subject: str, marker_dir: str) -> None:
     raise InjectedFailure(f"injected failure for fold {subject} (--inject-failure {spec})")
 
 
+def fold_record(r, d, started: float, node: str = "") -> dict:
+    """The JSON-ready record of one finished fold, as the grid's child runs hold it (``fold.json``).
+
+    Args:
+        r: the :class:`epir.train.FoldResult`.
+        d: the fold's :class:`grid.data.ProtocolData` (sample ids and source datasets).
+        started: Unix time at which the fold started; node: where it ran.
+
+    Returns:
+        ``subject``, ``sample_ids``, ``groups``, ``y_true``, honest ``y_pred`` / ``probs`` (last epoch),
+        ``curve``, ``selected_epoch``, ``best_test_epoch`` (``epoch``, ``y_pred``, ``probs``, ``test_acc``,
+        ``peeks_at_test``: the test-subject-chosen epoch, kept apart), timing, device and node.
+    """
+    b = r.best_test_epoch
+    return {
+        "subject": r.test_subject, "sample_ids": d.sample_ids[r.test_index].tolist(),
+        "groups": d.groups[r.test_index].tolist(), "y_true": r.y_true.tolist(), "y_pred": r.y_pred.tolist(),
+        "probs": r.probs.round(5).tolist(), "curve": r.curve, "selected_epoch": r.selected_epoch,
+        "epoch_selection": "last",
+        "best_test_epoch": {"epoch": b.epoch, "y_pred": b.y_pred.tolist(), "probs": b.probs.round(5).tolist(),
+                            "test_acc": [round(a, 5) for a in b.test_acc], "peeks_at_test": True},
+        "train_seconds": r.train_seconds, "device": r.device, "node": node, "started": started,
+        "finished": time.time(),
+    }
+
+
 def fold_trial(config: dict, data: dict) -> None:
     """Ray Tune function trainable: train and evaluate one fold.
 
     Args:
-        config: ``{"trial": {...}}`` with ``data_key``, ``subject``, ``model`` (EPIRConfig fields),
+        config: ``{"trial": {...}}`` with ``data_key``, ``subject``, ``model`` (a model config dict,
+            :func:`epir.presets.config_to_dict`),
             ``recipe`` (TrainRecipe fields), ``threads``, ``inject`` and ``marker_dir``.
         data: ``{data_key: grid.data.ProtocolData}`` (put in the object store by ``tune.with_parameters``).
 
@@ -49,7 +79,7 @@ def fold_trial(config: dict, data: dict) -> None:
     import torch
     from ray import tune
 
-    from epir.model import EPIRConfig
+    from epir.presets import config_from_dict
     from epir.train import TrainRecipe, train_fold
 
     t = config["trial"]
@@ -58,13 +88,13 @@ def fold_trial(config: dict, data: dict) -> None:
     d = data[t["data_key"]]
     recipe = TrainRecipe(**t["recipe"])
     started = time.time()
-    r = train_fold(d.flows, d.labels, d.subjects, t["subject"], EPIRConfig(**t["model"]), recipe,
-                   on_epoch_end=lambda rec: tune.report(dict(rec)))
-    fold = {
-        "subject": r.test_subject, "sample_ids": d.sample_ids[r.test_index].tolist(),
-        "groups": d.groups[r.test_index].tolist(), "y_true": r.y_true.tolist(), "y_pred": r.y_pred.tolist(),
-        "probs": r.probs.round(5).tolist(), "curve": r.curve, "selected_epoch": r.selected_epoch,
-        "epoch_selection": r.epoch_selection, "train_seconds": r.train_seconds, "device": r.device,
-        "node": ray.get_runtime_context().get_node_id(), "started": started, "finished": time.time(),
-    }
+    every = max(1, recipe.epochs // REPORTS_PER_FOLD)  # Tune's per-report cost matters at 800 epochs
+
+    def report(rec: dict) -> None:
+        if rec["epoch"] % every == 0 and rec["epoch"] < recipe.epochs:
+            tune.report(dict(rec))
+
+    r = train_fold(d.flows, d.labels, d.subjects, t["subject"], config_from_dict(t["model"]), recipe,
+                   on_epoch_end=report)
+    fold = fold_record(r, d, started, ray.get_runtime_context().get_node_id())
     tune.report({"epoch": r.curve[-1]["epoch"], "done": True, FOLD_KEY: json.dumps(fold)})

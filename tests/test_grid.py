@@ -63,11 +63,16 @@ def test_short_grid_on_the_real_composite(composite_root, tmp_path):
     assert 0.0 <= m["uf1"] <= 1.0 and parent.data.tags["epir.epoch_selection"] == "last"
     assert parent.data.tags["epir.git_commit"] != "" and parent.data.params["model.dim"] == "12"
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"confusion_all.png", "scores.json", "versions.json"} <= arts
+    assert {"confusion_all.png", "scores.json", "versions.json", "learning_curves.png",
+            "scores_best_test_epoch.json"} <= arts
+    # the same trainings' best-test-epoch result sits beside the honest one, never in its place
+    assert m["best_test_epoch.uf1"] >= 0 and m["best_test_epoch.gap_uf1"] == pytest.approx(
+        m["best_test_epoch.uf1"] - m["uf1"]) and parent.data.tags["epir.peeks_at_test"] == "false"
     child = folds[0]
     assert len(client.get_metric_history(child.info.run_id, "loss")) == 2  # one point per epoch
     assert len(client.get_metric_history(child.info.run_id, "train_acc")) == 2
-    assert "predictions.csv" in {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"predictions.csv", "predictions_best_test_epoch.csv"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert len(client.get_metric_history(child.info.run_id, "best_test_epoch.test_acc_by_epoch")) == 2
     # pooled scores equal sklearn's on the children's predictions
     from sklearn.metrics import f1_score, recall_score
 
@@ -114,8 +119,22 @@ def test_configuration_parsing(tmp_path):
     kw = load_config(toml)
     assert kw["datasets"][0].root == tmp_path / "m.csv" and kw["datasets"][0].options == {"classes": ["a", "b"]}
     cfg = GridConfig(**kw)
-    model, recipe = cfg.settings("epir", "cpu", 2)
-    assert recipe["epochs"] == 3 and model["num_classes"] == 2 and model["dim"] == 64
+    model, recipe, profile = cfg.settings("epir", "cpu", 2)
+    assert recipe["epochs"] == 3 and model["num_classes"] == 2 and model["dim"] == 64 and profile == "cpu"
+    assert model["family"] == "epir" and recipe["seed"] == 0
+    # a peer keeps its published recipe whatever the profile; overrides still reach it
+    peer = GridConfig(**{**kw, "presets": ["ststnet", "epir"], "overrides": {"dim": 32}})
+    model, recipe, profile = peer.settings("ststnet", "cpu", 3, seed=2)
+    assert profile == "published" and model["family"] == "ststnet" and "dim" not in model
+    assert (recipe["epochs"], recipe["lr"], recipe["sample_order"], recipe["hflip"], recipe["seed"]) == (800, 5e-5, "by_label", False, 2)
+    assert peer.settings("epir", "cpu", 3)[0]["dim"] == 32
+    with pytest.raises(ValueError, match="unknown override"):
+        GridConfig(**{**kw, "presets": ["ststnet"], "overrides": {"dim": 32}})  # no chosen preset has it
+    with pytest.raises(ValueError, match="seeds"):
+        GridConfig(**{**kw, "overrides": {"seed": 3}})
+    assert make_config(build_parser().parse_args(["--config", str(toml), "--seeds", "0,1,2"])).seeds == [0, 1, 2]
+    with pytest.raises(ValueError, match="seeds"):
+        make_config(build_parser().parse_args(["--config", str(toml), "--seeds", "0,x"]))
     cfg = make_config(build_parser().parse_args(["--config", str(toml), "--set", "epochs=5", "--set", "hflip=false"]))
     assert cfg.overrides == {"epochs": 5, "hflip": False} and not cfg.demo
     from grid.config import parse_overrides  # the benchmarks read --set the same way
@@ -139,10 +158,31 @@ def test_table_rows_say_when_a_score_peeks_at_the_test_subject():
     from grid.report import _label
 
     row = dict(preset="epir", profile="paper", peeks_at_test=True, partial=False, folds=68, demo=False)
-    assert "BEST-TEST-EPOCH" in _label(row)
+    assert "BEST-TEST-EPOCH" in _label(row)  # a run logged before both results were kept
     assert _label({**row, "peeks_at_test": False}) == "epir (ours, paper)"
-    cfg = GridConfig(datasets=[DatasetSpec("megc2019", Path("x"))], epoch_selection="best_test_epoch")
-    assert cfg.settings("epir", "cpu", 3)[1]["epoch_selection"] == "best_test_epoch"
+
+
+def test_tables_pool_seeds_and_keep_the_best_test_epoch_apart():
+    import numpy as np
+
+    from grid.report import aggregate
+
+    base = dict(dataset="megc2019", protocol="CDE", preset="epir", profile="cpu", epoch_selection="last",
+                folds=68, demo=False, setting="s1", wall_minutes=1.0, train_minutes=2.0)
+    scores = {"uf1": [0.6, 0.7, 0.8], "uar": [0.5, 0.6, 0.7], "bte_uf1": [0.8, 0.9, 0.9], "bte_uar": [0.7, 0.8, 0.8]}
+    rows = [{**base, "seed": i, "end_time": pd.Timestamp(2026, 1, 1 + i), **{k: v[i] for k, v in scores.items()}}
+            for i in range(3)]
+    rows.append({**base, "setting": "s0", "seed": 0, "end_time": pd.Timestamp(2025, 1, 1), "uf1": 0.1, "uar": 0.1,
+                 "bte_uf1": 0.2, "bte_uar": 0.2})  # an older setting of the same preset and profile
+    df = pd.DataFrame(rows)
+    for c in ("uf1_samm", "uar_samm", "uf1_casme2", "uar_casme2", "uf1_smic", "uar_smic"):
+        df[c], df[f"bte_{c}"] = np.nan, np.nan
+    out = aggregate(df)
+    assert len(out) == 1  # the newest setting of the row's key
+    r = out.iloc[0]
+    assert r["uf1"] == pytest.approx(0.7) and r["uf1_sd"] == pytest.approx(0.1) and r["n_seeds"] == 3
+    assert r["seeds"] == "0,1,2" and r["bte_uf1"] == pytest.approx(0.8667, abs=1e-4)
+    assert r["gap_uf1"] == pytest.approx(r["bte_uf1"] - r["uf1"]) and r["wall_minutes"] == 3.0
 
 
 def test_folds_tune_ended_early_get_their_remaining_attempts():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from epir.complexity import PAPER_MACS, PAPER_PARAMS, measure
-from epir.model import EPIR, PRESETS, make_config
+from epir.model import EPIR
+from epir.presets import LADDER, PRESETS, make_config
 
 from .conftest import REPO
 
@@ -26,8 +27,9 @@ def test_paper_configuration_gives_table1_figures():
 
 
 def test_ladder_adds_one_component_per_rung():
-    cfgs = {p: make_config(p) for p in PRESETS}
-    assert list(PRESETS) == ["baseline", "+dtsm", "+itals", "+spt", "+dnspt", "epir"]
+    cfgs = {p: make_config(p) for p in LADDER}
+    assert LADDER == ["baseline", "+dtsm", "+itals", "+spt", "+dnspt", "epir"]
+    assert all(PRESETS[p].family == "epir" and PRESETS[p].profiled and not PRESETS[p].recipe for p in LADDER)
     b = cfgs["baseline"]
     assert (b.tokenizer, b.itals, b.dtsm, b.merge_k, b.contrastive) == ("linear", False, False, 0, False)
     assert cfgs["+dtsm"].dtsm and cfgs["+dtsm"].contrastive and not cfgs["+dtsm"].itals
@@ -79,7 +81,7 @@ def test_input_standardisation_is_a_saved_per_channel_affine_map():
 
 
 def test_every_preset_gets_gradients_everywhere():
-    for preset in PRESETS:
+    for preset in LADDER:
         model = EPIR(make_config(preset, dim=24, dim_head=8, depth=9, integration_blocks=4))
         logits = model(torch.randn(3, 3, 28, 28))
         logits.sum().backward()
