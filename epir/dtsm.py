@@ -6,9 +6,17 @@ no identity term, ``R = A_L-1 @ ... @ A_1``; the class-token row of R ranks the 
 each head contributes its top-ranked token.
 
 Token integration changes the token count between integration blocks, so a product of attention
-matrices cannot cross a merge while staying indexed by the current tokens. We therefore roll out
-over the trailing run of blocks that all see the current tokens: the discriminative-token-extractor
-blocks in the ``epir`` preset, every block before the last in presets without merging.
+matrices cannot cross a merge while staying indexed by the current tokens. Two readings
+(``EPIRConfig.dtsm_rollout``):
+
+- ``all`` (EPIR eq. 19, the default): roll out over every block before the last, THROUGH the merges:
+  ``R = A_L-1 ... A_k+1 M_k A_k ... M_1 A_1`` with ``M_k`` the (N_k+1 x N_k) averaging matrix of block
+  k's merge (:func:`rollout_through_merges`). R's class-token row weighs the INPUT tokens; a current
+  token scores the sum of the weights of the input tokens merged into it (its column of the
+  cumulative merge, made 0/1).
+- ``extractor``: roll out over the trailing run of blocks that all see the current tokens (the
+  discriminative-token-extractor blocks in the ``epir`` preset; every block before the last without
+  merging, where both readings agree).
 """
 
 from __future__ import annotations
@@ -38,6 +46,41 @@ def attention_rollout(attns: Sequence[torch.Tensor]) -> torch.Tensor:
             raise ValueError(f"attention maps differ in shape: {tuple(a.shape)} vs {tuple(rollout.shape)}")
         rollout = a @ rollout
     return rollout
+
+
+def rollout_through_merges(steps: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    """Class-token rollout over blocks that may merge tokens, scored on the CURRENT tokens (eq. 19, ``all``).
+
+    Args:
+        steps: per block, first block first: its attention (B, H, N_k, N_k) and its merge matrix
+            (B, N_k+1, N_k) or None (no merge), as :func:`epir.merge.bipartite_soft_matching` builds it.
+
+    Returns:
+        (B, H, N, N) with row 0 the class token's score of each current token (the rollout's weight of
+        the input tokens each one holds); other rows zero. Feed it to :func:`select_tokens`.
+
+    Raises:
+        ValueError: if ``steps`` is empty or the shapes do not chain.
+    """
+    if len(steps) == 0:
+        raise ValueError("attention rollout needs at least one attention map")
+    attn0 = steps[0][0]
+    b, h, n0, _ = attn0.shape
+    eye = torch.eye(n0, device=attn0.device, dtype=attn0.dtype)
+    rollout = eye.expand(b, h, n0, n0)  # (B, H, N_cur, N_0)
+    member = eye.expand(b, n0, n0)  # (B, N_cur, N_0): which input tokens each current token holds
+    for attn, merge in steps:
+        if attn.shape[-1] != rollout.shape[-2]:
+            raise ValueError(f"attention over {attn.shape[-1]} tokens after a rollout over {rollout.shape[-2]}")
+        rollout = attn @ rollout
+        if merge is not None:
+            rollout = merge[:, None] @ rollout
+            member = merge @ member
+    held = (member > 0).to(rollout.dtype)  # (B, N, N_0)
+    scores = rollout[:, :, 0] @ held.transpose(-1, -2)  # (B, H, N)
+    out = torch.zeros(b, h, held.shape[1], held.shape[1], device=scores.device, dtype=scores.dtype)
+    out[:, :, 0] = scores
+    return out
 
 
 def select_tokens(rollout: torch.Tensor) -> torch.Tensor:

@@ -40,21 +40,27 @@ def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, alpha: float 
 
 
 def epir_loss(
-    logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, alpha: float = 0.4, use_contrastive: bool = True
+    logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, alpha: float = 0.4, use_contrastive: bool = True,
+    targets: torch.Tensor | None = None, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Total loss, EPIR eq. (22): ``L = CE(logits, y) + L_con(features, y)``.
 
     Args:
         logits: (B, C) class scores before softmax.
         features: (B, D) final class tokens.
-        labels: (B,) integer labels in 0..C-1.
+        labels: (B,) integer labels in 0..C-1 (the contrastive term's; the cross-entropy's unless ``targets``).
         alpha: contrastive margin.
         use_contrastive: False gives plain cross-entropy (the ``baseline`` preset).
+        targets: (B, C) class probabilities for the cross-entropy instead of ``labels`` (mixup).
+        class_weights: (C,) cross-entropy weight of each class (``torch.nn.functional.cross_entropy``'s
+            ``weight``), e.g. inverse class frequencies; None = equal.
+        label_smoothing: cross-entropy label smoothing in [0, 1) (Szegedy et al. 2016; PyTorch's).
 
     Returns:
         Scalar tensor.
     """
-    loss = F.cross_entropy(logits, labels)
+    loss = F.cross_entropy(logits, labels if targets is None else targets, weight=class_weights,
+                           label_smoothing=label_smoothing)
     if use_contrastive:
         loss = loss + contrastive_loss(features, labels, alpha)
     return loss

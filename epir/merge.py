@@ -20,6 +20,9 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+_identity.matrix = None
+
+
 def bipartite_soft_matching(metric: torch.Tensor, k: int, class_token: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """Plan the K merges of one integration block; return a function that applies them.
 
@@ -31,7 +34,9 @@ def bipartite_soft_matching(metric: torch.Tensor, k: int, class_token: bool = Tr
     Returns:
         ``merge(x)`` mapping (B, N, C) to (B, N - K, C): the unmerged tokens of half A (even
         positions) in their original order, the class token first, then the tokens of half B (odd
-        positions), each the mean of itself and the A tokens merged into it.
+        positions), each the mean of itself and the A tokens merged into it. ``merge.matrix`` is the
+        (B, N - K, N) averaging matrix it applies (None when nothing is merged); DTSM's rollout
+        through the merges uses it.
 
     Raises:
         ValueError: if ``k`` is negative or ``metric`` is not 3-D.
@@ -74,4 +79,5 @@ def bipartite_soft_matching(metric: torch.Tensor, k: int, class_token: bool = Tr
     def merge(x: torch.Tensor) -> torch.Tensor:
         return avg.to(x.dtype) @ x  # (B, N-K, C), eq. (9)
 
+    merge.matrix = avg
     return merge

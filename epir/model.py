@@ -11,6 +11,12 @@ head on the class token.
   paper's 7.03 M parameters (7,025,384 = 7,025,345 + 13 blocks x 3 heads).
 - With DTSM on, the last block sees only the class token and one token per head, picked by attention
   rollout (EPIR eqs. 17-20, :mod:`epir.dtsm`).
+
+Where the paper is silent, the choices that change behaviour are config fields (defaults: the previous
+behaviour of this library, so the ladder runs as it always did; the ``cpu`` profile may choose others):
+``init`` (ViT's trunc_normal(0.02) or the SPT reference's randn / xavier_normal), ``itals_param`` (how
+the temperature is learnt), ``dtsm_rollout`` (over all blocks through the merges, eq. 19, or over the
+extractor blocks) and ``drop_path`` (stochastic depth, off in the paper).
 """
 
 from __future__ import annotations
@@ -21,11 +27,15 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .attention import Attention
-from .dtsm import attention_rollout, gather_selected, select_tokens
+from .attention import ITALS_PARAMS, Attention
+from .dtsm import attention_rollout, gather_selected, rollout_through_merges, select_tokens
 from .inputs import FLOW_CHANNELS, InputConvention
 from .merge import bipartite_soft_matching
 from .tokenization import TOKENIZERS, PatchTokenizer
+
+
+INITS = ("trunc_normal", "spt")
+ROLLOUTS = ("extractor", "all")
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,16 @@ class EPIRConfig:
             Fig. 6 varies the share of tokens merged, ``integration_blocks * merge_k / patches``).
         contrastive: add the margin contrastive loss (eq. 23) to cross-entropy.
         alpha: contrastive margin.
+        init: ``trunc_normal`` (timm's ViT: position embedding, class token and linear weights
+            trunc_normal(0.02)) or ``spt`` (the SPT reference, aanna0701/SPT_LSA_ViT models/vit.py:
+            position embedding and class token randn, i.e. of the tokens' own scale after DNSPT's
+            LayerNorm, linear weights xavier_normal).
+        itals_param: ``temperature`` (logits / tau, tau learnt) or ``log_scale`` (logits * exp(s), s learnt;
+            moves the temperature in relative steps): :mod:`epir.attention`. Same parameter count.
+        dtsm_rollout: ``extractor`` (rollout over the blocks after the last merge) or ``all`` (eq. 19:
+            every block before the last, through the merges): :mod:`epir.dtsm`.
+        drop_path: stochastic depth, the largest rate (the last block's); block i drops its residual
+            branches with rate ``drop_path * i / (depth - 1)`` per sample in training, as timm's ViT.
     """
 
     family: ClassVar[str] = "epir"
@@ -71,10 +91,19 @@ class EPIRConfig:
     merge_k: int = 1
     contrastive: bool = True
     alpha: float = 0.4
+    init: str = "trunc_normal"
+    itals_param: str = "temperature"
+    dtsm_rollout: str = "extractor"
+    drop_path: float = 0.0
 
     def __post_init__(self):
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        for name, allowed in (("init", INITS), ("itals_param", ITALS_PARAMS), ("dtsm_rollout", ROLLOUTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"drop_path must lie in [0, 1), got {self.drop_path}")
         for name in ("img_size", "in_chans", "patch_size", "num_classes", "dim", "depth", "heads", "dim_head"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -87,7 +116,8 @@ class EPIRConfig:
         if self.dtsm and self.depth < 2:
             raise ValueError("DTSM needs depth >= 2 (rollout blocks + the last block)")
         if self.merge_k > 0:
-            # DTSM rolls out over the blocks after the last merge, so at least one must remain.
+            # DTSM (either rollout) needs a block between the last merge and the last block: the
+            # selected tokens must be indexed by the tokens the last block receives.
             limit = self.depth - 2 if self.dtsm else self.depth
             if self.integration_blocks > limit:
                 raise ValueError(
@@ -119,6 +149,22 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm ``layers/drop.py`` ``drop_path``): in training, zero a sample's
+    residual branch with probability ``p`` and scale the kept ones by 1 / (1 - p); identity in eval.
+    Shapes: (B, ...) -> (B, ...)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
 class Block(nn.Module):
     """Pre-norm Transformer block, optionally merging K token pairs between attention and MLP.
 
@@ -126,28 +172,33 @@ class Block(nn.Module):
 
     Args:
         dim, heads, dim_head, mlp_ratio: widths (see :class:`EPIRConfig`).
-        itals, temperature: attention variant (see :class:`epir.attention.Attention`).
+        itals, temperature, itals_param: attention variant (see :class:`epir.attention.Attention`).
         merge_k: token pairs merged in this block (0: none).
+        drop_path: stochastic-depth rate of this block's two residual branches.
 
-    Shapes: forward takes (B, N, D) and returns tokens (B, N - K, D) and the attention
-    probabilities (B, H, N, N) computed on the input tokens.
+    Shapes: forward takes (B, N, D) and returns tokens (B, N - K, D), the attention probabilities
+    (B, H, N, N) computed on the input tokens, and the merge's averaging matrix (B, N - K, N) or None.
     """
 
-    def __init__(self, dim: int, heads: int, dim_head: int, mlp_ratio: float, itals: bool, temperature: float | None, merge_k: int = 0):
+    def __init__(self, dim: int, heads: int, dim_head: int, mlp_ratio: float, itals: bool, temperature: float | None,
+                 merge_k: int = 0, itals_param: str = "temperature", drop_path: float = 0.0):
         super().__init__()
         self.merge_k = merge_k
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dim_head, itals=itals, temperature=temperature)
+        self.attn = Attention(dim, heads, dim_head, itals=itals, temperature=temperature, param=itals_param)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         out, attn, keys = self.attn(self.norm1(x))
-        x = x + out  # (B, N, D)
+        x = x + self.drop_path(out)  # (B, N, D)
+        matrix = None
         if self.merge_k:
-            x = bipartite_soft_matching(keys, self.merge_k, class_token=True)(x)  # (B, N-K, D)
-        x = x + self.mlp(self.norm2(x))
-        return x, attn
+            merge = bipartite_soft_matching(keys, self.merge_k, class_token=True)
+            x, matrix = merge(x), merge.matrix  # (B, N-K, D)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, attn, matrix
 
 
 class EPIR(nn.Module):
@@ -175,7 +226,8 @@ class EPIR(nn.Module):
         self.blocks = nn.ModuleList(
             Block(
                 cfg.dim, cfg.heads, cfg.dim_head, cfg.mlp_ratio, cfg.itals, cfg.temperature,
-                merge_k=cfg.merge_k if i < cfg.integration_blocks else 0,
+                merge_k=cfg.merge_k if i < cfg.integration_blocks else 0, itals_param=cfg.itals_param,
+                drop_path=cfg.drop_path * i / max(cfg.depth - 1, 1),
             )
             for i in range(cfg.depth)
         )
@@ -209,11 +261,12 @@ class EPIR(nn.Module):
         self.input_std.copy_(std.view(1, c, 1, 1))
 
     def _init_weights(self):
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        spt = self.config.init == "spt"
+        for p in (self.pos_embed, self.cls_token):
+            nn.init.normal_(p) if spt else nn.init.trunc_normal_(p, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.xavier_normal_(m.weight) if spt else nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
@@ -227,18 +280,25 @@ class EPIR(nn.Module):
         x = (x - self.input_mean) / self.input_std  # (B, C, H, W); identity unless standardised
         t = self.tokenizer(x)  # (B, N, D)
         t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1) + self.pos_embed  # (B, N+1, D), eq. (4)
-        attns: list[torch.Tensor] = []  # attention maps since the token count last changed
+        steps: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (attention, merge) of each block so far
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             if cfg.dtsm and i == last:
-                if not attns:
-                    raise RuntimeError("DTSM found no attention map over the current tokens to roll out")
-                t = gather_selected(t, select_tokens(attention_rollout(attns)))  # (B, 1+H, D)
-            n = t.shape[1]
-            t, attn = blk(t)
+                t = gather_selected(t, self._select(steps))  # (B, 1+H, D)
+            t, attn, merge = blk(t)
             if cfg.dtsm:
-                attns = [] if t.shape[1] != n else attns + [attn]
+                steps.append((attn, merge))
         return self.norm(t[:, 0])
+
+    @torch.no_grad()
+    def _select(self, steps: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+        """DTSM's (B, H) token indices from the blocks before the last (:mod:`epir.dtsm`)."""
+        if self.config.dtsm_rollout == "all":
+            return select_tokens(rollout_through_merges(steps))
+        since = [a for a, _ in steps[max((i + 1 for i, (_, m) in enumerate(steps) if m is not None), default=0):]]
+        if not since:
+            raise RuntimeError("DTSM found no attention map over the current tokens to roll out")
+        return select_tokens(attention_rollout(since))
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         features = self.forward_features(x)

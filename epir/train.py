@@ -20,6 +20,7 @@ Nothing here knows of Ray or MLflow: progress goes to an optional per-epoch call
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from .presets import build_model, make_config
 SCHEDULES = ("constant", "cosine")
 FLOW_RANGES = ("unit", "signed")
 SAMPLE_ORDERS = ("shuffle", "by_label", "given")
+OPTIMIZERS = ("adam", "adamw")
+CLASS_WEIGHTS = ("none", "balanced")
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,26 @@ class TrainRecipe:
         sample_order: order of the training samples in each epoch: ``shuffle`` (a new permutation every
             epoch), ``by_label`` (the same order every epoch, class by class, as STSTNet's ``main.py`` reads
             them from one folder per class), ``given`` (the arrays' order, every epoch).
+        optimizer: ``adam`` (``weight_decay`` is Adam's coupled L2 penalty, the paper's optimiser) or
+            ``adamw`` (decoupled weight decay, Loshchilov & Hutter 2019; ``torch.optim.AdamW``).
+        label_smoothing: cross-entropy label smoothing (0: none).
+        class_weights: ``none`` or ``balanced``: cross-entropy weights n / (C n_c) from the fold's
+            training labels (scikit-learn's "balanced"), for the macro-averaged UF1 / UAR.
+        warmup_epochs: the learning rate rises linearly from lr / (warm-up steps) to lr over these first
+            epochs, then follows ``schedule`` over the rest (``torch.optim.lr_scheduler.LinearLR`` then
+            ``CosineAnnealingLR`` / constant, in ``SequentialLR``).
+        translate: shift each training sample by a random integer in -translate..translate pixels,
+            vertically and horizontally, edge values repeated (flows are not changed, only moved: a
+            small error of the face crop).
+        mixup: Beta(mixup, mixup) mixing of pairs of training samples and of their one-hot targets
+            (Zhang et al. 2018); 0 = off. The contrastive term uses the larger share's label.
+        ensemble: train this many models per fold (seeds ``seed``, ``seed + 1000``, ...) and average their
+            softmax probabilities (the best-test-epoch result averages them epoch by epoch).
+        ema: keep an exponential moving average of the weights with this decay per step (e.g. 0.99;
+            ``torch.optim.swa_utils`` EMA, buffers included) and predict with it; 0 = off.
 
     Raises:
-        ValueError: for an unknown mode or a non-positive size, count or rate.
+        ValueError: for an unknown mode or a size, count or rate out of its range.
     """
 
     epochs: int = 300
@@ -78,16 +98,28 @@ class TrainRecipe:
     standardize: bool = False
     schedule: str = "constant"
     sample_order: str = "shuffle"
+    optimizer: str = "adam"
+    label_smoothing: float = 0.0
+    class_weights: str = "none"
+    warmup_epochs: int = 0
+    translate: int = 0
+    mixup: float = 0.0
+    ensemble: int = 1
+    ema: float = 0.0
 
     def __post_init__(self):
-        if self.flow_range not in FLOW_RANGES:
-            raise ValueError(f"flow_range must be one of {FLOW_RANGES}, got {self.flow_range!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.sample_order not in SAMPLE_ORDERS:
-            raise ValueError(f"sample_order must be one of {SAMPLE_ORDERS}, got {self.sample_order!r}")
+        for name, allowed in (("flow_range", FLOW_RANGES), ("schedule", SCHEDULES), ("sample_order", SAMPLE_ORDERS),
+                              ("optimizer", OPTIMIZERS), ("class_weights", CLASS_WEIGHTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        if self.weight_decay < 0 or not 0 <= self.label_smoothing < 1 or self.mixup < 0:
+            raise ValueError("weight_decay and mixup must be >= 0 and label_smoothing in [0, 1)")
+        if not 0 <= self.warmup_epochs < self.epochs or self.translate < 0 or self.ensemble < 1:
+            raise ValueError("warmup_epochs must lie in 0..epochs-1, translate >= 0 and ensemble >= 1")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must lie in [0, 1), got {self.ema}")
 
 
 @dataclass
@@ -186,6 +218,17 @@ def mirror(x: torch.Tensor, flow_range: str = "unit") -> torch.Tensor:
     return torch.cat([u, x[:, 1:]], dim=1)
 
 
+def translate(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Shift each sample of x (B, C, H, W) by its own random (dy, dx) in -max_shift..max_shift pixels,
+    repeating the edge values into the uncovered border (``F.pad(mode="replicate")`` then a crop)."""
+    if max_shift == 0:
+        return x
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (max_shift,) * 4, mode="replicate")
+    offsets = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=gen).tolist()
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     """Softmax probabilities (N, C) of ``model`` (eval mode) on inputs x (N, C_in, H, W) already in its
@@ -225,7 +268,8 @@ def fit(
             the epoch's record.
 
     Returns:
-        The trained model (on the recipe's device) and the per-epoch records.
+        The trained model (on the recipe's device; its weights' moving average with ``recipe.ema``) and
+        the per-epoch records. ``recipe.ensemble`` is :func:`train_fold`'s business: this trains one model.
 
     Raises:
         ValueError: for empty or inconsistent arrays, labels outside 0..C-1, an input convention the
@@ -251,10 +295,21 @@ def fit(
         xm = convert(x, src, dst)
         model.set_input_stats(xm.mean(dim=(0, 2, 3)), xm.std(dim=(0, 2, 3)).clamp_min(1e-6))
     yt = torch.from_numpy(y).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps = recipe.epochs * -(-len(x) // recipe.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if recipe.schedule == "cosine" else None
+    weights = None
+    if recipe.class_weights == "balanced":  # n / (C n_c) over the fold's training labels; 0 for an absent class
+        counts = torch.bincount(yt, minlength=config.num_classes).float()
+        weights = torch.where(counts > 0, len(y) / (config.num_classes * counts.clamp_min(1)), torch.zeros_like(counts))
+    opt_cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    per_epoch = -(-len(x) // recipe.batch_size)
+    sched = _scheduler(opt, recipe, per_epoch)
+    ema = None
+    if recipe.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema), use_buffers=True)
     gen = torch.Generator().manual_seed(recipe.seed)
+    beta = torch.distributions.Beta(recipe.mixup, recipe.mixup) if recipe.mixup else None
     curve: list[dict] = []
     for epoch in range(1, recipe.epochs + 1):
         model.train()
@@ -262,27 +317,52 @@ def fit(
         loss_sum, correct = 0.0, 0
         for i in range(0, len(x), recipe.batch_size):
             idx = order[i : i + recipe.batch_size]
-            xb = x[idx]
+            xb, yb, targets = x[idx], yt[idx], None
             if recipe.hflip:
                 flip = torch.rand(len(idx), generator=gen) < 0.5
                 xb = torch.where(flip.to(device)[:, None, None, None], mirror(xb, recipe.flow_range), xb)
+            xb = translate(xb, recipe.translate, gen)
+            if beta is not None:  # mixup; Beta draws from torch's global generator, seeded above
+                lam = float(beta.sample())
+                perm = torch.randperm(len(idx), generator=gen).to(device)
+                xb = lam * xb + (1 - lam) * xb[perm]
+                onehot = torch.nn.functional.one_hot(yb, config.num_classes).float()
+                targets = lam * onehot + (1 - lam) * onehot[perm]
+                yb = yb if lam >= 0.5 else yb[perm]
             logits, feats = model(convert(xb, src, dst), return_features=True)
-            loss = epir_loss(logits, feats, yt[idx], alpha=config.alpha, use_contrastive=config.contrastive)
+            loss = epir_loss(logits, feats, yb, alpha=config.alpha, use_contrastive=config.contrastive,
+                             targets=targets, class_weights=weights, label_smoothing=recipe.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             if sched is not None:
                 sched.step()
             loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(-1) == yt[idx]).sum())
+            correct += int((logits.argmax(-1) == yb).sum())
         record = {"epoch": epoch, "loss": loss_sum / len(x), "train_acc": correct / len(x),
                   "lr": opt.param_groups[0]["lr"]}
         if eval_each_epoch is not None:
-            record.update(eval_each_epoch(model, epoch))
+            record.update(eval_each_epoch(model if ema is None else ema.module, epoch))
         curve.append(record)
         if on_epoch_end is not None:
             on_epoch_end(record)
-    return model, curve
+    return (model if ema is None else ema.module), curve
+
+
+def _scheduler(opt, recipe: TrainRecipe, per_epoch: int):
+    """The per-step learning-rate schedule: optional linear warm-up, then constant or cosine to 0."""
+    from torch.optim import lr_scheduler
+
+    warm = recipe.warmup_epochs * per_epoch
+    rest = recipe.epochs * per_epoch - warm
+    main = lr_scheduler.CosineAnnealingLR(opt, rest) if recipe.schedule == "cosine" else None
+    if not warm:
+        return main
+    ramp = lr_scheduler.LinearLR(opt, start_factor=1 / warm, end_factor=1.0, total_iters=warm)
+    return lr_scheduler.SequentialLR(opt, [ramp, main or lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)],
+                                     milestones=[warm])
 
 
 def train_fold(
@@ -307,7 +387,9 @@ def train_fold(
 
     Returns:
         :class:`FoldResult`: the last epoch's (honest) predictions, and the best-test-epoch ones beside
-        them (``best_test_epoch``, labelled as peeking).
+        them (``best_test_epoch``, labelled as peeking). With ``recipe.ensemble`` = S, the softmax average
+        of S models (seeds ``seed + 1000 m``); its curve is the members' mean, and ``on_epoch_end`` sees
+        the first member's epochs.
 
     Raises:
         ValueError: if the arrays differ in length, the test subject has no samples, or no
@@ -329,20 +411,26 @@ def train_fold(
     x_test = to_model_input(flows[test], config, recipe.flow_range).to(device)
     y_test = labels[test]
 
-    best: dict = {"acc": -1.0, "probs": None, "epoch": 0}
-    test_acc: list[float] = []
-
-    def peek(model: nn.Module, epoch: int) -> dict:
-        probs = predict(model, x_test, recipe.batch_size)
-        acc = float(np.mean(probs.argmax(-1) == y_test))
-        test_acc.append(acc)
-        if acc >= best["acc"]:  # HTNet keeps the last of equally good epochs
-            best.update(acc=acc, probs=probs, epoch=epoch)
-        return {}  # kept out of the training curve: the curve is what callbacks and logs see
-
     start = time.perf_counter()
-    model, curve = fit(config, recipe, flows[~test], labels[~test], on_epoch_end, eval_each_epoch=peek)
-    probs = predict(model, x_test, recipe.batch_size)
+    members, curves = [], []  # per member: (epochs, n, C) test probabilities after every epoch
+    for m in range(recipe.ensemble):
+        seen: list[np.ndarray] = []
+
+        def peek(model: nn.Module, epoch: int) -> dict:
+            seen.append(predict(model, x_test, recipe.batch_size))
+            return {}  # kept out of the training curve: the curve is what callbacks and logs see
+
+        member = dataclasses.replace(recipe, seed=recipe.seed + 1000 * m)
+        _, curve = fit(config, member, flows[~test], labels[~test], on_epoch_end if m == 0 else None, eval_each_epoch=peek)
+        members.append(np.stack(seen))
+        curves.append(curve)
+    by_epoch = np.mean(members, axis=0)  # (epochs, n, C): the ensemble's softmax average after each epoch
+    test_acc = [float(np.mean(p.argmax(-1) == y_test)) for p in by_epoch]
+    best = max(i for i, a in enumerate(test_acc) if a == max(test_acc))  # HTNet keeps the last of the best
+    probs = by_epoch[-1]
+    curve = curves[0] if len(curves) == 1 else [
+        {k: float(np.mean([c[e][k] for c in curves])) if k != "epoch" else rec["epoch"] for k in rec}
+        for e, rec in enumerate(curves[0])]
     return FoldResult(
         test_subject=str(test_subject),
         test_index=test_index,
@@ -350,7 +438,7 @@ def train_fold(
         y_pred=probs.argmax(-1),
         probs=probs,
         curve=curve,
-        best_test_epoch=BestTestEpoch(best["epoch"], best["probs"].argmax(-1), best["probs"], test_acc),
+        best_test_epoch=BestTestEpoch(best + 1, by_epoch[best].argmax(-1), by_epoch[best], test_acc),
         train_seconds=time.perf_counter() - start,
         device=str(device),
     )
