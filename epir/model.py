@@ -12,11 +12,12 @@ head on the class token.
 - With DTSM on, the last block sees only the class token and one token per head, picked by attention
   rollout (EPIR eqs. 17-20, :mod:`epir.dtsm`).
 
-Where the paper is silent, the choices that change behaviour are config fields (defaults: the previous
-behaviour of this library, so the ladder runs as it always did; the ``cpu`` profile may choose others):
+Choices that change behaviour are config fields. Where the paper is silent the defaults keep this
+library's earlier behaviour, so the ladder runs as it did (the ``cpu`` profile may choose otherwise):
 ``init`` (ViT's trunc_normal(0.02) or the SPT reference's randn / xavier_normal), ``itals_param`` (how
-the temperature is learnt), ``dtsm_rollout`` (over all blocks through the merges, eq. 19, or over the
-extractor blocks) and ``drop_path`` (stochastic depth, off in the paper).
+the temperature is learnt) and ``drop_path`` (stochastic depth, off in the paper). Where the paper
+speaks, the default follows it: ``dtsm_rollout="all"`` rolls out over every block before the last,
+through the merges, as eq. 19 writes (the earlier ``extractor`` reading remains an option).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class EPIRConfig:
     alpha: float = 0.4
     init: str = "trunc_normal"
     itals_param: str = "temperature"
-    dtsm_rollout: str = "extractor"
+    dtsm_rollout: str = "all"
     drop_path: float = 0.0
 
     def __post_init__(self):

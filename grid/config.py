@@ -31,7 +31,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from epir.presets import FAMILIES, LADDER, PRESETS, config_to_dict, family_fields, make_config
+from epir.presets import FAMILIES, LADDER, PRESETS, config_from_dict, config_to_dict, family_fields, make_config
 from epir.train import TrainRecipe
 
 PROTOCOLS = ("SDE", "CDE")
@@ -90,6 +90,10 @@ class GridConfig:
         overrides: TrainRecipe fields and model fields, applied after the profile (a model field to the
             presets whose family has it).
         seeds: one cell per seed (``TrainRecipe.seed``); the tables report the mean and spread.
+        choices: a search's ``<study>.choices.json`` (``grid.search``): each test subject's fold trains the
+            configuration chosen for its validation group, without its labels; one preset, that search's.
+        overrides_from: where ``overrides`` came from when it is a search's ``.best.json`` (``study``,
+            ``dataset``): a configuration chosen on every subject of that dataset, refused there.
         experiment: MLflow experiment name; tables go to ``results_dir/<experiment>/``.
         folds: run only the first N subjects' folds of each cell (0 = all; a partial grid is labelled).
         cpus_per_trial, gpus_per_trial: Ray resources of one fold; gpus_per_trial None = 0.25 where the
@@ -106,6 +110,8 @@ class GridConfig:
     profile: str = "auto"
     overrides: dict = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
+    choices: dict | None = None
+    overrides_from: dict | None = None
     experiment: str = "epir-grid"
     folds: int = 0
     cpus_per_trial: float = 1.0
@@ -131,6 +137,13 @@ class GridConfig:
             raise ValueError("the seed is set by seeds (--seeds 0,1,2), which makes one cell per seed")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be a non-empty list of distinct integers, got {self.seeds}")
+        if self.choices is not None:
+            missing = {"study", "dataset", "preset", "groups", "subjects"} - set(self.choices)
+            if missing:
+                raise ValueError(f"choices: not a search's .choices.json (missing {sorted(missing)})")
+            if self.presets != [self.choices["preset"]]:
+                raise ValueError(f"choices of search {self.choices['study']!r} are for preset "
+                                 f"{self.choices['preset']!r}; run them with --presets {self.choices['preset']}")
         if self.folds < 0 or self.max_failures < 0 or self.cpus_per_trial <= 0:
             raise ValueError("folds and max_failures must be >= 0 and cpus_per_trial > 0")
         self.work_dir, self.results_dir = Path(self.work_dir), Path(self.results_dir)
@@ -160,6 +173,33 @@ class GridConfig:
         model["num_classes"] = num_classes
         cfg = make_config(preset, **model)  # validates
         return config_to_dict(cfg), dataclasses.asdict(TrainRecipe(**recipe)), profile if p.profiled else PUBLISHED
+
+
+def fold_settings(choices: dict, data_key: str, subjects: list[str], model: dict, recipe: dict) -> dict[str, dict]:
+    """Per test subject, the settings a search chose for its validation group (``GridConfig.choices``).
+
+    Returns:
+        subject -> ``{"model", "recipe", "choice": {"study", "group", "trial", "params", "validation_uf1"}}``.
+
+    Raises:
+        ValueError: the choices belong to another dataset, miss a subject, or make an invalid config.
+    """
+    from grid.search import split_params
+
+    if choices["dataset"] != data_key:
+        raise ValueError(f"choices of search {choices['study']!r} were made on {choices['dataset']}, not {data_key}")
+    out = {}
+    for s in subjects:
+        if s not in choices["subjects"]:
+            raise ValueError(f"subject {s} of {data_key} is in no validation group of search {choices['study']!r}")
+        g = choices["subjects"][s]
+        c = choices["groups"][str(g)]
+        m, r = split_params(c["params"], model, recipe)
+        config_from_dict(m)  # validates
+        TrainRecipe(**r)
+        out[s] = {"model": m, "recipe": r, "choice": {"study": choices["study"], "group": g, "trial": c["trial"],
+                                                      "params": c["params"], "validation_uf1": c["validation_uf1"]}}
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -192,7 +232,7 @@ def load_config(path: Path | None) -> dict:
     path = Path(path)
     with path.open("rb") as f:
         raw = tomllib.load(f)
-    known = {f.name for f in dataclasses.fields(GridConfig)}
+    known = {f.name for f in dataclasses.fields(GridConfig)} - {"choices", "overrides_from"} | {"search"}
     bad = set(raw) - known
     if bad:
         raise ValueError(f"{path}: unknown key(s) {sorted(bad)}; known: {sorted(known - {'demo'})}")

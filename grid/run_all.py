@@ -5,7 +5,7 @@ in MLflow, with paper-style tables in results/.
     python grid/run_all.py --dataset megc2019=../shared/data/megc2019_composite --presets epir,baseline
     python grid/run_all.py --config grid.toml               # datasets, presets, profile, overrides
     python grid/run_all.py report --experiment epir-grid    # rewrite results/ from MLflow only
-    python grid/run_all.py search --dataset manifest=mylab.csv:SDE --trials 30   # Optuna: alpha, temperature, K
+    python grid/run_all.py search --dataset manifest=mylab.csv:SDE --trials 30   # strict search, see 'search'
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", default="run", choices=["run", "report", "search"],
                    help="run (default): train what is missing and write results/; report: only write results/; "
-                   "search: Optuna search of alpha, temperature and K on one dataset (see 'search options')")
+                   "search: hyper-parameter search on one dataset whose choice for each test subject never sees "
+                   "that subject's labels (see 'search options')")
     p.add_argument("--config", type=Path, help="grid TOML file (see grid/config.py and README)")
     p.add_argument("--dataset", action="append", default=[], metavar="FORMAT=ROOT[:PROTOCOLS]",
                    help="a dataset to run (repeatable); overrides the config file's datasets")
@@ -79,22 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, help="shards, demo data, Ray Tune results (default work_dirs)")
     p.add_argument("--results", type=Path, help="tables folder (default results)")
     p.add_argument("--overrides", type=Path, metavar="JSON",
-                   help="TrainRecipe / model fields from a JSON file, e.g. a search's *.best.json")
-    s = p.add_argument_group("search options", "python grid/run_all.py search --dataset FORMAT=ROOT:PROTOCOL [--presets epir]")
+                   help="TrainRecipe / model fields from a JSON file, e.g. a search's *.best.json (for OTHER data than "
+                   "the search's: it is refused on the dataset it was chosen on)")
+    p.add_argument("--choices", type=Path, metavar="JSON",
+                   help="a search's *.choices.json: each test subject's fold trains the configuration chosen for its "
+                   "validation group without its labels (the honest test of a search)")
+    s = p.add_argument_group(
+        "search options", "python grid/run_all.py search --dataset FORMAT=ROOT:PROTOCOL [--presets epir] --space F=DIST ...\n"
+        "Subjects are dealt into --val-groups groups; a trial trains its configuration once per group (on the other "
+        "groups) and predicts that group. Candidates come from a sampler that never sees a score; each group's test "
+        "subjects get the candidate with the best validation UF1 on the OTHER groups, then an honest LOSO run tests "
+        "those choices.")
     s.add_argument("--trials", type=int, default=20, help="Optuna trials the study should hold (default 20); a re-run "
                    "with the same study resumes it, a larger number extends it")
-    s.add_argument("--alpha", help="contrastive margin range LO,HI (default 0.0,0.8)")
-    s.add_argument("--temperature", help="initial ITALS temperature range LO,HI, log-uniform (default 1,16)")
-    s.add_argument("--merge-k", help="merge count K range LO,HI, integers (default 0,2)")
-    s.add_argument("--val-fraction", type=float, default=0.2,
-                   help="share of each fold's TRAINING subjects held out to score a trial (default 0.2)")
-    s.add_argument("--fold-parallel", type=int, default=0, help="folds of one trial at once (default: what fits)")
+    s.add_argument("--space", action="append", default=[], metavar="FIELD=DIST",
+                   help="a searched TrainRecipe or model field (repeatable): uniform:LO:HI, loguniform:LO:HI, int:LO:HI "
+                   "or choice:A,B,... (default: alpha=uniform:0:0.8, temperature=loguniform:1:16, merge_k=int:0:2)")
+    s.add_argument("--val-groups", type=int, default=5, help="validation groups of subjects (default 5)")
+    s.add_argument("--sampler", default="random", choices=["random", "qmc", "grid"],
+                   help="how Optuna draws candidates, never from scores (default random; grid: every combination "
+                   "of choice spaces)")
+    s.add_argument("--fold-parallel", type=int, default=0, help="trainings of one trial at once (default: what fits)")
     s.add_argument("--concurrent-trials", type=int, default=1, help="Optuna trials at once (default 1)")
     s.add_argument("--study", help="Optuna study name (default DATASET-PROTOCOL-PRESET-PROFILE)")
     s.add_argument("--optuna-storage", help="Optuna storage URL (default sqlite:///$PWD/optuna.db)")
-    s.add_argument("--seed", type=int, default=0, help="sampler and validation-split seed (default 0)")
+    s.add_argument("--seed", type=int, default=0, help="sampler and validation-group seed (default 0)")
     s.add_argument("--no-evaluate", action="store_true",
-                   help="skip the honest LOSO test run of the chosen configuration at the end")
+                   help="skip the honest LOSO test of the choices at the end")
     p.add_argument("--inject-failure", help=argparse.SUPPRESS)  # tests: SUBJECT or SUBJECT:once
     return p
 
@@ -127,10 +139,15 @@ def make_config(args) -> GridConfig:
             kw["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
         except ValueError:
             raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    kw.pop("search", None)  # the TOML's [search] table: read by the search command
     overrides = dict(kw.get("overrides", {}))
     if args.overrides:
         loaded = json.loads(Path(args.overrides).read_text())
         overrides.update(loaded.get("overrides", loaded))
+        if "study" in loaded and "dataset" in loaded:
+            kw["overrides_from"] = {"study": loaded["study"], "dataset": loaded["dataset"]}
+    if args.choices:
+        kw["choices"] = json.loads(Path(args.choices).read_text())
     overrides.update(parse_overrides(args.set))
     kw["overrides"] = overrides
     for flag, key in [("profile", "profile"), ("experiment", "experiment"), ("folds", "folds"),
@@ -194,32 +211,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _search(args, cfg: GridConfig) -> int:
-    from grid.search import SearchConfig, SearchSpace, parse_range, run_search
+    from grid.search import SearchConfig, check_space, parse_space, run_search
     from preprocess.adapters import DatasetError
 
     if cfg.demo:
         print("error: search needs a dataset: --dataset FORMAT=ROOT:PROTOCOL (see --help)", file=sys.stderr)
         return 2
+    toml = load_config(args.config).get("search", {}) if args.config else {}
     if args.presets is None and not (args.config and "presets" in load_config(args.config)):
         cfg.presets = ["epir"]
     if args.experiment is None and not (args.config and "experiment" in load_config(args.config)):
         cfg.experiment = "epir-search"
     try:
-        space = SearchSpace(**{k: v for k, v in dict(alpha=parse_range(args.alpha), temperature=parse_range(args.temperature),
-                                                      merge_k=parse_range(args.merge_k, int)).items() if v})
-        scfg = SearchConfig(args.trials, space, args.val_fraction, args.fold_parallel, args.concurrent_trials,
+        space = parse_space(args.space or toml.get("space"))
+        check_space(space, cfg.settings(cfg.presets[0], cfg.resolved_profile(False), 3)[0])  # before Ray starts
+        scfg = SearchConfig(args.trials, space, args.val_groups, args.sampler, args.fold_parallel, args.concurrent_trials,
                             args.study, args.optuna_storage, args.seed, not args.no_evaluate)
         out = run_search(cfg, scfg, log=lambda m: print(m, flush=True))
     except (DatasetError, ValueError, FileNotFoundError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"\nstudy {out.study}: {out.completed} trials ({out.ran_now} now); best {out.best} "
-          f"with validation UF1 {out.best_value:.4f}")
-    print(f"best configuration: {out.best_path}")
+    print(f"\nstudy {out.study}: {out.completed} trials ({out.ran_now} now); each validation group's choice: "
+          f"{out.choices_path}")
     if out.test:
-        print(f"test subjects, chosen configuration, reported once: UF1 {out.test['uf1']:.4f}  UAR {out.test['uar']:.4f} "
-              f"({out.test['cell']})")
-    print(f"feed it to a grid run: python grid/run_all.py --overrides {out.best_path} --presets {cfg.presets[0]} ...")
+        print(f"test subjects, each trained with its group's choice, reported once: UF1 {out.test['uf1']:.4f}  "
+              f"UAR {out.test['uar']:.4f} (mean of {len(out.test['cells'])} seed(s))")
+    print(f"best on all groups (for NEW data only): {out.best} with validation UF1 {out.best_value:.4f} -> {out.best_path}")
+    print(f"test the choices again: python grid/run_all.py --choices {out.choices_path} --presets {cfg.presets[0]} ...")
     return 0
 
 

@@ -26,7 +26,7 @@ from epir.metrics import score
 from epir.presets import PRESETS
 
 from . import tracking
-from .config import GridConfig, cell_id
+from .config import GridConfig, cell_id, fold_settings
 from .data import ProtocolData, available_protocols, load_protocol, preprocess
 from preprocess.pipeline import init_ray
 
@@ -49,6 +49,8 @@ class Cell:
         data_key: key of its :class:`grid.data.ProtocolData`.
         model, recipe: the model config (:func:`epir.presets.config_to_dict`) and TrainRecipe fields.
         subjects: the test subjects of its folds; ``all_subjects``: how many the dataset has.
+        fold_settings: for a cell of a search's choices (``GridConfig.choices``), each subject's own
+            ``model``, ``recipe`` and ``choice`` (which configuration and why); None for a plain cell.
     """
 
     cell_id: str
@@ -66,6 +68,27 @@ class Cell:
     all_subjects: int
     demo: bool = False
     setting_id: str = ""
+    fold_settings: dict | None = None
+
+    def fold_model(self, subject: str) -> dict:
+        """The model config the fold of ``subject`` trains."""
+        return self.fold_settings[subject]["model"] if self.fold_settings else self.model
+
+    def fold_recipe(self, subject: str) -> dict:
+        """The TrainRecipe fields the fold of ``subject`` trains with."""
+        return self.fold_settings[subject]["recipe"] if self.fold_settings else self.recipe
+
+    def fold_params(self, subject: str) -> dict:
+        """MLflow params of one fold beyond the cell's: its own configuration and, for a search's choices,
+        ``choice.*`` (study, validation group, trial, its validation UF1 on the other groups, the values)."""
+        if not self.fold_settings:
+            return {}
+        f = self.fold_settings[subject]
+        c = f["choice"]
+        return {**tracking.flat_params("model", f["model"]), **tracking.flat_params("recipe", f["recipe"]),
+                "choice.study": c["study"], "choice.group": str(c["group"]), "choice.trial": str(c["trial"]),
+                "choice.validation_uf1": f"{c['validation_uf1']:.4f}",
+                **{f"choice.{k}": str(v) for k, v in c["params"].items()}}
 
     @property
     def seed(self) -> int:
@@ -79,8 +102,9 @@ class Cell:
 
     def tags(self) -> dict:
         """MLflow tags shared by the parent and child runs (strings)."""
+        search = {"epir.search": next(iter(self.fold_settings.values()))["choice"]["study"]} if self.fold_settings else {}
         return {"epir.dataset": self.dataset, "epir.protocol": self.protocol, "epir.preset": self.preset,
-                "epir.profile": self.profile, "epir.seed": str(self.seed), "epir.setting": self.setting_id,
+                "epir.profile": self.profile, "epir.seed": str(self.seed), "epir.setting": self.setting_id, **search,
                 # the run's own metrics are the honest ones (last epoch); best_test_epoch.* metrics peek
                 "epir.epoch_selection": "last", "epir.peeks_at_test": "false", "epir.demo": str(self.demo).lower(),
                 "epir.folds": f"{len(self.subjects)}/{self.all_subjects}"}
@@ -132,6 +156,10 @@ def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) ->
     """Every dataset x protocol x preset x seed cell, in that order."""
     cells = []
     for key, d in data.items():
+        if cfg.overrides_from and cfg.overrides_from.get("dataset") == key:
+            raise ValueError(f"the overrides come from search {cfg.overrides_from['study']!r}, which chose them with every "
+                             f"subject of {key} as a validation subject: testing them on {key} would peek. Evaluate the "
+                             "search's per-group choices instead (--choices <study>.choices.json)")
         subjects = d.fold_subjects
         chosen = subjects[: cfg.folds] if cfg.folds else subjects
         for preset in cfg.presets:
@@ -140,10 +168,16 @@ def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) ->
                 recipe["flow_range"] = d.flow_range
                 parts = dict(data=key, shards=d.config_id, n=len(d.labels), model=model, recipe=recipe,
                              subjects=chosen, demo=cfg.demo)
+                per_fold = None
+                if cfg.choices:
+                    per_fold = fold_settings(cfg.choices, key, chosen, model, recipe)
+                    parts["choices"] = {s: f["choice"] for s, f in per_fold.items()}
+                    label = f"{label}, chosen by search {cfg.choices['study']}"
                 setting = cell_id({**parts, "recipe": {k: v for k, v in recipe.items() if k != "seed"}})
-                name = f"{d.protocol} {d.dataset} {preset}" + (f" seed {seed}" if cfg.seeds != [0] else "")
+                name = f"{d.protocol} {d.dataset} {preset}" + (" searched" if per_fold else "") \
+                    + (f" seed {seed}" if cfg.seeds != [0] else "")
                 cells.append(Cell(cell_id(parts), name, d.dataset, d.protocol, preset, label, key, d.config_id,
-                                  d.classes, model, recipe, chosen, len(subjects), cfg.demo, setting))
+                                  d.classes, model, recipe, chosen, len(subjects), cfg.demo, setting, per_fold))
     return cells
 
 
@@ -171,7 +205,7 @@ def _cell_stats(cell: Cell, folds: dict[str, dict]) -> dict:
     from epir.complexity import measure
     from epir.presets import build_model, config_from_dict
 
-    c = measure(build_model(config_from_dict(cell.model)))
+    c = measure(build_model(config_from_dict(cell.fold_model(cell.subjects[0]))))  # a search's cell: its first fold's
     return {"folds": len(fs), "train_seconds_sum": sum(f["train_seconds"] for f in fs),
             "wall_seconds": max(f["finished"] for f in fs) - min(f["started"] for f in fs),
             "params_M": c.params / 1e6, "macs_M": c.macs / 1e6}
@@ -307,7 +341,7 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
     parents = {c.cell_id: tracking.parent_run(client, exp_id, c) for c in cells}
     done = {c.cell_id: tracking.finished_folds(client, exp_id, c.cell_id) for c in cells}
     reused = sum(len(v) for v in done.values())
-    pending = [dict(cell_id=c.cell_id, data_key=c.data_key, subject=s, model=c.model, recipe=c.recipe,
+    pending = [dict(cell_id=c.cell_id, data_key=c.data_key, subject=s, model=c.fold_model(s), recipe=c.fold_recipe(s),
                     threads=max(1, int(cfg.cpus_per_trial)), inject=inject_failure,
                     marker_dir=str((cfg.work_dir / "markers").resolve()))
                for c in cells for s in c.subjects if s not in done[c.cell_id]]

@@ -142,7 +142,7 @@ def log_fold(client, exp_id: str, parent_id: str, cell, fold: dict) -> str:
         metrics += [Metric(f"{PEEK}epoch", float(peek["epoch"]), now, 0),
                     Metric(f"{PEEK}test_accuracy", float(np.mean(yt == np.asarray(peek["y_pred"]))), now, 0)]
         metrics += [Metric(f"{PEEK}test_acc_by_epoch", float(a), now, e) for e, a in enumerate(peek["test_acc"], 1)]
-    params = {**cell.params(), "fold.test_subject": fold["subject"]}
+    params = {**cell.params(), **cell.fold_params(fold["subject"]), "fold.test_subject": fold["subject"]}
     for i in range(0, len(metrics), 900):
         client.log_batch(rid, metrics=metrics[i : i + 900])
     client.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
@@ -249,6 +249,9 @@ def log_cell(client, parent_id: str, cell, scores: dict, stats: dict, peek: dict
     client.log_text(parent_id, json.dumps(scores, indent=2), "scores.json")
     if peek:
         client.log_text(parent_id, json.dumps(peek, indent=2), "scores_best_test_epoch.json")
+    if cell.fold_settings:
+        client.log_text(parent_id, json.dumps({s: f["choice"] for s, f in cell.fold_settings.items()}, indent=2),
+                        "choices.json")
     if folds:
         fig = learning_curve_figure([folds[s] for s in cell.subjects], f"{cell.name}: learning curves")
         client.log_figure(parent_id, fig, "learning_curves.png")
