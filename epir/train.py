@@ -153,6 +153,8 @@ class FoldResult:
             ``train_acc`` (accuracy of the training forward passes), ``lr`` (learning rate after the
             epoch's last step).
         best_test_epoch: the test-subject-chosen epoch's result (:class:`BestTestEpoch`; peeks).
+        member_probs: (S, n, C) each ensemble member's last-epoch probabilities (S = ``recipe.ensemble``):
+            S single models of different seeds, whose scores give the spread over seeds.
         train_seconds: wall time of training and prediction, in seconds.
         device: where it ran.
     """
@@ -164,6 +166,7 @@ class FoldResult:
     probs: np.ndarray
     curve: list[dict] = field(default_factory=list)
     best_test_epoch: BestTestEpoch | None = None
+    member_probs: np.ndarray | None = None
     train_seconds: float = 0.0
     device: str = "cpu"
 
@@ -439,6 +442,7 @@ def train_fold(
         probs=probs,
         curve=curve,
         best_test_epoch=BestTestEpoch(best + 1, by_epoch[best].argmax(-1), by_epoch[best], test_acc),
+        member_probs=np.stack([m[-1] for m in members]),
         train_seconds=time.perf_counter() - start,
         device=str(device),
     )

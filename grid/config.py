@@ -91,7 +91,8 @@ class GridConfig:
             presets whose family has it).
         seeds: one cell per seed (``TrainRecipe.seed``); the tables report the mean and spread.
         choices: a search's ``<study>.choices.json`` (``grid.search``): each test subject's fold trains the
-            configuration chosen for its validation group, without its labels; one preset, that search's.
+            configuration chosen for its validation group, without its labels; for presets of the search's
+            model family (a choice made on ``epir`` may be applied to ``baseline``).
         overrides_from: where ``overrides`` came from when it is a search's ``.best.json`` (``study``,
             ``dataset``): a configuration chosen on every subject of that dataset, refused there.
         experiment: MLflow experiment name; tables go to ``results_dir/<experiment>/``.
@@ -141,9 +142,11 @@ class GridConfig:
             missing = {"study", "dataset", "preset", "groups", "subjects"} - set(self.choices)
             if missing:
                 raise ValueError(f"choices: not a search's .choices.json (missing {sorted(missing)})")
-            if self.presets != [self.choices["preset"]]:
-                raise ValueError(f"choices of search {self.choices['study']!r} are for preset "
-                                 f"{self.choices['preset']!r}; run them with --presets {self.choices['preset']}")
+            family = PRESETS[self.choices["preset"]].family
+            other = [p for p in self.presets if PRESETS[p].family != family]
+            if other:
+                raise ValueError(f"choices of search {self.choices['study']!r} set {family}-family fields; "
+                                 f"{other} are of another family")
         if self.folds < 0 or self.max_failures < 0 or self.cpus_per_trial <= 0:
             raise ValueError("folds and max_failures must be >= 0 and cpus_per_trial > 0")
         self.work_dir, self.results_dir = Path(self.work_dir), Path(self.results_dir)

@@ -49,7 +49,9 @@ def _label(row) -> str:
         marks.append(f"PARTIAL: {row['folds']} folds")
     if row["demo"]:
         marks.append("DEMO data")
-    return f"{row['preset']} (ours, {row['profile']})" + (f" [{'; '.join(marks)}]" if marks else "")
+    ens = row.get("ensemble", 1)
+    ens = f", softmax ensemble of {int(ens)} seeds" if ens and not pd.isna(ens) and int(ens) > 1 else ""
+    return f"{row['preset']} (ours, {row['profile']}{ens})" + (f" [{'; '.join(marks)}]" if marks else "")
 
 
 def _score_columns() -> list[str]:
@@ -82,6 +84,8 @@ def collect(client, exp_id: str) -> pd.DataFrame:
                    dim=p.get("model.dim"), depth=p.get("model.depth"), epochs=p.get("recipe.epochs"),
                    lr=p.get("recipe.lr"), batch_size=p.get("recipe.batch_size"), hflip=p.get("recipe.hflip"),
                    schedule=p.get("recipe.schedule", "constant"), standardize=p.get("recipe.standardize", "False"),
+                   ensemble=int(p.get("recipe.ensemble", 1)), members_uf1_mean=m.get("members.uf1_mean", np.nan),
+                   members_uf1_sd=m.get("members.uf1_sd", np.nan), members_uar_mean=m.get("members.uar_mean", np.nan),
                    commit=t.get("epir.git_commit", "unknown"), run_id=r.info.run_id, cell_id=t[tracking.TAG_CELL],
                    end_time=pd.Timestamp(r.info.end_time, unit="ms"))
         for name in _score_columns():
@@ -106,6 +110,7 @@ def aggregate(cells: pd.DataFrame) -> pd.DataFrame:
             row[name] = g[name].mean()
         for name in ("uf1", "uar", "bte_uf1", "bte_uar"):
             row[f"{name}_sd"] = g[name].std(ddof=1) if len(g) > 1 else np.nan
+        row["members_uf1_mean"], row["members_uar_mean"] = g["members_uf1_mean"].mean(), g["members_uar_mean"].mean()
         row["gap_uf1"], row["gap_uar"] = row["bte_uf1"] - row["uf1"], row["bte_uar"] - row["uar"]
         row["n_seeds"], row["seeds"] = len(g), ",".join(str(s) for s in sorted(g["seed"]))
         row["wall_minutes"], row["train_minutes"] = g["wall_minutes"].sum(), g["train_minutes"].sum()
@@ -152,6 +157,9 @@ def _notes(df: pd.DataFrame) -> str:
         lines.append("Columns marked **PEEKS** score the same trainings at the epoch each fold's TEST subject scored "
                      "best (HTNet's `main_HTNet.py`): not an honest result; `gap` = PEEKS minus honest, the inflation "
                      "that choice adds.")
+    if (df["ensemble"] > 1).any():
+        lines.append("A softmax ensemble row averages the probabilities of S models of different seeds in every fold; "
+                     "`single members` scores each of those models alone (mean ± sd over the S seeds).")
     lines.append("Full provenance of every row: `runs.csv` (one line per seed) and the MLflow parent runs named below.")
     prov = pd.DataFrame({
         "row": [_label(r) for _, r in df.iterrows()], "dataset": df["dataset"], "protocol": df["protocol"],
@@ -208,6 +216,7 @@ def write_tables(client, exp_id: str, experiment: str, results_dir: Path) -> Pat
                        "UF1": r["uf1"], "UF1 sd": r["uf1_sd"], "UAR": r["uar"], "UAR sd": r["uar_sd"],
                        "UF1 best test epoch (PEEKS)": r["bte_uf1"], "UAR best test epoch (PEEKS)": r["bte_uar"],
                        "gap UF1": r["gap_uf1"], "gap UAR": r["gap_uar"],
+                       "single members UF1 (mean ± sd)": _fmt(r["members_uf1_mean"], r["members_uf1_sd"]),
                        "published UF1": pub[0] if pub else np.nan, "published UAR": pub[1] if pub else np.nan,
                        "params (M)": r["params_M"], "MACs (M)": r["macs_M"]})
         t4 = pd.DataFrame(t4)
@@ -221,6 +230,7 @@ def write_tables(client, exp_id: str, experiment: str, results_dir: Path) -> Pat
         t2 = pd.DataFrame([{"dataset": r["dataset"], "method": _label(r), "seeds": r["seeds"],
                             "UF1": r["uf1"], "UF1 sd": r["uf1_sd"], "UAR": r["uar"], "UAR sd": r["uar_sd"],
                             "UF1 best test epoch (PEEKS)": r["bte_uf1"],
+                            "single members UF1 (mean ± sd)": _fmt(r["members_uf1_mean"], r["members_uf1_sd"]),
                             "paper UF1": PAPER_SDE.get(r["dataset"], (np.nan,) * 2)[0],
                             "paper UAR": PAPER_SDE.get(r["dataset"], (np.nan,) * 2)[1]}
                            for _, r in sde.iterrows()])

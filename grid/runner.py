@@ -200,15 +200,31 @@ def pooled_scores(cell: Cell, folds: dict[str, dict], best_test_epoch: bool = Fa
     return score(yt, yp, len(cell.classes), groups if len(set(groups.tolist())) > 1 else None)
 
 
+def member_scores(cell: Cell, folds: dict[str, dict]) -> list[dict] | None:
+    """Pooled scores of each ensemble member alone (a single model per seed), or None without an ensemble."""
+    fs = [folds[s] for s in cell.subjects]
+    if not all(f.get("member_y_pred") for f in fs):
+        return None
+    return [pooled_scores(cell, {f["subject"]: {**f, "y_pred": f["member_y_pred"][m]} for f in fs})
+            for m in range(len(fs[0]["member_y_pred"]))]
+
+
 def _cell_stats(cell: Cell, folds: dict[str, dict]) -> dict:
     fs = [folds[s] for s in cell.subjects]
     from epir.complexity import measure
     from epir.presets import build_model, config_from_dict
 
     c = measure(build_model(config_from_dict(cell.fold_model(cell.subjects[0]))))  # a search's cell: its first fold's
-    return {"folds": len(fs), "train_seconds_sum": sum(f["train_seconds"] for f in fs),
-            "wall_seconds": max(f["finished"] for f in fs) - min(f["started"] for f in fs),
-            "params_M": c.params / 1e6, "macs_M": c.macs / 1e6}
+    stats = {"folds": len(fs), "train_seconds_sum": sum(f["train_seconds"] for f in fs),
+             "wall_seconds": max(f["finished"] for f in fs) - min(f["started"] for f in fs),
+             "params_M": c.params / 1e6, "macs_M": c.macs / 1e6}
+    members = member_scores(cell, folds)
+    if members:  # each member alone: the spread over seeds that the ensemble averages away
+        for k in ("uf1", "uar"):
+            v = np.array([m["all"][k] for m in members])
+            stats.update({f"members.{k}_mean": v.mean(), f"members.{k}_sd": v.std(ddof=1), f"members.{k}_min": v.min(),
+                          f"members.{k}_max": v.max()})
+    return stats
 
 
 class _Progress:

@@ -48,7 +48,8 @@ def fold_record(r, d, started: float, node: str = "") -> dict:
     Returns:
         ``subject``, ``sample_ids``, ``groups``, ``y_true``, honest ``y_pred`` / ``probs`` (last epoch),
         ``curve``, ``selected_epoch``, ``best_test_epoch`` (``epoch``, ``y_pred``, ``probs``, ``test_acc``,
-        ``peeks_at_test``: the test-subject-chosen epoch, kept apart), timing, device and node.
+        ``peeks_at_test``: the test-subject-chosen epoch, kept apart), ``member_y_pred`` (each ensemble
+        member's predictions; None without an ensemble), timing, device and node.
     """
     b = r.best_test_epoch
     return {
@@ -58,6 +59,7 @@ def fold_record(r, d, started: float, node: str = "") -> dict:
         "epoch_selection": "last",
         "best_test_epoch": {"epoch": b.epoch, "y_pred": b.y_pred.tolist(), "probs": b.probs.round(5).tolist(),
                             "test_acc": [round(a, 5) for a in b.test_acc], "peeks_at_test": True},
+        "member_y_pred": r.member_probs.argmax(-1).tolist() if r.member_probs is not None and len(r.member_probs) > 1 else None,
         "train_seconds": r.train_seconds, "device": r.device, "node": node, "started": started,
         "finished": time.time(),
     }

@@ -177,6 +177,7 @@ def test_tables_pool_seeds_and_keep_the_best_test_epoch_apart():
     df = pd.DataFrame(rows)
     for c in ("uf1_samm", "uar_samm", "uf1_casme2", "uar_casme2", "uf1_smic", "uar_smic"):
         df[c], df[f"bte_{c}"] = np.nan, np.nan
+    df["members_uf1_mean"], df["members_uar_mean"], df["ensemble"] = np.nan, np.nan, 1
     out = aggregate(df)
     assert len(out) == 1  # the newest setting of the row's key
     r = out.iloc[0]

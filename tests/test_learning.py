@@ -189,6 +189,7 @@ def test_a_seed_ensemble_averages_its_members_and_keeps_both_results():
     a = train_fold(flows, labels, subjects, "s2", cfg, TrainRecipe(**base))
     b = train_fold(flows, labels, subjects, "s2", cfg, TrainRecipe(**base, seed=1000))
     np.testing.assert_allclose(ens.probs, (a.probs + b.probs) / 2, atol=1e-6)
+    np.testing.assert_allclose(ens.member_probs, np.stack([a.probs, b.probs]), atol=1e-6)  # each seed alone too
     assert len(ens.curve) == 3 and ens.curve[0]["loss"] == pytest.approx((a.curve[0]["loss"] + b.curve[0]["loss"]) / 2)
     assert len(ens.best_test_epoch.test_acc) == 3
 
