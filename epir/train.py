@@ -37,6 +37,7 @@ SCHEDULES = ("constant", "cosine")
 FLOW_RANGES = ("unit", "signed")
 SAMPLE_ORDERS = ("shuffle", "by_label", "given")
 OPTIMIZERS = ("adam", "adamw")
+PRECISIONS = ("fp32", "bf16")
 CLASS_WEIGHTS = ("none", "balanced")
 
 
@@ -82,6 +83,10 @@ class TrainRecipe:
             softmax probabilities (the best-test-epoch result averages them epoch by epoch).
         ema: keep an exponential moving average of the weights with this decay per step (e.g. 0.99;
             ``torch.optim.swa_utils`` EMA, buffers included) and predict with it; 0 = off.
+        precision: ``fp32``, or ``bf16``: the training forward pass and loss under ``torch.autocast`` in
+            bfloat16 (weights and optimiser stay fp32; prediction stays fp32). For GPUs.
+        compile: train through ``torch.compile(model)`` (the same parameters; prediction uses the plain
+            module). Pays on GPUs for long runs; its first steps compile.
 
     Raises:
         ValueError: for an unknown mode or a size, count or rate out of its range.
@@ -106,10 +111,12 @@ class TrainRecipe:
     mixup: float = 0.0
     ensemble: int = 1
     ema: float = 0.0
+    precision: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self):
         for name, allowed in (("flow_range", FLOW_RANGES), ("schedule", SCHEDULES), ("sample_order", SAMPLE_ORDERS),
-                              ("optimizer", OPTIMIZERS), ("class_weights", CLASS_WEIGHTS)):
+                              ("optimizer", OPTIMIZERS), ("class_weights", CLASS_WEIGHTS), ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -313,6 +320,8 @@ def fit(
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema), use_buffers=True)
     gen = torch.Generator().manual_seed(recipe.seed)
     beta = torch.distributions.Beta(recipe.mixup, recipe.mixup) if recipe.mixup else None
+    forward = torch.compile(model) if recipe.compile else model
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
     curve: list[dict] = []
     for epoch in range(1, recipe.epochs + 1):
         model.train()
@@ -332,9 +341,10 @@ def fit(
                 onehot = torch.nn.functional.one_hot(yb, config.num_classes).float()
                 targets = lam * onehot + (1 - lam) * onehot[perm]
                 yb = yb if lam >= 0.5 else yb[perm]
-            logits, feats = model(convert(xb, src, dst), return_features=True)
-            loss = epir_loss(logits, feats, yb, alpha=config.alpha, use_contrastive=config.contrastive,
-                             targets=targets, class_weights=weights, label_smoothing=recipe.label_smoothing)
+            with torch.autocast(**autocast):
+                logits, feats = forward(convert(xb, src, dst), return_features=True)
+                loss = epir_loss(logits, feats, yb, alpha=config.alpha, use_contrastive=config.contrastive,
+                                 targets=targets, class_weights=weights, label_smoothing=recipe.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -6,6 +6,7 @@ in MLflow, with paper-style tables in results/.
     python grid/run_all.py --config grid.toml               # datasets, presets, profile, overrides
     python grid/run_all.py report --experiment epir-grid    # rewrite results/ from MLflow only
     python grid/run_all.py search --dataset manifest=mylab.csv:SDE --trials 30   # strict search, see 'search'
+    python grid/run_all.py import out/ladder --experiment megc2019-cde-paper   # folds benchmarks/gpu_ladder.py ran
 """
 
 from __future__ import annotations
@@ -58,10 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python grid/run_all.py`` (its ``--help``)."""
     p = argparse.ArgumentParser(prog="python grid/run_all.py", description=__doc__.split("\n\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="run", choices=["run", "report", "search"],
+    p.add_argument("command", nargs="?", default="run", choices=["run", "report", "search", "import"],
                    help="run (default): train what is missing and write results/; report: only write results/; "
                    "search: hyper-parameter search on one dataset whose choice for each test subject never sees "
-                   "that subject's labels (see 'search options')")
+                   "that subject's labels (see 'search options'); import RECORDS: log the folds that "
+                   "benchmarks/gpu_ladder.py recorded (no Ray, no MLflow there) as the grid would have")
+    p.add_argument("records", nargs="?", type=Path, help="import: the records folder (cells.json, folds.jsonl)")
     p.add_argument("--config", type=Path, help="grid TOML file (see grid/config.py and README)")
     p.add_argument("--dataset", action="append", default=[], metavar="FORMAT=ROOT[:PROTOCOLS]",
                    help="a dataset to run (repeatable); overrides the config file's datasets")
@@ -176,6 +179,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "search":
         return _search(args, cfg)
+    if args.command == "import":
+        from grid.records import import_records
+
+        if args.records is None:
+            print("error: import needs the records folder: python grid/run_all.py import FOLDER", file=sys.stderr)
+            return 2
+        try:
+            out = import_records(args.records, cfg.experiment, cfg.results_dir)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0 if out["complete"] == out["cells"] else 1
     if args.command == "report":
         from grid import tracking
         from grid.report import write_tables
