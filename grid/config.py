@@ -136,6 +136,9 @@ class GridConfig:
                              f"chosen presets' families ({', '.join(sorted({PRESETS[p].family for p in self.presets}))})")
         if "seed" in self.overrides:
             raise ValueError("the seed is set by seeds (--seeds 0,1,2), which makes one cell per seed")
+        problems = check_values(self.overrides, self.presets)
+        if problems:
+            raise ValueError("\n".join(problems))
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be a non-empty list of distinct integers, got {self.seeds}")
         if self.choices is not None:
@@ -150,6 +153,13 @@ class GridConfig:
         if self.folds < 0 or self.max_failures < 0 or self.cpus_per_trial <= 0:
             raise ValueError("folds and max_failures must be >= 0 and cpus_per_trial > 0")
         self.work_dir, self.results_dir = Path(self.work_dir), Path(self.results_dir)
+        # every cell's settings, under every profile this run may resolve to, before anything starts
+        for profile in (["paper", "cpu"] if self.profile == "auto" else [self.profile]):
+            for preset in self.presets:
+                try:
+                    self.settings(preset, profile, 3)
+                except (ValueError, TypeError) as e:
+                    raise ValueError(f"preset {preset} under profile {profile} with these overrides: {e}") from None
 
     def resolved_profile(self, has_gpu: bool) -> str:
         """The profile actually used: ``auto`` -> ``paper`` with GPUs, else ``cpu``."""
@@ -176,6 +186,45 @@ class GridConfig:
         model["num_classes"] = num_classes
         cfg = make_config(preset, **model)  # validates
         return config_to_dict(cfg), dataclasses.asdict(TrainRecipe(**recipe)), profile if p.profiled else PUBLISHED
+
+
+def field_types(presets: list[str]) -> dict[str, list]:
+    """field name -> the types it has in TrainRecipe and in the chosen presets' model configs."""
+    from typing import get_type_hints
+
+    out: dict[str, list] = {}
+    classes = [TrainRecipe] + [FAMILIES[f][0] for f in sorted({PRESETS[p].family for p in presets})]
+    for cls in classes:
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out.setdefault(f.name, []).append(hints[f.name])
+    return out
+
+
+def check_values(values: dict, presets: list[str]) -> list[str]:
+    """One line for each value its field's type refuses, checked by pydantic in strict mode (a boolean must
+    be true/false, not the text 'False'; an integer may not be 2.5; a float may be an integer).
+
+    Args:
+        values: field -> value (``--set``, the TOML's ``[overrides]``, an ``--overrides`` file).
+        presets: the chosen presets (their model families' fields count).
+
+    Returns:
+        The problems, one line each, empty when every value fits (unknown fields are not judged here).
+    """
+    from pydantic import TypeAdapter, ValidationError
+
+    types = field_types(presets)
+    problems = []
+    for k, v in values.items():
+        for t in types.get(k, []):
+            try:
+                TypeAdapter(t).validate_python(v, strict=True)
+            except ValidationError as e:
+                want = getattr(t, "__name__", str(t))
+                problems.append(f"{k}={v!r} ({type(v).__name__}): {e.errors()[0]['msg'].lower()} ({k} is {want})")
+                break
+    return problems
 
 
 def fold_settings(choices: dict, data_key: str, subjects: list[str], model: dict, recipe: dict) -> dict[str, dict]:

@@ -55,6 +55,17 @@ A failing fold is retried --max-failures times, then reported; the exit status i
 """
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n} (leave --folds out for all folds)")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python grid/run_all.py`` (its ``--help``)."""
     p = argparse.ArgumentParser(prog="python grid/run_all.py", description=__doc__.split("\n\n")[0],
@@ -75,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainRecipe field or a model field, e.g. --set epochs=60 --set dim=128")
     p.add_argument("--experiment", help="MLflow experiment and results/ subfolder (default epir-grid; demo: epir-grid-demo)")
-    p.add_argument("--folds", type=int, help="only the N largest subjects' folds per cell (a PARTIAL grid, labelled)")
+    p.add_argument("--folds", type=_positive, help="only the N largest subjects' folds per cell (a PARTIAL grid, labelled)")
     p.add_argument("--cpus-per-trial", type=float, help="CPUs per fold (default 1)")
     p.add_argument("--gpus-per-trial", type=float, help="GPU fraction per fold (default 0.25 with GPUs, else 0)")
     p.add_argument("--max-concurrent", type=int, help="at most N folds at once (default: as resources allow)")
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = make_config(args)
     except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("\n".join(f"error: {line}" for line in str(e).splitlines()), file=sys.stderr)
         return 2
     if args.command == "search":
         return _search(args, cfg)
@@ -195,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         from grid import tracking
         from grid.report import write_tables
 
-        client, exp_id = tracking.setup(cfg.experiment)
+        client, exp_id = tracking.setup(cfg.experiment, create=False)
+        if exp_id is None:
+            print(f"error: no MLflow experiment '{cfg.experiment}' in {tracking.tracking_uri()}", file=sys.stderr)
+            return 2
         out = write_tables(client, exp_id, cfg.experiment, cfg.results_dir)
         print(f"tables written to {out}" if out else f"no finished cell in experiment '{cfg.experiment}'")
         return 0

@@ -341,6 +341,7 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
         preprocess.adapters.DatasetError, ValueError: for a wrong dataset or configuration.
     """
     start = time.perf_counter()
+    check_roots(cfg)  # a wrong path fails in a second, not after Ray has started
     ray = init_ray()
     resources = ray.cluster_resources()
     has_gpu = resources.get("GPU", 0) > 0
@@ -390,6 +391,19 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
 
     outcome.results_dir = write_tables(client, exp_id, cfg.experiment, cfg.results_dir)
     return outcome
+
+
+def check_roots(cfg: GridConfig) -> None:
+    """Refuse a configured dataset whose root does not exist, before anything starts.
+
+    Raises:
+        preprocess.adapters.DatasetError: naming every missing root.
+    """
+    from preprocess.adapters import DatasetError
+
+    missing = [f"{d.format}={d.root}" for d in cfg.datasets if not Path(d.root).exists()]
+    if missing:
+        raise DatasetError(f"dataset root(s) not found: {', '.join(missing)}")
 
 
 def run_passes(pending: list[dict], one_pass, max_failures: int, log=print) -> dict[tuple[str, str], tuple[int, str]]:

@@ -28,8 +28,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def setup(experiment: str):
+def setup(experiment: str, create: bool = True):
     """Create (or open) the store and the experiment, on the driver, before trials start.
+
+    Args:
+        create: create the experiment when it does not exist; with False its id is None then.
 
     Returns:
         (MlflowClient, experiment id).
@@ -42,6 +45,8 @@ def setup(experiment: str):
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
+    if exp is None and not create:
+        return client, None
     if exp is None:
         artifacts = (Path.cwd() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
         return client, client.create_experiment(experiment, artifact_location=artifacts)

@@ -433,6 +433,9 @@ def manifest(root: Path, annotations: Path | None = None, precropped: bool = Fal
         if not row["subject"] or not row["sample_id"]:
             rows.append(dict(row, reject=("missing_field", "empty subject or sample_id")))
             continue
+        if not label:
+            rows.append(dict(row, reject=("missing_label", "empty label")))
+            continue
         rows.append(dict(
             row, emotion=label, sde_class=label if label in labels else None, cde_class=None,
             onset_path=resolve(r["onset_path"]), apex_path=resolve(r["apex_path"]),

@@ -394,6 +394,29 @@ class RunSummary:
         return "\n".join(lines)
 
 
+def check_files(samples: pd.DataFrame, precomputed: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Reject, before any actor or model starts, the samples whose frames (or flow image) do not exist.
+
+    Returns:
+        (the samples whose files exist, the others as rejects (``REJECT_COLUMNS``) with reason
+        ``missing_frame``, or ``frame_outside_clip`` when the clip's folder holds other frame numbers).
+    """
+    rows, keep = [], []
+    for r in samples.to_dict("records"):
+        paths = [("flow_path", None)] if precomputed else [("onset_path", "onset_frame"), ("apex_path", "apex_frame")]
+        problem = None
+        for col, frame_col in paths:
+            path = r.get(col)
+            if not path or not os.path.isfile(path):
+                problem = _missing_reason(str(path), r.get(frame_col) if frame_col else None)
+                break
+        keep.append(problem is None)
+        if problem:
+            rows.append(dict(dataset=r.get("dataset"), subject=r["subject"], sample_id=r["sample_id"],
+                             reason=problem[0], detail=problem[1]))
+    return samples[keep].reset_index(drop=True), pd.DataFrame(rows, columns=REJECT_COLUMNS)
+
+
 def run(adapted: AdapterResult, dataset_name: str, out: Path, cfg: PreprocessConfig | None = None, workers: int = 2,
         shard_size: int = 512, precomputed: bool = False, force: bool = False, progress=print,
         gpu_per_actor: float | None = None) -> RunSummary:
@@ -418,6 +441,11 @@ def run(adapted: AdapterResult, dataset_name: str, out: Path, cfg: PreprocessCon
     """
     cfg = cfg or PreprocessConfig()
     start = time.perf_counter()
+    samples, absent = check_files(adapted.samples.reset_index(drop=True), precomputed)
+    if samples.empty:
+        rej = pd.concat([adapted.rejects.reindex(columns=REJECT_COLUMNS), absent], ignore_index=True)
+        raise DatasetError(f"no sample of {dataset_name} survived; reasons: {rej['reason'].value_counts().to_dict()} "
+                           f"(first: {rej.iloc[0]['detail'] if len(rej) else '-'}); nothing was run")
     out_dir = Path(out) / dataset_name / cfg.config_id(precomputed)
     if force and out_dir.exists():
         shutil.rmtree(out_dir)
@@ -425,7 +453,6 @@ def run(adapted: AdapterResult, dataset_name: str, out: Path, cfg: PreprocessCon
     for stale in out_dir.glob(".staging-*"):
         shutil.rmtree(stale, ignore_errors=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # rewritten at the end
-    samples = adapted.samples.reset_index(drop=True)
     groups = [samples.iloc[i : i + shard_size] for i in range(0, len(samples), shard_size)]
     wanted, reused, written = set(), 0, 0
     stage_rejects: list[pd.DataFrame] = []  # samples the stages rejected (the adapter's come on top)
@@ -446,7 +473,7 @@ def run(adapted: AdapterResult, dataset_name: str, out: Path, cfg: PreprocessCon
             shutil.rmtree(old)
     stage = pd.concat([r.reindex(columns=REJECT_COLUMNS) for r in stage_rejects] or [pd.DataFrame(columns=REJECT_COLUMNS)],
                       ignore_index=True)
-    rej = pd.concat([adapted.rejects.reindex(columns=REJECT_COLUMNS), stage], ignore_index=True)
+    rej = pd.concat([adapted.rejects.reindex(columns=REJECT_COLUMNS), absent, stage], ignore_index=True)
     rej.to_csv(out_dir / "rejects.csv", index=False)
     stage_keys = set(zip(stage["subject"].astype(str), stage["sample_id"].astype(str)))
     accepted = samples[[(str(s), str(i)) not in stage_keys for s, i in zip(samples["subject"], samples["sample_id"])]]

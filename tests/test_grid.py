@@ -154,6 +154,27 @@ def test_configuration_parsing(tmp_path):
         GridConfig(presets=["vit"])
 
 
+def test_mistyped_settings_and_wrong_roots_fail_fast_with_exit_2_before_ray(tmp_path):
+    import time
+
+    start = time.perf_counter()
+    res = _run(["--dataset", f"megc2019={tmp_path}", "--set", "hflip=False", "--set", "epochs=abc",
+                "--set", "batch_size=2.5", "--set", "standardize=true"], tmp_path)
+    assert res.returncode == 2 and time.perf_counter() - start < 10, res.stderr[-2000:]
+    err = res.stderr.splitlines()
+    assert "error: hflip='False' (str): input should be a valid boolean (hflip is bool)" in err
+    assert any(ln.startswith("error: epochs='abc'") for ln in err) and any(ln.startswith("error: batch_size=2.5") for ln in err)
+    assert not any("standardize" in ln for ln in err) and "Ray:" not in res.stdout  # true is a boolean; Ray never started
+    res = _run(["--dataset", f"megc2019={tmp_path / 'nowhere'}"], tmp_path)
+    assert res.returncode == 2 and "dataset root(s) not found" in res.stderr and "Ray:" not in res.stdout
+    res = _run(["--folds", "0"], tmp_path)
+    assert res.returncode == 2 and "positive integer" in res.stderr
+    res = _run(["report", "--experiment", "no-such-experiment"], tmp_path)
+    assert res.returncode == 2 and "no MLflow experiment 'no-such-experiment'" in res.stderr
+    with pytest.raises(ValueError, match="warmup_epochs"):  # a range that only the combination breaks
+        GridConfig(presets=["epir"], profile="cpu", overrides={"warmup_epochs": 40})
+
+
 def test_table_rows_say_when_a_score_peeks_at_the_test_subject():
     from grid.report import _label
 
