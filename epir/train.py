@@ -162,6 +162,7 @@ class FoldResult:
         best_test_epoch: the test-subject-chosen epoch's result (:class:`BestTestEpoch`; peeks).
         member_probs: (S, n, C) each ensemble member's last-epoch probabilities (S = ``recipe.ensemble``):
             S single models of different seeds, whose scores give the spread over seeds.
+        models: the S trained models (on the CPU), only when :func:`train_fold` was asked to keep them.
         train_seconds: wall time of training and prediction, in seconds.
         device: where it ran.
     """
@@ -174,6 +175,7 @@ class FoldResult:
     curve: list[dict] = field(default_factory=list)
     best_test_epoch: BestTestEpoch | None = None
     member_probs: np.ndarray | None = None
+    models: list | None = None
     train_seconds: float = 0.0
     device: str = "cpu"
 
@@ -364,6 +366,45 @@ def fit(
     return (model if ema is None else ema.module), curve
 
 
+class SoftmaxEnsemble(nn.Module):
+    """Several trained models as one: ``forward`` returns the log of their mean softmax, so that its softmax
+    is the ensemble's probabilities (what :func:`train_fold` averages). Shapes: (B, C_in, H, W) -> (B, C).
+
+    Args:
+        models: models of one config (:attr:`config` is the first one's).
+    """
+
+    def __init__(self, models: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(models)
+        self.config = models[0].config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([m(x).softmax(-1) for m in self.members]).mean(0)  # (B, C)
+        return probs.clamp_min(1e-12).log()
+
+
+def fit_all(config, recipe: TrainRecipe, flows: np.ndarray, labels: np.ndarray,
+            on_epoch_end: Callable[[dict], None] | None = None) -> tuple[nn.Module, list[dict]]:
+    """Train the model a cell's recipe makes on ALL given samples (no test subject): the model to keep and
+    apply to new data. ``recipe.ensemble`` = S trains S seeds (``seed + 1000 m``) and returns a
+    :class:`SoftmaxEnsemble`.
+
+    Returns:
+        (the model or ensemble on the CPU in eval mode, the first member's curve).
+
+    Raises:
+        as :func:`fit`.
+    """
+    models, first = [], None
+    for m in range(recipe.ensemble):
+        model, curve = fit(config, dataclasses.replace(recipe, seed=recipe.seed + 1000 * m), flows, labels,
+                           on_epoch_end if m == 0 else None)
+        models.append(model.cpu().eval())
+        first = first or curve
+    return (models[0] if len(models) == 1 else SoftmaxEnsemble(models).eval()), first
+
+
 def _scheduler(opt, recipe: TrainRecipe, per_epoch: int):
     """The per-step learning-rate schedule: optional linear warm-up, then constant or cosine to 0."""
     from torch.optim import lr_scheduler
@@ -386,6 +427,7 @@ def train_fold(
     config=None,
     recipe: TrainRecipe | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
+    keep_models: bool = False,
 ) -> FoldResult:
     """Train on every subject but ``test_subject`` and predict ``test_subject`` (one LOSO fold).
 
@@ -397,6 +439,7 @@ def train_fold(
         config: model configuration of any family (default: the ``epir`` paper configuration).
         recipe: optimisation settings (default: the paper recipe).
         on_epoch_end: optional callback receiving each epoch's record (never the test accuracy).
+        keep_models: return the trained model(s) in ``FoldResult.models`` (moved to the CPU).
 
     Returns:
         :class:`FoldResult`: the last epoch's (honest) predictions, and the best-test-epoch ones beside
@@ -425,7 +468,7 @@ def train_fold(
     y_test = labels[test]
 
     start = time.perf_counter()
-    members, curves = [], []  # per member: (epochs, n, C) test probabilities after every epoch
+    members, curves, models = [], [], []  # per member: (epochs, n, C) test probabilities after every epoch
     for m in range(recipe.ensemble):
         seen: list[np.ndarray] = []
 
@@ -434,7 +477,10 @@ def train_fold(
             return {}  # kept out of the training curve: the curve is what callbacks and logs see
 
         member = dataclasses.replace(recipe, seed=recipe.seed + 1000 * m)
-        _, curve = fit(config, member, flows[~test], labels[~test], on_epoch_end if m == 0 else None, eval_each_epoch=peek)
+        model, curve = fit(config, member, flows[~test], labels[~test], on_epoch_end if m == 0 else None,
+                           eval_each_epoch=peek)
+        if keep_models:
+            models.append(model.cpu().eval())
         members.append(np.stack(seen))
         curves.append(curve)
     by_epoch = np.mean(members, axis=0)  # (epochs, n, C): the ensemble's softmax average after each epoch
@@ -453,6 +499,7 @@ def train_fold(
         curve=curve,
         best_test_epoch=BestTestEpoch(best + 1, by_epoch[best].argmax(-1), by_epoch[best], test_acc),
         member_probs=np.stack([m[-1] for m in members]),
+        models=models if keep_models else None,
         train_seconds=time.perf_counter() - start,
         device=str(device),
     )

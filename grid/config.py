@@ -93,6 +93,10 @@ class GridConfig:
         choices: a search's ``<study>.choices.json`` (``grid.search``): each test subject's fold trains the
             configuration chosen for its validation group, without its labels; for presets of the search's
             model family (a choice made on ``epir`` may be applied to ``baseline``).
+        final_model: also train each cell's model on ALL its subjects and log it as an MLflow model (for new
+            data: ``grid/run_all.py predict``); None = on for real datasets, off for the demo. Cells of a
+            search's per-group choices have none.
+        log_fold_models: log each fold's trained weights (``weights/`` of its child run).
         overrides_from: where ``overrides`` came from when it is a search's ``.best.json`` (``study``,
             ``dataset``): a configuration chosen on every subject of that dataset, refused there.
         experiment: MLflow experiment name; tables go to ``results_dir/<experiment>/``.
@@ -112,6 +116,8 @@ class GridConfig:
     overrides: dict = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
     choices: dict | None = None
+    final_model: bool | None = None
+    log_fold_models: bool = False
     overrides_from: dict | None = None
     experiment: str = "epir-grid"
     folds: int = 0

@@ -26,6 +26,8 @@ class ProtocolData:
         flows: (N, H, W, 3) float32 [u, v, strain]; labels: (N,) int64 in 0..C-1.
         subjects: (N,) subject strings (the LOSO folds); sample_ids: (N,); groups: (N,) source dataset.
         classes: class names in label order. flow_range: ``unit`` (min-max 0..1) or ``signed``.
+        preprocess: how the flows were made (the shards' ``config`` and ``precomputed``): what a model
+            trained on them needs done to new onset/apex pairs.
     """
 
     key: str
@@ -39,6 +41,7 @@ class ProtocolData:
     groups: np.ndarray
     classes: list[str]
     flow_range: str
+    preprocess: dict | None = None
 
     @property
     def fold_subjects(self) -> list[str]:
@@ -102,4 +105,5 @@ def load_protocol(folder: Path, protocol: str) -> ProtocolData:
         subjects=df["subject"].astype(str).to_numpy(), sample_ids=df["sample_id"].astype(str).to_numpy(),
         groups=df["dataset"].astype(str).to_numpy(), classes=list(classes),
         flow_range="unit" if manifest.get("precomputed") or normalize == "minmax" else "signed",
+        preprocess={"config": manifest.get("config") or {}, "precomputed": bool(manifest.get("precomputed"))},
     )

@@ -70,12 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python grid/run_all.py`` (its ``--help``)."""
     p = argparse.ArgumentParser(prog="python grid/run_all.py", description=__doc__.split("\n\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="run", choices=["run", "report", "search", "import"],
+    p.add_argument("command", nargs="?", default="run", choices=["run", "report", "search", "import", "predict"],
                    help="run (default): train what is missing and write results/; report: only write results/; "
                    "search: hyper-parameter search on one dataset whose choice for each test subject never sees "
                    "that subject's labels (see 'search options'); import RECORDS: log the folds that "
-                   "benchmarks/gpu_ladder.py recorded (no Ray, no MLflow there) as the grid would have")
-    p.add_argument("records", nargs="?", type=Path, help="import: the records folder (cells.json, folds.jsonl)")
+                   "benchmarks/gpu_ladder.py recorded (no Ray, no MLflow there) as the grid would have; "
+                   "predict MODEL: classify new onset/apex pairs with a logged model (see 'predict options')")
+    p.add_argument("target", nargs="?", help="import: the records folder; predict: a models:/ or runs:/ URI or a "
+                   "local model folder (a cell's final model: tag epir.model_uri of its parent run)")
     p.add_argument("--config", type=Path, help="grid TOML file (see grid/config.py and README)")
     p.add_argument("--dataset", action="append", default=[], metavar="FORMAT=ROOT[:PROTOCOLS]",
                    help="a dataset to run (repeatable); overrides the config file's datasets")
@@ -91,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, help="GPU fraction per fold (default 0.25 with GPUs, else 0)")
     p.add_argument("--max-concurrent", type=int, help="at most N folds at once (default: as resources allow)")
     p.add_argument("--max-failures", type=int, help="retries of a failing fold (default 2)")
+    p.add_argument("--final-model", action=argparse.BooleanOptionalAction, default=None,
+                   help="train each cell's model on ALL its subjects and log it as an MLflow model, for new data "
+                   "(default: on for real datasets, off for the demo); see 'predict'")
+    p.add_argument("--log-fold-models", action="store_true", help="log each fold's trained weights in its child run")
     p.add_argument("--work-dir", type=Path, help="shards, demo data, Ray Tune results (default work_dirs)")
     p.add_argument("--results", type=Path, help="tables folder (default results)")
     p.add_argument("--overrides", type=Path, metavar="JSON",
@@ -121,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sampler and validation-group seed (default 0)")
     s.add_argument("--no-evaluate", action="store_true",
                    help="skip the honest LOSO test of the choices at the end")
+    q = p.add_argument_group("predict options", "python grid/run_all.py predict MODEL (--onset F --apex F | --manifest CSV)")
+    q.add_argument("--onset", type=Path, help="onset frame of one pair (bmp, jpg, png)")
+    q.add_argument("--apex", type=Path, help="apex frame of the same pair")
+    q.add_argument("--manifest", type=Path, help="CSV with sample_id,onset_path,apex_path (paths relative to it)")
+    q.add_argument("--out", type=Path, help="write the probabilities as CSV (default: print one line per pair)")
+    q.add_argument("--precropped", action="store_true", help="the frames are tight face crops")
     p.add_argument("--inject-failure", help=argparse.SUPPRESS)  # tests: SUBJECT or SUBJECT:once
     return p
 
@@ -167,9 +179,12 @@ def make_config(args) -> GridConfig:
     for flag, key in [("profile", "profile"), ("experiment", "experiment"), ("folds", "folds"),
                       ("cpus_per_trial", "cpus_per_trial"),
                       ("gpus_per_trial", "gpus_per_trial"), ("max_concurrent", "max_concurrent"),
-                      ("max_failures", "max_failures"), ("work_dir", "work_dir"), ("results", "results_dir")]:
+                      ("max_failures", "max_failures"), ("work_dir", "work_dir"), ("results", "results_dir"),
+                      ("final_model", "final_model")]:
         if getattr(args, flag) is not None:
             kw[key] = getattr(args, flag)
+    if args.log_fold_models:
+        kw["log_fold_models"] = True
     if not kw.get("datasets"):
         kw["demo"] = True
         kw.setdefault("profile", "demo")
@@ -190,14 +205,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "search":
         return _search(args, cfg)
+    if args.command == "predict":
+        from grid import predict
+
+        if args.target is None:
+            print("error: predict needs a model: python grid/run_all.py predict MODEL_URI --onset F --apex F", file=sys.stderr)
+            return 2
+        try:
+            table = predict.run(args.target, args.manifest, args.onset, args.apex, args.out, args.precropped)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:  # noqa: BLE001 - MLflow's errors for a wrong URI
+            print(f"error: cannot load {args.target}: {e}", file=sys.stderr)
+            return 2
+        return 0 if (table["status"] == "ok").all() else 1
     if args.command == "import":
         from grid.records import import_records
 
-        if args.records is None:
+        if args.target is None:
             print("error: import needs the records folder: python grid/run_all.py import FOLDER", file=sys.stderr)
             return 2
         try:
-            out = import_records(args.records, cfg.experiment, cfg.results_dir)
+            out = import_records(Path(args.target), cfg.experiment, cfg.results_dir)
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -30,7 +30,7 @@ from .config import GridConfig, cell_id, fold_settings
 from .data import ProtocolData, available_protocols, load_protocol, preprocess
 from preprocess.pipeline import init_ray
 
-from .trainable import FOLD_KEY, fold_trial
+from .trainable import FINAL, FINAL_KEY, FOLD_KEY, fold_trial
 
 # The demo dataset's size: 6 pseudo-subjects x 3 classes x 3 samples = 54 samples, 6 LOSO folds.
 DEMO_SUBJECTS, DEMO_PER_CLASS = 6, 3
@@ -51,6 +51,7 @@ class Cell:
         subjects: the test subjects of its folds; ``all_subjects``: how many the dataset has.
         fold_settings: for a cell of a search's choices (``GridConfig.choices``), each subject's own
             ``model``, ``recipe`` and ``choice`` (which configuration and why); None for a plain cell.
+        preprocess: how the cell's flows were made (:attr:`grid.data.ProtocolData.preprocess`).
     """
 
     cell_id: str
@@ -69,6 +70,7 @@ class Cell:
     demo: bool = False
     setting_id: str = ""
     fold_settings: dict | None = None
+    preprocess: dict | None = None
 
     def fold_model(self, subject: str) -> dict:
         """The model config the fold of ``subject`` trains."""
@@ -177,7 +179,8 @@ def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) ->
                 name = f"{d.protocol} {d.dataset} {preset}" + (" searched" if per_fold else "") \
                     + (f" seed {seed}" if cfg.seeds != [0] else "")
                 cells.append(Cell(cell_id(parts), name, d.dataset, d.protocol, preset, label, key, d.config_id,
-                                  d.classes, model, recipe, chosen, len(subjects), cfg.demo, setting, per_fold))
+                                  d.classes, model, recipe, chosen, len(subjects), cfg.demo, setting, per_fold,
+                                  d.preprocess))
     return cells
 
 
@@ -267,6 +270,14 @@ class _Progress:
     def complete(self, trial) -> None:
         t = trial.config["trial"]
         res = trial.last_result or {}
+        if FINAL_KEY in res:
+            cell = self.cells[t["cell_id"]]
+            final = json.loads(res[FINAL_KEY])
+            uri = tracking.log_final_model(self.client, self.exp_id, self.parents[cell.cell_id], cell, final)
+            self.finished_now += 1
+            self.train_seconds += final["train_seconds"]
+            self.log(f"  final model of {cell.name} (all {final['samples']} samples, {final['train_seconds']:.1f} s): {uri}")
+            return
         if FOLD_KEY not in res:
             return
         cell = self.cells[t["cell_id"]]
@@ -358,12 +369,19 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
     parents = {c.cell_id: tracking.parent_run(client, exp_id, c) for c in cells}
     done = {c.cell_id: tracking.finished_folds(client, exp_id, c.cell_id) for c in cells}
     reused = sum(len(v) for v in done.values())
+    common = dict(threads=max(1, int(cfg.cpus_per_trial)), inject=inject_failure,
+                  marker_dir=str((cfg.work_dir / "markers").resolve()), model_dir=str((cfg.work_dir / "models").resolve()),
+                  keep_weights=cfg.log_fold_models)
     pending = [dict(cell_id=c.cell_id, data_key=c.data_key, subject=s, model=c.fold_model(s), recipe=c.fold_recipe(s),
-                    threads=max(1, int(cfg.cpus_per_trial)), inject=inject_failure,
-                    marker_dir=str((cfg.work_dir / "markers").resolve()))
+                    **common)
                for c in cells for s in c.subjects if s not in done[c.cell_id]]
+    final = cfg.final_model if cfg.final_model is not None else not cfg.demo
+    finals = [c for c in cells if final and not c.fold_settings and not tracking.final_model_uri(client, exp_id, c.cell_id)]
+    pending += [dict(cell_id=c.cell_id, data_key=c.data_key, subject=FINAL, model=c.model, recipe=c.recipe, **common)
+                for c in finals]
     log(f"{len(cells)} cells, {sum(len(c.subjects) for c in cells)} folds: {reused} finished earlier "
-        f"(MLflow experiment '{cfg.experiment}'), {len(pending)} to train")
+        f"(MLflow experiment '{cfg.experiment}'), {len(pending) - len(finals)} to train"
+        + (f", and {len(finals)} final model(s) on all subjects" if finals else ""))
     progress = _Progress(client, exp_id, by_id, parents, done, len(pending), log)
     # cells whose folds all finished earlier but whose parent was never closed (driver killed in between)
     for c in cells:

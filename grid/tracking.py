@@ -49,10 +49,38 @@ def setup(experiment: str, create: bool = True):
         return client, None
     if exp is None:
         artifacts = (Path.cwd() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-        return client, client.create_experiment(experiment, artifact_location=artifacts)
-    if exp.lifecycle_stage == "deleted":
-        client.restore_experiment(exp.experiment_id)
-    return client, exp.experiment_id
+        exp_id = client.create_experiment(experiment, artifact_location=artifacts)
+    else:
+        exp_id = exp.experiment_id
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp_id)
+    # MLflow 3's UI opens an experiment of unknown kind on its GenAI overview; these are model training runs
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
+    return client, exp_id
+
+
+def runs_url(exp_id: str, host: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI address of an experiment's runs table, cells only, best UF1 first."""
+    return (f"{host}/#/experiments/{exp_id}/runs?searchFilter=tags.%60epir.kind%60%20%3D%20%27cell%27"
+            f"&orderByKey=metrics.%60uf1%60&orderByAsc=false")
+
+
+def source_tags(entry_point: str = "grid/run_all.py") -> dict:
+    """MLflow's own source tags (the runs table's Source column): entry point, type, git commit."""
+    commit = git_commit()
+    return {"mlflow.source.name": entry_point, "mlflow.source.type": "LOCAL",
+            **({"mlflow.source.git.commit": commit.replace("+dirty", "")} if commit != "unknown" else {})}
+
+
+def log_dataset(client, run_id: str, cell) -> None:
+    """The cell's data as an MLflow dataset input (the runs table's Dataset column): named
+    ``<dataset>/<protocol>``, its digest the shards' configuration id, its source the shards' key."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    ds = Dataset(name=f"{cell.dataset}/{cell.protocol}", digest=cell.config_id[-10:], source_type="local",
+                 source=json.dumps({"shards_config_id": cell.config_id, "data_key": cell.data_key}),
+                 profile=json.dumps({"classes": cell.classes, "subjects": cell.all_subjects}))
+    client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])])
 
 
 def search_runs(client, exp_id: str, query: str) -> list:
@@ -90,10 +118,11 @@ def parent_run(client, exp_id: str, cell) -> str:
         return found[0].info.run_id
     from mlflow.entities import Param
 
-    tags = {TAG_KIND: "cell", TAG_CELL: cell.cell_id, "mlflow.runName": cell.name, **cell.tags()}
+    tags = {TAG_KIND: "cell", TAG_CELL: cell.cell_id, "mlflow.runName": cell.name, **cell.tags(), **source_tags()}
     run = client.create_run(exp_id, tags=tags, run_name=cell.name)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in cell.params().items()])
     client.set_tag(run.info.run_id, "epir.git_commit", git_commit())
+    log_dataset(client, run.info.run_id, cell)
     return run.info.run_id
 
 
@@ -132,7 +161,8 @@ def log_fold(client, exp_id: str, parent_id: str, cell, fold: dict) -> str:
     from mlflow.entities import Metric, Param
 
     tags = {"mlflow.parentRunId": parent_id, TAG_KIND: "fold", TAG_CELL: cell.cell_id, TAG_FOLD: fold["subject"],
-            "epir.node": str(fold.get("node", "")), "epir.device": str(fold.get("device", "")), **cell.tags()}
+            "epir.node": str(fold.get("node", "")), "epir.device": str(fold.get("device", "")), **cell.tags(),
+            **source_tags()}
     run = client.create_run(exp_id, tags=tags, run_name=f"{cell.name} | {fold['subject']}")
     rid = run.info.run_id
     now = int(time.time() * 1000)
@@ -155,9 +185,70 @@ def log_fold(client, exp_id: str, parent_id: str, cell, fold: dict) -> str:
     if peek:
         client.log_text(rid, _predictions_csv(cell, fold, peek["y_pred"], peek["probs"]),
                         "predictions_best_test_epoch.csv")
-    client.log_text(rid, json.dumps(fold), "fold.json")
+    if fold.get("weights_path") and Path(fold["weights_path"]).is_file():
+        client.log_artifact(rid, fold["weights_path"], "weights")
+        client.log_text(rid, json.dumps({"model": cell.fold_model(fold["subject"]), "recipe": cell.fold_recipe(fold["subject"]),
+                                         "classes": cell.classes}, indent=2), "weights/config.json")
+    client.log_text(rid, json.dumps({k: v for k, v in fold.items() if k != "weights_path"}), "fold.json")
     client.set_terminated(rid, "FINISHED")
     return rid
+
+
+def final_model_uri(client, exp_id: str, cell_id: str) -> str | None:
+    """The ``models:/`` URI of a cell's final model when it was logged (a FINISHED final-model run)."""
+    runs = search_runs(client, exp_id, f"tags.`{TAG_KIND}` = 'final_model' and tags.`{TAG_CELL}` = '{cell_id}' "
+                                       "and attributes.status = 'FINISHED'")
+    return runs[0].data.tags.get("epir.model_uri") if runs else None
+
+
+def model_metadata(cell) -> dict:
+    """What applying a cell's model to new data needs, stored in its MLmodel file: the classes, the model and
+    recipe, the input convention the model reads, and how its training flows were made."""
+    from epir.presets import config_from_dict
+
+    conv = config_from_dict(cell.model).input_convention
+    return {"classes": list(cell.classes), "model_config": cell.model, "recipe": cell.recipe,
+            "input_convention": {"channels": list(conv.channels), "value_range": conv.value_range, "scale": conv.scale},
+            "flow_range": cell.recipe["flow_range"], "preprocess": cell.preprocess or {}, "cell_id": cell.cell_id,
+            "dataset": cell.dataset, "protocol": cell.protocol, "preset": cell.preset,
+            "output": "log-probabilities; softmax gives the class probabilities in 'classes' order"}
+
+
+def log_final_model(client, exp_id: str, parent_id: str, cell, final: dict) -> str:
+    """Log a cell's model trained on all its subjects as an MLflow model (``mlflow.pytorch``, exported
+    with ``torch.export``: loading runs no pickle) in a child run of the cell, with its input/output
+    signature, an input example and :func:`model_metadata`; the input standardisation is inside the
+    weights (buffers). Returns the model's ``models:/`` URI, also set as the tag ``epir.model_uri``."""
+    import mlflow
+    import torch
+    from mlflow.entities import Metric
+    from mlflow.models import infer_signature
+
+    from epir.presets import build_model, config_from_dict
+    from epir.train import SoftmaxEnsemble
+
+    config = config_from_dict(cell.model)
+    members = int(cell.recipe.get("ensemble", 1))
+    model = build_model(config) if members == 1 else SoftmaxEnsemble([build_model(config) for _ in range(members)])
+    model.load_state_dict(torch.load(final["path"], map_location="cpu", weights_only=True))
+    model.eval()
+    x = torch.zeros(2, len(config.input_convention.channels), config.img_size, config.img_size)
+    with torch.no_grad():
+        signature = infer_signature(x.numpy(), model(x).numpy())
+    tags = {TAG_KIND: "final_model", TAG_CELL: cell.cell_id, "mlflow.parentRunId": parent_id, **cell.tags(),
+            **source_tags()}
+    run = client.create_run(exp_id, tags=tags, run_name=f"{cell.name} | final model ({final['samples']} samples)")
+    rid = run.info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(rec[k]), now, int(rec["epoch"])) for rec in final["curve"] for k in rec if k != "epoch"]
+    for i in range(0, len(metrics), 900):
+        client.log_batch(rid, metrics=metrics[i : i + 900])
+    with mlflow.start_run(run_id=rid):
+        info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(),
+                                        metadata=model_metadata(cell))
+    client.set_tag(rid, "epir.model_uri", info.model_uri)
+    client.set_tag(parent_id, "epir.model_uri", info.model_uri)
+    return info.model_uri
 
 
 def confusion_figure(confusion: list[list[int]], classes: list[str], title: str):

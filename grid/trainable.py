@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 FOLD_KEY = "fold_json"
+FINAL_KEY = "final_json"
+FINAL = "*all subjects*"  # the subject of a cell's final-model trial: it trains on every subject
 REPORTS_PER_FOLD = 100  # at most this many progress reports to Tune per fold; the full curve goes to MLflow
 
 
@@ -69,9 +71,11 @@ def fold_trial(config: dict, data: dict) -> None:
     """Ray Tune function trainable: train and evaluate one fold.
 
     Args:
-        config: ``{"trial": {...}}`` with ``data_key``, ``subject``, ``model`` (a model config dict,
-            :func:`epir.presets.config_to_dict`),
-            ``recipe`` (TrainRecipe fields), ``threads``, ``inject`` and ``marker_dir``.
+        config: ``{"trial": {...}}`` with ``cell_id``, ``data_key``, ``subject`` (:data:`FINAL` trains the
+            cell's model on every subject instead of a fold), ``model`` (a model config dict,
+            :func:`epir.presets.config_to_dict`), ``recipe`` (TrainRecipe fields), ``threads``, ``inject``,
+            ``marker_dir``, ``model_dir`` (where weights are written for the driver to log) and
+            ``keep_weights`` (save the fold's trained model too).
         data: ``{data_key: grid.data.ProtocolData}`` (put in the object store by ``tune.with_parameters``).
 
     Raises:
@@ -89,14 +93,39 @@ def fold_trial(config: dict, data: dict) -> None:
     _maybe_fail(t.get("inject"), t["subject"], t["marker_dir"])
     d = data[t["data_key"]]
     recipe = TrainRecipe(**t["recipe"])
+    model_config = config_from_dict(t["model"])
     started = time.time()
     every = max(1, recipe.epochs // REPORTS_PER_FOLD)  # Tune's per-report cost matters at 800 epochs
+    node = ray.get_runtime_context().get_node_id()
 
     def report(rec: dict) -> None:
         if rec["epoch"] % every == 0 and rec["epoch"] < recipe.epochs:
             tune.report(dict(rec))
 
-    r = train_fold(d.flows, d.labels, d.subjects, t["subject"], config_from_dict(t["model"]), recipe,
-                   on_epoch_end=report)
-    fold = fold_record(r, d, started, ray.get_runtime_context().get_node_id())
+    weights = Path(t["model_dir"]) / f"{t['cell_id']}-{'final' if t['subject'] == FINAL else t['subject']}.pt"
+    if t["subject"] == FINAL:  # the cell's model for new data: every subject, the cell's recipe
+        from epir.train import fit_all
+
+        model, curve = fit_all(model_config, recipe, d.flows, d.labels, on_epoch_end=report)
+        save_weights(model, weights)
+        final = {"path": str(weights), "curve": curve, "train_seconds": time.time() - started, "node": node,
+                 "samples": len(d.labels)}
+        tune.report({"epoch": curve[-1]["epoch"], "done": True, FINAL_KEY: json.dumps(final)})
+        return
+    r = train_fold(d.flows, d.labels, d.subjects, t["subject"], model_config, recipe, on_epoch_end=report,
+                   keep_models=bool(t.get("keep_weights")))
+    fold = fold_record(r, d, started, node)
+    if r.models:
+        from epir.train import SoftmaxEnsemble
+
+        save_weights(r.models[0] if len(r.models) == 1 else SoftmaxEnsemble(r.models), weights)
+        fold["weights_path"] = str(weights)
     tune.report({"epoch": r.curve[-1]["epoch"], "done": True, FOLD_KEY: json.dumps(fold)})
+
+
+def save_weights(model, path: Path) -> None:
+    """A trained model's state dict (tensors only: loadable with ``torch.load(weights_only=True)``)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
