@@ -172,9 +172,18 @@ def make_config(args) -> GridConfig:
         overrides.update(loaded.get("overrides", loaded))
         if "study" in loaded and "dataset" in loaded:
             kw["overrides_from"] = {"study": loaded["study"], "dataset": loaded["dataset"]}
-    if args.choices:
-        kw["choices"] = json.loads(Path(args.choices).read_text())
     overrides.update(parse_overrides(args.set))
+    if args.choices:  # the search's base settings come with its choices: the folds train what was validated
+        kw["choices"] = json.loads(Path(args.choices).read_text())
+        for k, v in kw["choices"].get("overrides", {}).items():
+            if k in overrides and overrides[k] != v:
+                raise ValueError(f"--choices: the search validated {k}={v!r}; this run sets {k}={overrides[k]!r}")
+            overrides[k] = v
+        searched = kw["choices"].get("profile")
+        if searched in PROFILES:
+            if (args.profile or kw.get("profile", searched)) not in (searched, "auto"):
+                raise ValueError(f"--choices: the search ran profile {searched}, this run asks for {args.profile or kw['profile']}")
+            kw["profile"] = searched
     kw["overrides"] = overrides
     for flag, key in [("profile", "profile"), ("experiment", "experiment"), ("folds", "folds"),
                       ("cpus_per_trial", "cpus_per_trial"),

@@ -464,7 +464,7 @@ def run_search(cfg, scfg: SearchConfig, log=print) -> SearchOutcome:
     out = cfg.results_dir / cfg.experiment
     out.mkdir(parents=True, exist_ok=True)
     meta = {"study": study, "optuna_storage": storage_url, "trials_completed": len(trials), "dataset": d.key,
-            "shards": d.config_id, "preset": preset, "profile": label, "sampler": scfg.sampler,
+            "shards": d.config_id, "preset": preset, "profile": label, "overrides": cfg.overrides, "sampler": scfg.sampler,
             "space": {k: v.describe() for k, v in scfg.space.items()}, "val_groups": scfg.groups, "seed": scfg.seed}
     choices_path = out / f"{study}.choices.json"
     choices_path.write_text(json.dumps({
@@ -481,6 +481,7 @@ def run_search(cfg, scfg: SearchConfig, log=print) -> SearchOutcome:
                                       Metric("trials_completed", float(len(trials)), now, len(trials))])
     client.log_text(parent, choices_path.read_text(), "choices.json")
     client.log_text(parent, best_path.read_text(), "best.json")
+    log_study_figures(client, parent, optuna.load_study(study_name=study, storage=storage), log)
     outcome = SearchOutcome(study, storage_url, choices, overall["params"], overall["value"], len(trials), counter["n"],
                             choices_path, best_path)
     for g, c in choices.items():
@@ -503,8 +504,39 @@ def run_search(cfg, scfg: SearchConfig, log=print) -> SearchOutcome:
     return outcome
 
 
+def log_study_figures(client, run_id: str, study, log=print) -> None:
+    """Optuna's optimisation history and parameter importances (PED-ANOVA, no scikit-learn needed) as
+    figures of the search's parent run. They show the pooled validation UF1 of all groups: a picture of
+    the search, not what any group's choice used."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ov
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for name, plot in (("optuna_history.png", lambda: ov.plot_optimization_history(study)),
+                           ("optuna_importances.png", lambda: ov.plot_param_importances(
+                               study, evaluator=optuna.importance.PedAnovaImportanceEvaluator()))):
+            try:
+                ax = plot()
+            except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. too few trials for importances
+                log(f"  no {name}: {e}")
+                continue
+            fig = ax.figure
+            fig.set_size_inches(8, 4.5)
+            fig.tight_layout()
+            client.log_figure(run_id, fig, name)
+            plt.close(fig)
+
+
 def _completed_trials(client, exp_id: str, study: str, space: dict) -> list[dict]:
-    """The study's completed trials as MLflow holds them (params, pooled value, validation predictions)."""
+    """The study's completed trials as MLflow holds them (params, pooled value, validation predictions),
+    numbered 1, 2, ... in the order they finished (the log's ``[trial k/n]``)."""
     from . import tracking
 
     runs = tracking.search_runs(client, exp_id, f"tags.`{tracking.TAG_KIND}` = 'search_trial' and "
@@ -513,7 +545,7 @@ def _completed_trials(client, exp_id: str, study: str, space: dict) -> list[dict
     for n, r in enumerate(sorted(runs, key=lambda r: r.info.start_time)):
         folds = json.loads(Path(client.download_artifacts(r.info.run_id, "folds.json")).read_text())
         params = {k: _typed(r.data.params[k], space[k]) for k in space if k in r.data.params}
-        out.append({"number": n, "params": params, "value": r.data.metrics.get("val_uf1", 0.0), "folds": folds,
+        out.append({"number": n + 1, "params": params, "value": r.data.metrics.get("val_uf1", 0.0), "folds": folds,
                     "run_id": r.info.run_id})
     return out
 

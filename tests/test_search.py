@@ -137,6 +137,7 @@ def test_search_on_a_manifest_dataset(tmp_path):
     for r in trials:
         assert {"lr", "tokenizer"} <= set(r.data.params) and {"val_uf1", "val_uf1_g0", "val_uf1_g1"} <= set(r.data.metrics)
     assert "test_uf1" in parent[0].data.metrics and "best_val_uf1" in parent[0].data.metrics
+    assert "optuna_history.png" in {a.path for a in client.list_artifacts(parent[0].info.run_id)}
     # every fold of the tested cell says which configuration it trained and why
     folds = [r for r in runs if r.data.tags.get("epir.kind") == "fold"]
     assert len(folds) == 4
