@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--face-margin", type=float, default=0.1, help="margin added to each side of the face box, "
                    "as a fraction of its side (default 0.1)")
     p.add_argument("--min-face-prob", type=float, default=0.9, help="MTCNN detection threshold (default 0.9)")
+    p.add_argument("--face-pad", type=float, default=0.25,
+                   help="when MTCNN finds no face, try again on the frame padded by this fraction of its size on "
+                   "each side, edges repeated (tight face crops need it; 0 = no second try; default 0.25)")
     p.add_argument("--precropped", action="store_true",
                    help="manifest frames are tight face crops: use the whole frame as the face box")
     p.add_argument("--classes", help="manifest: comma-separated class names in label order (default: sorted)")
@@ -57,34 +60,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def prepare(args) -> tuple:
+    """(adapted dataset, output name, PreprocessConfig) of parsed arguments: everything that decides the
+    shards' content (their cache key, ``preprocess.pipeline.shard_names``), before anything runs.
+
+    Raises:
+        ValueError: a bad option. DatasetError: a wrong root or annotations.
+    """
+    from .pipeline import PreprocessConfig
+
+    cfg = PreprocessConfig(args.working_size, args.output_size, args.normalize, args.face_margin, args.min_face_prob,
+                           args.face_pad)
+    if args.workers < 1 or args.shard_size < 1:
+        raise ValueError("--workers and --shard-size must be >= 1")
+    if not args.root.exists():
+        raise DatasetError(f"--root {args.root} does not exist")
+    kwargs = {}
+    if args.dataset == "manifest":
+        kwargs = dict(precropped=args.precropped,
+                      classes=[c.strip() for c in args.classes.split(",")] if args.classes else None)
+    adapted = ADAPTERS[args.dataset](args.root, args.annotations, **kwargs)
+    return adapted, dataset_name(args.dataset, adapted, args.name), cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: 0 on success, 2 for a wrong root, bad options or no surviving sample."""
     args = build_parser().parse_args(argv)
-    from .pipeline import PreprocessConfig, run
+    from .pipeline import run
 
     try:
-        cfg = PreprocessConfig(args.working_size, args.output_size, args.normalize, args.face_margin, args.min_face_prob)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.workers < 1 or args.shard_size < 1:
-        print("error: --workers and --shard-size must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        if not args.root.exists():
-            raise DatasetError(f"--root {args.root} does not exist")
-        kwargs = {}
-        if args.dataset == "manifest":
-            kwargs = dict(precropped=args.precropped,
-                          classes=[c.strip() for c in args.classes.split(",")] if args.classes else None)
         print(f"reading {args.dataset} annotations from {args.root} ...", flush=True)
-        adapted = ADAPTERS[args.dataset](args.root, args.annotations, **kwargs)
-        name = dataset_name(args.dataset, adapted, args.name)
+        adapted, name, cfg = prepare(args)
         print(f"{len(adapted.samples)} samples to process, {len(adapted.rejects)} rejected from the annotations", flush=True)
         summary = run(adapted, name, args.out, cfg, workers=args.workers, shard_size=args.shard_size,
                       precomputed=args.dataset == "megc2019", force=args.force,
                       progress=lambda m: print(m, flush=True), gpu_per_actor=args.gpu_per_actor)
-    except DatasetError as e:
+    except (DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary.render())

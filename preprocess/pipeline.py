@@ -58,6 +58,10 @@ class PreprocessConfig:
         working_size, output_size, normalize: see :class:`preprocess.frames.FlowConfig`.
         face_margin: fraction of the face box's side added on each side before cropping.
         min_face_prob: MTCNN detections below this probability are ignored.
+        face_pad: when MTCNN finds no face, detect again on the frame padded by this fraction of its
+            size on each side, edge pixels repeated (tight face crops such as CASME II's ``Cropped/``
+            leave MTCNN no context); 0 = no second try. The box found there is moved back and clipped
+            to the frame.
     """
 
     working_size: int = 128
@@ -65,11 +69,12 @@ class PreprocessConfig:
     normalize: str = "minmax"
     face_margin: float = 0.1
     min_face_prob: float = 0.9
+    face_pad: float = 0.25
 
     def __post_init__(self):
         FlowConfig(self.working_size, self.output_size, self.normalize)  # validates
-        if not 0 <= self.face_margin <= 1 or not 0 < self.min_face_prob <= 1:
-            raise ValueError("face_margin must lie in 0..1 and min_face_prob in (0, 1]")
+        if not 0 <= self.face_margin <= 1 or not 0 < self.min_face_prob <= 1 or not 0 <= self.face_pad <= 2:
+            raise ValueError("face_margin must lie in 0..1, min_face_prob in (0, 1] and face_pad in 0..2")
 
     @property
     def flow(self) -> FlowConfig:
@@ -110,8 +115,9 @@ class FaceStage:
 
     Input batch (pandas): the adapter's columns. Output: the same plus ``onset_face``, ``apex_face``
     ((working_size, working_size) uint8 grey; zeros for a rejected sample), ``face_box``
-    (x1, y1, x2, y2), ``face_source`` (``mtcnn`` or ``precropped``), ``px_scale`` (working-size pixels
-    per source pixel), ``status`` (``ok`` / ``rejected``), ``reason``, ``detail``.
+    (x1, y1, x2, y2), ``face_source`` (``mtcnn``, ``mtcnn_padded`` when the face was only found on the
+    padded frame, or ``precropped``), ``px_scale`` (working-size pixels per source pixel), ``status``
+    (``ok`` / ``rejected``), ``reason``, ``detail``.
     """
 
     def __init__(self, cfg: dict, device: str = "cpu"):
@@ -143,16 +149,40 @@ class FaceStage:
         if bool(r.get("precropped")):
             box, source = (0, 0, w, h), "precropped"
         else:
-            from PIL import Image
-
-            boxes, probs = self.mtcnn.detect(Image.fromarray(onset))
-            if boxes is not None:
-                boxes = boxes[np.asarray(probs, dtype=float) >= self.cfg.min_face_prob]
-            box, source = face_box_from_detections(boxes, (h, w), self.cfg.face_margin), "mtcnn"
+            box, source = self.face_box(onset)
         side = max(box[2] - box[0], box[3] - box[1])
         return dict(onset_face=crop_grey(onset, box, size), apex_face=crop_grey(apex, box, size),
                     face_box=np.asarray(box, dtype=np.int32), face_source=source, px_scale=np.float32(size / side),
                     status="ok", reason="", detail="")
+
+    def _detect(self, img: np.ndarray):
+        from PIL import Image
+
+        boxes, probs = self.mtcnn.detect(Image.fromarray(img))
+        return None if boxes is None else boxes[np.asarray(probs, dtype=float) >= self.cfg.min_face_prob]
+
+    def face_box(self, onset: np.ndarray) -> tuple[tuple[int, int, int, int], str]:
+        """The face box (x1, y1, x2, y2) of an RGB onset frame and how it was found: on the frame
+        (``mtcnn``) or, failing that, on the frame padded by ``face_pad`` of its size with its edges
+        repeated (``mtcnn_padded``; the box is moved back and clipped to the frame).
+
+        Raises:
+            SampleError("no_face"): no face either way.
+        """
+        import cv2
+
+        h, w = onset.shape[:2]
+        boxes = self._detect(onset)
+        if boxes is not None and len(boxes):
+            return face_box_from_detections(boxes, (h, w), self.cfg.face_margin), "mtcnn"
+        if self.cfg.face_pad > 0:
+            py, px = int(round(self.cfg.face_pad * h)), int(round(self.cfg.face_pad * w))
+            boxes = self._detect(cv2.copyMakeBorder(onset, py, py, px, px, cv2.BORDER_REPLICATE))
+            if boxes is not None and len(boxes):
+                boxes = boxes - np.array([px, py, px, py], dtype=float)
+                return face_box_from_detections(boxes, (h, w), self.cfg.face_margin), "mtcnn_padded"
+        raise SampleError("no_face", "MTCNN found no face in the onset frame"
+                          + (f", nor with {self.cfg.face_pad:g} of its size padded around it" if self.cfg.face_pad else ""))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         size = self.cfg.working_size
@@ -251,13 +281,26 @@ def precomputed_stage(batch: pd.DataFrame, cfg: dict) -> pa.Table:
 
 # --- driver -------------------------------------------------------------------------------------
 
-def _group_hash(df: pd.DataFrame) -> str:
-    # object dtype first: a column with no path at all (precomputed flow: no onset/apex frames) is float64
-    # NaN, and filling it with text is deprecated in pandas
-    onset = df["onset_path"].astype(object).fillna(df["flow_path"].astype(object)).fillna("")
-    apex = df["apex_path"].astype(object).fillna("")
-    key = "\n".join(f"{a}/{b}/{c}/{d}" for a, b, c, d in zip(df["subject"], df["sample_id"], onset, apex))
+def _group_hash(df: pd.DataFrame, classes: dict | None = None) -> str:
+    """Hash of everything the adapter says of a group's samples (every column: paths, frames, labels,
+    ``precropped``, metadata, ...) and of the class lists: any change makes a new shard name, so a
+    changed option rebuilds the shard instead of reusing it."""
+    rows = df.astype(object).where(df.notna(), None).to_dict("records")
+    key = json.dumps({"rows": rows, "classes": classes}, sort_keys=True, default=str)
     return hashlib.sha1(key.encode()).hexdigest()[:8]
+
+
+def shard_names(adapted: AdapterResult, cfg: "PreprocessConfig", shard_size: int = 512, precomputed: bool = False,
+                present: pd.DataFrame | None = None) -> list[str]:
+    """``<config id>/shard-NNNNN-<hash>`` of every shard a run would write: the cache key. It covers the
+    preprocessing configuration (:meth:`PreprocessConfig.config_id`) and every field of every sample.
+
+    Args:
+        present: the samples whose files exist (default: check them, as :func:`run` does).
+    """
+    samples = present if present is not None else check_files(adapted.samples.reset_index(drop=True), precomputed)[0]
+    groups = [samples.iloc[i : i + shard_size] for i in range(0, len(samples), shard_size)]
+    return [f"{cfg.config_id(precomputed)}/shard-{gi:05d}-{_group_hash(g, adapted.classes)}" for gi, g in enumerate(groups)]
 
 
 def init_ray():
@@ -376,6 +419,8 @@ class RunSummary:
     shards_reused: int
     seconds: float
     rejects: pd.DataFrame
+    face_sources: dict = dataclasses.field(default_factory=dict)
+    face_pad: float = 0.0
 
     def render(self) -> str:
         """The one-screen summary the command prints at the end."""
@@ -386,6 +431,13 @@ class RunSummary:
             lines.append(f"  rejected {v:5d}  {k}")
         for k, v in sorted(self.repaired.items()):
             lines.append(f"  repaired {v:5d}  {k}")
+        if self.face_sources.get("mtcnn_padded"):
+            lines.append(f"  padded   {self.face_sources['mtcnn_padded']:5d}  face found only on the frame padded by "
+                         f"{self.face_pad:g} (face_source = mtcnn_padded in the shards)")
+        total = self.accepted + self.rejected
+        if total and self.reasons.get("no_face", 0) > total / 2:
+            lines.append(f"  hint     most samples had no face: for tight face crops use --precropped (the whole frame "
+                         f"is the face), or a larger --face-pad (now {self.face_pad:g})")
         for proto, counts in self.labels.items():
             if counts:
                 lines.append(f"  {proto} labels  " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
@@ -456,8 +508,9 @@ def run(adapted: AdapterResult, dataset_name: str, out: Path, cfg: PreprocessCon
     groups = [samples.iloc[i : i + shard_size] for i in range(0, len(samples), shard_size)]
     wanted, reused, written = set(), 0, 0
     stage_rejects: list[pd.DataFrame] = []  # samples the stages rejected (the adapter's come on top)
+    names = shard_names(adapted, cfg, shard_size, precomputed, samples)
     for gi, group in enumerate(groups):
-        dest = out_dir / f"shard-{gi:05d}-{_group_hash(group)}"
+        dest = out_dir / names[gi].split("/")[1]
         wanted.add(dest.name)
         if dest.is_dir():
             reused += 1
@@ -479,19 +532,26 @@ def run(adapted: AdapterResult, dataset_name: str, out: Path, cfg: PreprocessCon
     accepted = samples[[(str(s), str(i)) not in stage_keys for s, i in zip(samples["subject"], samples["sample_id"])]]
     n_ok = len(accepted)
     if n_ok == 0:
-        raise DatasetError(f"no sample of {dataset_name} survived preprocessing; reasons: "
-                           f"{rej['reason'].value_counts().to_dict()} (see {out_dir / 'rejects.csv'})")
+        reasons = rej["reason"].value_counts().to_dict()
+        hint = (f"; the frames may be tight face crops: try --precropped (the whole frame is the face) or a larger "
+                f"--face-pad (now {cfg.face_pad:g})" if reasons.get("no_face", 0) > len(rej) / 2 else "")
+        raise DatasetError(f"no sample of {dataset_name} survived preprocessing; reasons: {reasons} "
+                           f"(see {out_dir / 'rejects.csv'}){hint}")
     labels = {
         "SDE": accepted["sde_class"].dropna().value_counts().sort_index().to_dict(),
         "CDE": accepted["cde_class"].dropna().value_counts().sort_index().to_dict(),
     }
     repaired = accepted["note"][accepted["note"] != ""].str.split(" -> ").str[0].str.replace(r"\d+", "N", regex=True)
+    sources = pd.concat([pq.read_table(f, columns=["face_source"]).to_pandas() for f in sorted(out_dir.glob("shard-*/*.parquet"))]
+                        or [pd.DataFrame(columns=["face_source"])])["face_source"].value_counts().to_dict()
     summary = RunSummary(dataset_name, out_dir, n_ok, len(rej), rej["reason"].value_counts().to_dict(),
-                         repaired.value_counts().to_dict(), labels, written, reused, time.perf_counter() - start, rej)
+                         repaired.value_counts().to_dict(), labels, written, reused, time.perf_counter() - start, rej,
+                         sources, cfg.face_pad)
     manifest = {
         **_shard_meta(dataclasses.asdict(cfg), precomputed),
         "dataset": dataset_name, "config_id": cfg.config_id(precomputed), "classes": adapted.classes,
         "accepted": n_ok, "rejected": len(rej), "reject_reasons": summary.reasons, "repaired": summary.repaired,
+        "face_sources": sources,
         "labels": labels, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     tmp = out_dir / "manifest.json.tmp"
