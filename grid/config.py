@@ -14,6 +14,14 @@ overrides the file. With neither a file nor a ``--dataset`` flag the grid runs t
     root = "../shared/data/megc2019_composite"
     protocols = ["CDE"]               # SDE and/or CDE; default: what the dataset's labels allow
 
+    # or EPIR's composite from the raw releases: their CDE samples pooled into one LOSO cell
+    # cde_composite = true
+    # [[datasets]]
+    # format = "casme2"
+    # root = "/data/CASME2"
+    # protocols = ["CDE"]
+    # (and the same for samm and smic)
+
     [overrides]                       # any TrainRecipe field, or a model field of a chosen preset's family
     epochs = 60
 
@@ -90,6 +98,9 @@ class GridConfig:
         overrides: TrainRecipe fields and model fields, applied after the profile (a model field to the
             presets whose family has it).
         seeds: one cell per seed (``TrainRecipe.seed``); the tables report the mean and spread.
+        cde_composite: pool the CDE samples of every configured dataset into ONE composite CDE dataset
+            (EPIR's CDE from raw CASME II, SAMM and SMIC; ``grid.data.composite``) instead of one CDE
+            cell per dataset; SDE cells stay per dataset.
         choices: a search's ``<study>.choices.json`` (``grid.search``): each test subject's fold trains the
             configuration chosen for its validation group, without its labels; for presets of the search's
             model family (a choice made on ``epir`` may be applied to ``baseline``).
@@ -115,6 +126,7 @@ class GridConfig:
     profile: str = "auto"
     overrides: dict = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
+    cde_composite: bool = False
     choices: dict | None = None
     final_model: bool | None = None
     log_fold_models: bool = False

@@ -107,3 +107,34 @@ def load_protocol(folder: Path, protocol: str) -> ProtocolData:
         flow_range="unit" if manifest.get("precomputed") or normalize == "minmax" else "signed",
         preprocess={"config": manifest.get("config") or {}, "precomputed": bool(manifest.get("precomputed"))},
     )
+
+
+def composite(parts: list[ProtocolData], name: str = "") -> ProtocolData:
+    """One CDE dataset from several (EPIR's composite evaluation from raw CASME II, SAMM and SMIC): their
+    samples in one LOSO pool under the MEGC2019 three classes, each subject named ``<dataset>_<subject>``
+    so that ids stay distinct across datasets, and the source dataset kept as each sample's group (the
+    per-dataset scores are subsets of the composite run, as EPIR Table 1).
+
+    Args:
+        parts: CDE :class:`ProtocolData` of the source datasets.
+        name: the composite's name (default: the sources joined by ``+``).
+
+    Raises:
+        ValueError: fewer than two parts, a part not CDE, or parts whose classes, flow shapes or ranges differ.
+    """
+    if len(parts) < 2:
+        raise ValueError(f"a composite needs at least two CDE datasets, got {[p.key for p in parts]}")
+    for p in parts:
+        if p.protocol != "CDE" or p.classes != parts[0].classes or p.flow_range != parts[0].flow_range \
+                or p.flows.shape[1:] != parts[0].flows.shape[1:]:
+            raise ValueError(f"cannot pool {p.key} with {parts[0].key}: protocol, classes, flow range and flow shape "
+                             "must agree (preprocess them with the same options)")
+    name = name or "+".join(p.dataset for p in parts)
+    return ProtocolData(
+        key=f"{name}/CDE", dataset=name, protocol="CDE", config_id="+".join(p.config_id for p in parts),
+        flows=np.concatenate([p.flows for p in parts]), labels=np.concatenate([p.labels for p in parts]),
+        subjects=np.concatenate([np.char.add(f"{p.dataset}_", p.subjects.astype(str)) for p in parts]),
+        sample_ids=np.concatenate([p.sample_ids for p in parts]), groups=np.concatenate([p.groups for p in parts]),
+        classes=list(parts[0].classes), flow_range=parts[0].flow_range,
+        preprocess={p.dataset: p.preprocess for p in parts},
+    )

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presets", help=f"comma-separated presets (default the ladder: {','.join(LADDER)}; "
                    f"all: {','.join(PRESETS)})")
     p.add_argument("--seeds", help="comma-separated seeds, one cell each (default 0), e.g. 0,1,2")
+    p.add_argument("--cde-composite", action="store_true", default=None,
+                   help="pool the CDE samples of all --dataset entries into ONE composite cell (EPIR's CDE from raw "
+                   "CASME II + SAMM + SMIC); subjects become <dataset>_<subject>")
     p.add_argument("--profile", choices=["auto", *PROFILES], help="training profile (default auto)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainRecipe field or a model field, e.g. --set epochs=60 --set dim=128")
@@ -189,7 +192,7 @@ def make_config(args) -> GridConfig:
                       ("cpus_per_trial", "cpus_per_trial"),
                       ("gpus_per_trial", "gpus_per_trial"), ("max_concurrent", "max_concurrent"),
                       ("max_failures", "max_failures"), ("work_dir", "work_dir"), ("results", "results_dir"),
-                      ("final_model", "final_model")]:
+                      ("final_model", "final_model"), ("cde_composite", "cde_composite")]:
         if getattr(args, flag) is not None:
             kw[key] = getattr(args, flag)
     if args.log_fold_models:

@@ -334,6 +334,14 @@ def prepare_data(cfg: GridConfig, log=print) -> dict[str, ProtocolData]:
             d = load_protocol(folder, protocol)
             data[d.key] = d
             log(f"  {d.key}: {len(d.labels)} samples, {len(set(d.subjects))} subjects, classes {d.classes}")
+    if cfg.cde_composite:
+        from .data import composite
+
+        parts = [d for d in data.values() if d.protocol == "CDE"]
+        d = composite(parts)
+        data = {k: v for k, v in data.items() if v.protocol != "CDE"} | {d.key: d}
+        log(f"  {d.key}: the CDE composite of {', '.join(p.key for p in parts)}: {len(d.labels)} samples, "
+            f"{len(set(d.subjects))} subjects (named <dataset>_<subject>)")
     return data
 
 

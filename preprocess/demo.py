@@ -150,3 +150,78 @@ def make_demo_dataset(out: str | Path, subjects: int = 6, samples_per_class: int
     path = out / "demo_manifest.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
+
+
+# The raw releases' layouts, for tests and for trying a CDE composite built from raw frames. Emotions are
+# the datasets' own words, chosen so that each maps to the MEGC2019 class of the demo's motion.
+RAW_EMOTIONS = {
+    "casme2": {"negative": "disgust", "positive": "happiness", "surprise": "surprise"},
+    "samm": {"negative": "Anger", "positive": "Happiness", "surprise": "Surprise"},
+    "smic": {"negative": "negative", "positive": "positive", "surprise": "surprise"},
+}
+
+
+def make_raw_layouts(out: str | Path, subjects: int = 2, samples_per_class: int = 1, seed: int = 0) -> dict[str, Path]:
+    """Write small CASME II, SAMM and SMIC-HS roots in their released layouts, with their annotation
+    sheets, from the demo's pseudo-subjects and motions; the adapters read them as the real releases.
+
+    Layouts: ``casme2/CASME2_RAW_selected/subNN/EPnn_kk/img<frame>.jpg`` + ``CASME2-coding-demo.xlsx``;
+    ``samm/SAMM/0NN/0NN_n_k/0NN_<frame:05d>.jpg`` + ``SAMM_Micro_FACS_Codes_demo.xlsx`` (13 preamble rows
+    before its header, as SAMM's sheet); ``smic/HS/sN/micro/<class>/sN_xx_kk/image<frame>.bmp`` (no apex
+    list: the middle frame is the apex). Each clip holds onset, apex and offset frames (offset = onset).
+
+    Args:
+        out: folder to write into; subjects: pseudo-subjects per dataset (distinct across datasets);
+        samples_per_class: clips of each class per subject; seed: RNG seed.
+
+    Returns:
+        dataset format -> root.
+    """
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    img = base_photo()
+    pts = landmarks(img)
+    sheets: dict[str, list] = {"casme2": [], "samm": []}
+    roots = {d: out / d for d in RAW_EMOTIONS}
+
+    def frames(view, vpts, label):
+        onset = np.clip(view + rng.normal(0, 1.5, view.shape), 0, 255).astype(np.uint8)
+        dx, dy = motion_field(view.shape[:2], vpts, label, amplitude=rng.uniform(1.0, 2.0))
+        apex = np.clip(warp(view, dx, dy) + rng.normal(0, 1.5, view.shape), 0, 255).astype(np.uint8)
+        return [cv2.cvtColor(f, cv2.COLOR_RGB2BGR) for f in (onset, apex, onset)]
+
+    for dataset in RAW_EMOTIONS:
+        for s in range(subjects):
+            view, vpts = _subject_view(img, pts, rng)
+            for ci, label in enumerate(DEMO_CLASSES):
+                for k in range(samples_per_class):
+                    onset_no, apex_no, offset_no = 100 + 10 * k, 103 + 10 * k, 106 + 10 * k
+                    numbers = (onset_no, apex_no, offset_no)
+                    emotion = RAW_EMOTIONS[dataset][label]
+                    if dataset == "casme2":
+                        subject, clip = f"sub{s + 1:02d}", f"EP{ci + 1:02d}_{k + 1:02d}"
+                        folder = roots[dataset] / "CASME2_RAW_selected" / subject / clip
+                        names = [f"img{n}.jpg" for n in numbers]
+                        sheets["casme2"].append(dict(Subject=s + 1, Filename=clip, OnsetFrame=onset_no, ApexFrame=apex_no,
+                                                     OffsetFrame=offset_no, **{"Action Units": "4", "Estimated Emotion": emotion}))
+                    elif dataset == "samm":
+                        subject, clip = f"{s + 101:03d}", f"{s + 101:03d}_{ci + 1}_{k + 1}"
+                        folder = roots[dataset] / "SAMM" / subject / clip
+                        names = [f"{subject}_{n:05d}.jpg" for n in numbers]
+                        sheets["samm"].append(dict(Subject=s + 101, Filename=clip, **{
+                            "Onset Frame": onset_no, "Apex Frame": apex_no, "Offset Frame": offset_no,
+                            "Action Units": "4", "Estimated Emotion": emotion}))
+                    else:
+                        subject = f"s{s + 1}"
+                        clip = f"{subject}_{label[:2]}_{k + 1:02d}"
+                        folder = roots[dataset] / "HS" / subject / "micro" / label / clip
+                        names = [f"image{n}.bmp" for n in numbers]
+                    folder.mkdir(parents=True, exist_ok=True)
+                    for name, frame in zip(names, frames(view, vpts, label)):
+                        cv2.imwrite(str(folder / name), frame)
+    pd.DataFrame(sheets["casme2"]).to_excel(roots["casme2"] / "CASME2-coding-demo.xlsx", index=False)
+    with pd.ExcelWriter(roots["samm"] / "SAMM_Micro_FACS_Codes_demo.xlsx") as xw:
+        preamble = pd.DataFrame([[f"demo SAMM sheet, preamble row {i + 1}"] for i in range(13)])
+        preamble.to_excel(xw, index=False, header=False)
+        pd.DataFrame(sheets["samm"]).to_excel(xw, index=False, startrow=13)
+    return roots

@@ -104,3 +104,19 @@ def test_every_content_option_changes_the_shard_cache_key(demo, tmp_path):
         extra = [flag] if isinstance(a, argparse._StoreTrueAction) else [flag, OTHER_VALUE[a.dest]]
         assert keys(extra) != base, f"{flag} does not change the shard cache key"
     assert keys(["--workers", "1"]) == base and keys(["--force"]) == base  # where and how fast: the same shards
+
+
+def test_the_flow_stage_recovers_the_demos_known_motion(capsys):
+    """benchmarks/flow_accuracy.py: the face + flow stages on motions whose every pixel is known."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flow_accuracy", REPO / "benchmarks" / "flow_accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--subjects", "1", "--samples", "2"]) == 0
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.split() and ln.split()[0] in
+            ("negative", "positive", "surprise")]
+    assert len(rows) == 3
+    for r in rows:
+        angle, ratio = float(r[3]), float(r[7])
+        assert angle < 30 and 0.6 < ratio < 1.4, r  # the right direction and about the right size
