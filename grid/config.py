@@ -46,15 +46,24 @@ PROTOCOLS = ("SDE", "CDE")
 FORMATS = ("casme2", "samm", "smic", "casme3", "megc2019", "manifest")
 
 # Training profiles: model width and recipe overrides on top of each EPIR-ladder preset (EPIRConfig /
-# TrainRecipe fields; peers keep their published recipe). ``paper`` is EPIR Sec. 4.2 at the paper width. ``cpu`` is sized so that the epir and
-# baseline cells of the 68-fold composite finish in about 90 minutes on 2 CPU cores (measured with
-# benchmarks/loso_profile.py; see the README). ``demo`` is the built-in demo's minutes-long grid.
+# TrainRecipe fields; peers keep their published recipe). ``paper`` is EPIR Sec. 4.2 at the paper width.
+# ``cpu`` is a 2-core machine's: width 64 (the earlier profile's), the SPT reference's initialisation and a
+# log-parametrised ITALS temperature (both chosen a priori, from the diagnostics in tests/test_learning.py),
+# AdamW with a 3-epoch warm-up and cosine decay, and the values of the strict search
+# megc2019-CDE-epir-cpu-strict (results/megc2019-search/) best on ALL its validation groups. That makes it
+# a choice made with every subject of the MEGC2019 composite as a validation subject: its cells on that
+# dataset are labelled so (PROFILE_CHOSEN_ON); the honest composite result is the search's per-group cell.
+# ``demo`` is the built-in demo's minutes-long grid.
 PROFILES: dict[str, dict] = {
     "paper": {},
-    "cpu": dict(dim=64, dim_head=21, epochs=40, batch_size=64, lr=5e-4, schedule="cosine", hflip=True,
-                standardize=True),
+    "cpu": dict(dim=64, dim_head=21, batch_size=64, schedule="cosine", hflip=True, standardize=True, init="spt",
+                itals_param="log_scale", optimizer="adamw", warmup_epochs=3, lr=6.187e-4, weight_decay=2.85e-3,
+                label_smoothing=0.0509, drop_path=0.0174, translate=1, mixup=0.2, class_weights="none", depth=13,
+                integration_blocks=2, epochs=60),
     "demo": dict(dim=32, dim_head=11, depth=5, integration_blocks=2, epochs=30, lr=2e-3, batch_size=32),
 }
+# profile -> (the data key it was chosen on, how): its cells on that data are labelled as peeking
+PROFILE_CHOSEN_ON = {"cpu": ("megc2019/CDE", "search megc2019-CDE-epir-cpu-strict, best on all validation groups")}
 MODEL_FIELDS = set().union(*(family_fields(f) for f in FAMILIES))
 RECIPE_FIELDS = {f.name for f in dataclasses.fields(TrainRecipe)}
 PUBLISHED = "published"  # the profile label of a peer's cells: its own published recipe

@@ -178,7 +178,7 @@ def make_config(args) -> GridConfig:
     overrides.update(parse_overrides(args.set))
     if args.choices:  # the search's base settings come with its choices: the folds train what was validated
         kw["choices"] = json.loads(Path(args.choices).read_text())
-        for k, v in kw["choices"].get("overrides", {}).items():
+        for k, v in kw["choices"].get("base", {}).items():
             if k in overrides and overrides[k] != v:
                 raise ValueError(f"--choices: the search validated {k}={v!r}; this run sets {k}={overrides[k]!r}")
             overrides[k] = v

@@ -26,7 +26,7 @@ from epir.metrics import score
 from epir.presets import PRESETS
 
 from . import tracking
-from .config import GridConfig, cell_id, fold_settings
+from .config import PROFILE_CHOSEN_ON, GridConfig, cell_id, fold_settings
 from .data import ProtocolData, available_protocols, load_protocol, preprocess
 from preprocess.pipeline import init_ray
 
@@ -170,12 +170,20 @@ def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) ->
                 recipe["flow_range"] = d.flow_range
                 parts = dict(data=key, shards=d.config_id, n=len(d.labels), model=model, recipe=recipe,
                              subjects=chosen, demo=cfg.demo)
+                no_seed = {"recipe": {k: v for k, v in recipe.items() if k != "seed"}}
                 per_fold = None
-                if cfg.choices:
+                chosen_here = PROFILE_CHOSEN_ON.get(profile, ("",))[0] == key and label == profile
+                if chosen_here and not cfg.choices:
+                    label = f"{profile}: PROFILE CHOSEN ON THESE SUBJECTS"
+                if cfg.choices:  # what each fold trains, and why, names the cell (not the base it came from)
                     per_fold = fold_settings(cfg.choices, key, chosen, model, recipe)
-                    parts["choices"] = {s: f["choice"] for s, f in per_fold.items()}
+                    del parts["model"], parts["recipe"]
+                    parts["folds"] = {s: {"model": f["model"], "recipe": f["recipe"], "choice": f["choice"]}
+                                      for s, f in per_fold.items()}
+                    no_seed = {"folds": {s: {**f, "recipe": {k: v for k, v in f["recipe"].items() if k != "seed"}}
+                                         for s, f in parts["folds"].items()}}
                     label = f"{label}, chosen by search {cfg.choices['study']}"
-                setting = cell_id({**parts, "recipe": {k: v for k, v in recipe.items() if k != "seed"}})
+                setting = cell_id({**parts, **no_seed})
                 name = f"{d.protocol} {d.dataset} {preset}" + (" searched" if per_fold else "") \
                     + (f" seed {seed}" if cfg.seeds != [0] else "")
                 cells.append(Cell(cell_id(parts), name, d.dataset, d.protocol, preset, label, key, d.config_id,

@@ -18,8 +18,9 @@ validation scores that never involve s's labels.
   s's labels took part only as training data of models that predicted other subjects.
 - **Result**: ``<study>.choices.json`` (each group's choice, its validation UF1 and the runner-up) and an
   honest LOSO cell in which each test subject's fold trains the configuration chosen for its group; each
-  child run says which configuration it used and why (``grid.runner``). ``<study>.best.json`` holds the
-  candidate best on ALL groups: for new data; on this dataset it would have seen every subject.
+  child run says which configuration it used and why (``grid.runner``). Both files keep the search's
+  base settings (``base``: its ``--set`` values). ``<study>.best.json`` holds the candidate best on ALL
+  groups with the base (``overrides``): for new data; on this dataset it would have seen every subject.
 - Trials run as Ray Tune trials (``OptunaSearch`` with the chosen sampler), each trial's K trainings as
   Ray tasks inside the trial's placement group. The Optuna study lives in a database (SQLite
   ``optuna.db`` by default): a re-run with the same study name resumes it or extends it (``trials`` is
@@ -187,7 +188,7 @@ def group_fold(flows: np.ndarray, labels: np.ndarray, subjects: np.ndarray, held
         ValueError: no held or no training sample.
     """
     from epir.presets import config_from_dict
-    from epir.train import TrainRecipe, fit, predict, resolve_device, to_model_input
+    from epir.train import TrainRecipe, fit_all, predict, to_model_input
 
     subjects = np.asarray([str(s) for s in subjects])
     is_held = np.isin(subjects, held)
@@ -196,12 +197,8 @@ def group_fold(flows: np.ndarray, labels: np.ndarray, subjects: np.ndarray, held
     rec = TrainRecipe(**recipe)
     config = config_from_dict(model)
     start = time.perf_counter()
-    members = []
-    for m in range(rec.ensemble):  # as train_fold does: the softmax average of the ensemble's members
-        net, _ = fit(config, TrainRecipe(**{**recipe, "seed": rec.seed + 1000 * m}), flows[~is_held], labels[~is_held])
-        x = to_model_input(flows[is_held], config, rec.flow_range).to(resolve_device(rec.device))
-        members.append(predict(net, x, rec.batch_size))
-    probs = np.mean(members, axis=0)
+    net, _ = fit_all(config, rec, flows[~is_held], labels[~is_held])  # an ensemble as train_fold makes it
+    probs = predict(net, to_model_input(flows[is_held], config, rec.flow_range), rec.batch_size)
     return {"held": sorted(held), "subjects": subjects[is_held].tolist(), "y_true": labels[is_held].tolist(),
             "y_pred": probs.argmax(-1).tolist(), "train_seconds": time.perf_counter() - start}
 
@@ -464,7 +461,7 @@ def run_search(cfg, scfg: SearchConfig, log=print) -> SearchOutcome:
     out = cfg.results_dir / cfg.experiment
     out.mkdir(parents=True, exist_ok=True)
     meta = {"study": study, "optuna_storage": storage_url, "trials_completed": len(trials), "dataset": d.key,
-            "shards": d.config_id, "preset": preset, "profile": label, "overrides": cfg.overrides, "sampler": scfg.sampler,
+            "shards": d.config_id, "preset": preset, "profile": label, "base": cfg.overrides, "sampler": scfg.sampler,
             "space": {k: v.describe() for k, v in scfg.space.items()}, "val_groups": scfg.groups, "seed": scfg.seed}
     choices_path = out / f"{study}.choices.json"
     choices_path.write_text(json.dumps({
@@ -473,7 +470,7 @@ def run_search(cfg, scfg: SearchConfig, log=print) -> SearchOutcome:
                 "a test subject's own labels never take part in the choice used for it"}, indent=2))
     best_path = out / f"{study}.best.json"
     best_path.write_text(json.dumps({
-        **meta, "overrides": overall["params"], "validation_uf1": overall["value"],
+        **meta, "overrides": {**cfg.overrides, **overall["params"]}, "validation_uf1": overall["value"],
         "note": "best validation UF1 pooled over ALL subjects: for NEW data; on this dataset every subject's labels "
                 "took part in this choice (evaluate it here with --choices on the .choices.json instead)"}, indent=2))
     now = int(time.time() * 1000)

@@ -246,8 +246,11 @@ def log_final_model(client, exp_id: str, parent_id: str, cell, final: dict) -> s
     with mlflow.start_run(run_id=rid):
         info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(),
                                         metadata=model_metadata(cell))
+    from mlflow.entities import LoggedModelOutput
+
     client.set_tag(rid, "epir.model_uri", info.model_uri)
     client.set_tag(parent_id, "epir.model_uri", info.model_uri)
+    client.log_outputs(parent_id, models=[LoggedModelOutput(info.model_id, 0)])  # the cell's Models column
     return info.model_uri
 
 

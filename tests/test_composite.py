@@ -15,7 +15,7 @@ from .conftest import run_grid_cli
 def test_raw_casme2_samm_smic_make_one_cde_composite_cell(tmp_path):
     roots = make_raw_layouts(tmp_path / "raw", subjects=2, samples_per_class=1)
     args = [a for fmt, root in roots.items() for a in ("--dataset", f"{fmt}={root}:CDE")]
-    res = run_grid_cli([*args, "--cde-composite", "--presets", "epir", "--profile", "demo", "--set", "epochs=3",
+    res = run_grid_cli([*args, "--cde-composite", "--no-final-model", "--presets", "epir", "--profile", "demo", "--set", "epochs=3",
                         "--experiment", "raw-cde"], tmp_path)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]

@@ -33,6 +33,7 @@ def test_demo_final_model_fold_weights_and_predict(tmp_path):
     folds = [r for r in runs if r.data.tags.get("epir.kind") == "fold"]
     model_uri = parent.data.tags["epir.model_uri"]
     assert final.data.tags["mlflow.parentRunId"] == parent.info.run_id and model_uri.startswith("models:/")
+    assert [m.model_id for m in parent.outputs.model_outputs] == [model_uri.split("/")[-1]]  # its Models column
     assert parent.data.tags["mlflow.source.name"] == "grid/run_all.py" and parent.inputs.dataset_inputs
     assert parent.inputs.dataset_inputs[0].dataset.name == "demo/SDE"
     assert "learning_curves.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}

@@ -77,7 +77,7 @@ def test_gpu_ladder_records_import_as_the_grids_own_runs(tmp_path):
     table = (tmp_path / "results" / "ladder" / "table4_ablation.md").read_text()
     assert "best test epoch (PEEKS)" in table and "PARTIAL: 3 folds" in table
     # a grid run of the same settings finds every fold done: the same cells, the same ids
-    grid = run_grid_cli(["--dataset", f"megc2019={root}", "--presets", "baseline,epir", "--profile", "cpu", *TINY,
+    grid = run_grid_cli(["--dataset", f"megc2019={root}", "--presets", "baseline,epir", "--profile", "cpu", *TINY, "--no-final-model",
                          "--folds", "3", "--experiment", "ladder"], tmp_path)
     out = grid.stdout + grid.stderr
     assert grid.returncode == 0 and "6 finished earlier" in out and "0 to train" in out, out[-3000:]
