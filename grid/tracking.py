@@ -356,7 +356,6 @@ def log_cell(client, parent_id: str, cell, scores: dict, stats: dict, peek: dict
         client.log_figure(parent_id, fig, "learning_curves.png")
         plt.close(fig)
     client.log_text(parent_id, json.dumps(package_versions(), indent=2), "versions.json")
-    client.set_tag(parent_id, "epir.git_commit", git_commit())
     client.set_tag(parent_id, "epir.versions", json.dumps(package_versions()))
     client.set_terminated(parent_id, "FINISHED")
 

@@ -15,7 +15,7 @@ from grid.run_all import build_parser, make_config, parse_dataset
 
 from .conftest import finished_fold_tags, run_grid_cli
 
-TINY = ["--no-final-model", "--set", "epochs=2", "--set", "dim=12", "--set", "dim_head=4", "--set", "depth=4",
+TINY = ["--no-final-model", "--set", "warmup_epochs=0", "--set", "epochs=2", "--set", "dim=12", "--set", "dim_head=4", "--set", "depth=4",
         "--set", "integration_blocks=2", "--set", "batch_size=128"]
 
 
@@ -115,12 +115,12 @@ def test_configuration_parsing(tmp_path):
         parse_dataset("casme9=/x")
     toml = tmp_path / "grid.toml"
     toml.write_text('experiment = "x"\npresets = ["epir"]\n[[datasets]]\nformat = "manifest"\nroot = "m.csv"\n'
-                    'classes = ["a", "b"]\n[overrides]\nepochs = 3\n')
+                    'classes = ["a", "b"]\n[overrides]\nepochs = 7\n')
     kw = load_config(toml)
     assert kw["datasets"][0].root == tmp_path / "m.csv" and kw["datasets"][0].options == {"classes": ["a", "b"]}
     cfg = GridConfig(**kw)
     model, recipe, profile = cfg.settings("epir", "cpu", 2)
-    assert recipe["epochs"] == 3 and model["num_classes"] == 2 and model["dim"] == 64 and profile == "cpu"
+    assert recipe["epochs"] == 7 and model["num_classes"] == 2 and model["dim"] == 64 and profile == "cpu"
     assert model["family"] == "epir" and recipe["seed"] == 0
     # a peer keeps its published recipe whatever the profile; overrides still reach it
     peer = GridConfig(**{**kw, "presets": ["ststnet", "epir"], "overrides": {"dim": 32}})
@@ -172,7 +172,7 @@ def test_mistyped_settings_and_wrong_roots_fail_fast_with_exit_2_before_ray(tmp_
     res = _run(["report", "--experiment", "no-such-experiment"], tmp_path)
     assert res.returncode == 2 and "no MLflow experiment 'no-such-experiment'" in res.stderr
     with pytest.raises(ValueError, match="warmup_epochs"):  # a range that only the combination breaks
-        GridConfig(presets=["epir"], profile="cpu", overrides={"warmup_epochs": 40})
+        GridConfig(presets=["epir"], profile="cpu", overrides={"warmup_epochs": 3, "epochs": 2})
 
 
 def test_table_rows_say_when_a_score_peeks_at_the_test_subject():

@@ -40,7 +40,7 @@ def test_grid_spreads_over_two_workers_and_survives_losing_one(cluster, composit
     cmd = [sys.executable, str(REPO / "grid" / "run_all.py"), "--dataset", f"megc2019={composite_root}",
            "--presets", "epir", "--folds", str(FOLDS), "--profile", "cpu", "--experiment", "multinode",
            "--gpus-per-trial", "0.5", "--max-failures", "3",
-           "--no-final-model", "--set", "epochs=8", "--set", "dim=12", "--set", "dim_head=4", "--set", "depth=4",
+           "--no-final-model", "--set", "warmup_epochs=0", "--set", "epochs=8", "--set", "dim=12", "--set", "dim_head=4", "--set", "depth=4",
            "--set", "integration_blocks=2"]
     driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     db = tmp_path / "mlflow.db"
@@ -89,8 +89,8 @@ def test_a_fold_handed_the_actor_of_a_lost_node_is_run_again(cluster, composite_
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = GridConfig(datasets=[DatasetSpec("megc2019", composite_root, protocols=["CDE"])], presets=["epir"],
                      profile="cpu", experiment="lost-node", folds=6, max_failures=2, gpus_per_trial=0.5,
-                     overrides=dict(epochs=2, dim=12, dim_head=4, depth=4, integration_blocks=2),
-                     work_dir=tmp_path / "work", results_dir=tmp_path / "results")
+                     overrides=dict(epochs=2, warmup_epochs=0, dim=12, dim_head=4, depth=4, integration_blocks=2),
+                     final_model=False, work_dir=tmp_path / "work", results_dir=tmp_path / "results")
     log = []
     try:
         outcome = runner.run_grid(cfg, log=log.append)

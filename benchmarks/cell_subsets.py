@@ -1,0 +1,58 @@
+"""Scores of an experiment's finished cells on a subset of their folds, read back from MLflow.
+
+For a check that a choice did not look at some subjects: e.g. the settings an earlier session chose on
+the 6 largest subjects' TEST folds (results/README.md) are scored here on the other subjects only.
+Pools each cell's fold predictions (``fold.json`` of its child runs) over the kept subjects and prints
+UF1 / UAR, honest and best-test-epoch (PEEKS), and for an ensemble each member alone.
+
+    uv run python benchmarks/cell_subsets.py --experiment megc2019-cde --exclude s03,sub17,s20,011,s04,s08
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from epir.metrics import uar, uf1  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", required=True, help="MLflow experiment (store: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--exclude", default="", help="comma-separated test subjects to leave out")
+    args = p.parse_args(argv)
+    from grid import tracking
+
+    client, exp_id = tracking.setup(args.experiment, create=False)
+    if exp_id is None:
+        print(f"no MLflow experiment '{args.experiment}' in {tracking.tracking_uri()}", file=sys.stderr)
+        return 2
+    drop = {s.strip() for s in args.exclude.split(",") if s.strip()}
+    print(f"experiment {args.experiment}: folds of every finished cell except {sorted(drop) or 'none'}")
+    print(f"{'cell':<44} {'folds':>5} {'samples':>7} {'UF1':>7} {'UAR':>7} {'PEEKS UF1':>10} {'members UF1':>18}")
+    for r in sorted(tracking.finished_cells(client, exp_id), key=lambda r: r.info.run_name):
+        folds = tracking.finished_folds(client, exp_id, r.data.tags[tracking.TAG_CELL])
+        kept = [f for s, f in folds.items() if s not in drop]
+        if not kept:
+            continue
+        yt = np.concatenate([f["y_true"] for f in kept])
+        yp = np.concatenate([f["y_pred"] for f in kept])
+        peek = ""
+        if all(f.get("best_test_epoch") for f in kept):
+            peek = f"{uf1(yt, np.concatenate([f['best_test_epoch']['y_pred'] for f in kept])):.4f}"
+        members = ""
+        if all(f.get("member_y_pred") for f in kept):
+            m = [uf1(yt, np.concatenate([f["member_y_pred"][i] for f in kept])) for i in range(len(kept[0]["member_y_pred"]))]
+            members = f"{np.mean(m):.4f} ± {np.std(m, ddof=1):.4f}"
+        print(f"{r.info.run_name:<44} {len(kept):>5} {len(yt):>7} {uf1(yt, yp):7.4f} {uar(yt, yp):7.4f} {peek:>10} "
+              f"{members:>18}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
