@@ -63,9 +63,43 @@ def _score_columns() -> list[str]:
     return names
 
 
+# configuration columns of a cell row and the MLflow params they come from
+CONFIG_PARAMS = {"dim": "model.dim", "depth": "model.depth", "epochs": "recipe.epochs", "lr": "recipe.lr",
+                 "batch_size": "recipe.batch_size", "hflip": "recipe.hflip", "schedule": "recipe.schedule",
+                 "standardize": "recipe.standardize"}
+
+
+def _trained_by_folds(client, exp_id: str, cell_id: str) -> dict:
+    """The configuration columns of a searched cell as its folds trained them: one value, or the distinct
+    values joined by ``/`` with ``(per group)`` when the search's groups chose differently."""
+    runs = tracking.search_runs(client, exp_id, f"tags.`{tracking.TAG_KIND}` = 'fold' and "
+                                                f"tags.`{tracking.TAG_CELL}` = '{cell_id}'")
+    out = {}
+    for col, param in CONFIG_PARAMS.items():
+        values = sorted({r.data.params[param] for r in runs if param in r.data.params}, key=_num_or_text)
+        if values:
+            out[col] = values[0] if len(values) == 1 else "/".join(_short(v) for v in values) + " (per group)"
+    return out
+
+
+def _num_or_text(v: str):
+    try:
+        return (0, float(v), "")
+    except ValueError:
+        return (1, 0.0, v)
+
+
+def _short(v: str) -> str:
+    try:
+        return f"{float(v):.3g}"
+    except ValueError:
+        return v
+
+
 def collect(client, exp_id: str) -> pd.DataFrame:
     """One row per finished cell (per seed; the newest of a repeated setting and seed), with its honest
-    scores (``uf1``, ``uar``, ``uf1_<group>``, ...) and its best-test-epoch scores (``bte_uf1``, ...)."""
+    scores (``uf1``, ``uar``, ``uf1_<group>``, ...), its best-test-epoch scores (``bte_uf1``, ...) and its
+    configuration (``CONFIG_PARAMS``; for a cell of a search's choices, what its folds trained)."""
     rows = []
     for r in tracking.finished_cells(client, exp_id):
         t, m, p = r.data.tags, r.data.metrics, r.data.params
@@ -91,6 +125,8 @@ def collect(client, exp_id: str) -> pd.DataFrame:
         for name in _score_columns():
             key = f"{PEEK}{name[4:]}" if name.startswith("bte_") else name
             row[name] = m.get(key, np.nan)
+        if "epir.search" in t:  # the parent holds the search's base; each fold trained its group's choice
+            row.update(_trained_by_folds(client, exp_id, row["cell_id"]))
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from grid.runner import check_fit
@@ -153,6 +154,11 @@ def test_search_on_a_manifest_dataset(tmp_path):
                         tmp_path)
     out = grid.stdout + grid.stderr
     assert grid.returncode == 0 and "4 finished earlier" in out and "0 to train" in out, out[-3000:]
+    # its tables say what the folds trained (the groups' choices), not the search's base settings
+    lrs = sorted({c["params"]["lr"] for c in choices["groups"].values()})
+    cell = pd.read_csv(res / "runs.csv", dtype=str).iloc[0]
+    assert cell["lr"] == (str(lrs[0]) if len(lrs) == 1 else "/".join(f"{v:.3g}" for v in lrs) + " (per group)")
+    assert cell["lr"] in (res / "table2_3_sde.md").read_text()
     # the configuration chosen on every subject is refused on this dataset: it would peek
     peek = run_grid_cli([*common, "--presets", "epir", "--overrides", str(res / "demo_manifest-SDE-epir-demo.best.json")],
                         tmp_path)
