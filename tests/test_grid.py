@@ -15,7 +15,8 @@ from grid.run_all import build_parser, make_config, parse_dataset
 
 from .conftest import finished_fold_tags, run_grid_cli
 
-TINY = ["--no-final-model", "--set", "warmup_epochs=0", "--set", "epochs=2", "--set", "dim=12", "--set", "dim_head=4", "--set", "depth=4",
+TINY = ["--no-final-model", "--set", "warmup_epochs=0", "--set", "epochs=2", "--set", "dim=12",
+        "--set", "dim_head=4", "--set", "depth=4",
         "--set", "integration_blocks=2", "--set", "batch_size=128"]
 
 

@@ -40,7 +40,8 @@ def test_grid_spreads_over_two_workers_and_survives_losing_one(cluster, composit
     cmd = [sys.executable, str(REPO / "grid" / "run_all.py"), "--dataset", f"megc2019={composite_root}",
            "--presets", "epir", "--folds", str(FOLDS), "--profile", "cpu", "--experiment", "multinode",
            "--gpus-per-trial", "0.5", "--max-failures", "3",
-           "--no-final-model", "--set", "warmup_epochs=0", "--set", "epochs=8", "--set", "dim=12", "--set", "dim_head=4", "--set", "depth=4",
+           "--no-final-model", "--set", "warmup_epochs=0", "--set", "epochs=8", "--set", "dim=12",
+           "--set", "dim_head=4", "--set", "depth=4",
            "--set", "integration_blocks=2"]
     driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     db = tmp_path / "mlflow.db"

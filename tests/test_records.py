@@ -14,7 +14,8 @@ from PIL import Image
 
 from .conftest import REPO, run_grid_cli
 
-TINY = ["--set", "warmup_epochs=0", "--set", "epochs=3", "--set", "dim=12", "--set", "dim_head=4", "--set", "depth=4", "--set", "integration_blocks=2"]
+TINY = ["--set", "warmup_epochs=0", "--set", "epochs=3", "--set", "dim=12", "--set", "dim_head=4", "--set", "depth=4",
+        "--set", "integration_blocks=2"]
 
 
 def synthetic_composite(root, per_subject: int = 6):
