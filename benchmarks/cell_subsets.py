@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from epir.metrics import uar, uf1  # noqa: E402
+from grid.runner import member_scores, pooled_scores  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,20 +38,16 @@ def main(argv=None) -> int:
     print(f"{'cell':<44} {'folds':>5} {'samples':>7} {'UF1':>7} {'UAR':>7} {'PEEKS UF1':>10} {'members UF1':>18}")
     for r in sorted(tracking.finished_cells(client, exp_id), key=lambda r: r.info.run_name):
         folds = tracking.finished_folds(client, exp_id, r.data.tags[tracking.TAG_CELL])
-        kept = [f for s, f in folds.items() if s not in drop]
-        if not kept:
+        # the grid's own pooling, over the kept folds only (a cell's subjects and classes are all it reads)
+        cell = SimpleNamespace(subjects=[s for s in folds if s not in drop], classes=r.data.params["classes"].split(","))
+        if not cell.subjects:
             continue
-        yt = np.concatenate([f["y_true"] for f in kept])
-        yp = np.concatenate([f["y_pred"] for f in kept])
-        peek = ""
-        if all(f.get("best_test_epoch") for f in kept):
-            peek = f"{uf1(yt, np.concatenate([f['best_test_epoch']['y_pred'] for f in kept])):.4f}"
-        members = ""
-        if all(f.get("member_y_pred") for f in kept):
-            m = [uf1(yt, np.concatenate([f["member_y_pred"][i] for f in kept])) for i in range(len(kept[0]["member_y_pred"]))]
-            members = f"{np.mean(m):.4f} ± {np.std(m, ddof=1):.4f}"
-        print(f"{r.info.run_name:<44} {len(kept):>5} {len(yt):>7} {uf1(yt, yp):7.4f} {uar(yt, yp):7.4f} {peek:>10} "
-              f"{members:>18}")
+        honest, peek = pooled_scores(cell, folds)["all"], pooled_scores(cell, folds, best_test_epoch=True)
+        members = member_scores(cell, folds)
+        m = [x["all"]["uf1"] for x in members] if members else []
+        print(f"{r.info.run_name:<44} {len(cell.subjects):>5} {honest['n']:>7} {honest['uf1']:7.4f} "
+              f"{honest['uar']:7.4f} {peek['all']['uf1'] if peek else float('nan'):10.4f} "
+              f"{f'{np.mean(m):.4f} ± {np.std(m, ddof=1):.4f}' if len(m) > 1 else '':>18}")
     return 0
 
 
