@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .attention import ITALS_PARAMS, Attention
-from .dtsm import attention_rollout, gather_selected, rollout_through_merges, select_tokens
+from .dtsm import SCORES, attention_rollout, gather_selected, rollout_through_merges, select_distinct, select_tokens
 from .inputs import FLOW_CHANNELS, InputConvention
 from .merge import bipartite_soft_matching
 from .tokenization import TOKENIZERS, PatchTokenizer
@@ -70,6 +70,12 @@ class EPIRConfig:
             moves the temperature in relative steps): :mod:`epir.attention`. Same parameter count.
         dtsm_rollout: ``extractor`` (rollout over the blocks after the last merge) or ``all`` (eq. 19:
             every block before the last, through the merges): :mod:`epir.dtsm`.
+        dtsm_score: with ``dtsm_rollout="all"``, a merged token's score from the rollout weights of the
+            input tokens it holds: ``sum`` or ``mean`` (size-neutral): :mod:`epir.dtsm`.
+        dtsm_residual: roll out ``0.5 A + 0.5 I`` per block (Abnar & Zuidema 2020; the residual path that
+            ITALS's masked diagonal leaves out of A): :mod:`epir.dtsm`.
+        dtsm_distinct: the last block sees ``heads`` DIFFERENT tokens (each head in turn takes its best
+            token not yet taken) instead of each head's argmax, repeats allowed (TransFG).
         drop_path: stochastic depth, the largest rate (the last block's); block i drops its residual
             branches with rate ``drop_path * i / (depth - 1)`` per sample in training, as timm's ViT.
     """
@@ -96,11 +102,15 @@ class EPIRConfig:
     itals_param: str = "temperature"
     dtsm_rollout: str = "all"
     drop_path: float = 0.0
+    dtsm_score: str = "mean"
+    dtsm_residual: bool = False
+    dtsm_distinct: bool = True
 
     def __post_init__(self):
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
-        for name, allowed in (("init", INITS), ("itals_param", ITALS_PARAMS), ("dtsm_rollout", ROLLOUTS)):
+        for name, allowed in (("init", INITS), ("itals_param", ITALS_PARAMS), ("dtsm_rollout", ROLLOUTS),
+                              ("dtsm_score", SCORES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0 <= self.drop_path < 1:
@@ -125,11 +135,25 @@ class EPIRConfig:
                     f"integration_blocks={self.integration_blocks} leaves no non-merging block before the last "
                     f"block for DTSM's rollout; use at most {limit} with depth {self.depth}"
                 )
+        if self.dtsm and self.dtsm_distinct and self.heads > self.tokens_per_block[-1] - 1:
+            raise ValueError(f"dtsm_distinct: {self.heads} distinct tokens for {self.heads} heads, but only "
+                             f"{self.tokens_per_block[-1] - 1} tokens besides the class token remain before the last block")
 
     @property
     def input_convention(self) -> InputConvention:
         """[u, v, strain][:in_chans] on the data's own scale and range (EPIR trains from scratch on them)."""
         return InputConvention(FLOW_CHANNELS[: self.in_chans], None, 1.0)
+
+    @property
+    def tokens_per_block(self) -> list[int]:
+        """Tokens (class token included) each block receives, first block first, DTSM's cut excluded: merges
+        clip K to floor((N - 1) / 2) as :func:`epir.merge.bipartite_soft_matching` does."""
+        n, out = self.num_patches + 1, []
+        for i in range(self.depth):
+            out.append(n)
+            if i < self.integration_blocks:
+                n -= min(self.merge_k, (n - 1) // 2)
+        return out
 
     @property
     def num_patches(self) -> int:
@@ -153,17 +177,24 @@ class Mlp(nn.Module):
 class DropPath(nn.Module):
     """Stochastic depth per sample (timm ``layers/drop.py`` ``drop_path``): in training, zero a sample's
     residual branch with probability ``p`` and scale the kept ones by 1 / (1 - p); identity in eval.
-    Shapes: (B, ...) -> (B, ...)."""
+    Shapes: (B, ...) -> (B, ...).
+
+    ``forward(x, scale)`` takes the per-sample factors (B,) (0 or 1 / (1 - p)) drawn by the caller, so that
+    the trainer draws them from a fold's own generator (:func:`epir.train.augment`); without ``scale`` it
+    draws them from torch's global generator, as timm does.
+    """
 
     def __init__(self, p: float = 0.0):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+        if scale is None:
+            keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+            return x * keep / (1 - self.p)
+        return x * scale.to(x.dtype).view((x.shape[0],) + (1,) * (x.dim() - 1))
 
 
 class Block(nn.Module):
@@ -177,8 +208,9 @@ class Block(nn.Module):
         merge_k: token pairs merged in this block (0: none).
         drop_path: stochastic-depth rate of this block's two residual branches.
 
-    Shapes: forward takes (B, N, D) and returns tokens (B, N - K, D), the attention probabilities
-    (B, H, N, N) computed on the input tokens, and the merge's averaging matrix (B, N - K, N) or None.
+    Shapes: forward takes (B, N, D) and optionally the stochastic-depth factors (B, 2) of its two residual
+    branches (:class:`DropPath`), and returns tokens (B, N - K, D), the attention probabilities (B, H, N, N)
+    computed on the input tokens, and the merge's averaging matrix (B, N - K, N) or None.
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, mlp_ratio: float, itals: bool, temperature: float | None,
@@ -191,14 +223,16 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, drop_scale: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        s1, s2 = (None, None) if drop_scale is None else (drop_scale[:, 0], drop_scale[:, 1])
         out, attn, keys = self.attn(self.norm1(x))
-        x = x + self.drop_path(out)  # (B, N, D)
+        x = x + self.drop_path(out, s1)  # (B, N, D)
         matrix = None
         if self.merge_k:
             merge = bipartite_soft_matching(keys, self.merge_k, class_token=True)
             x, matrix = merge(x), merge.matrix  # (B, N-K, D)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)), s2)
         return x, attn, matrix
 
 
@@ -210,7 +244,8 @@ class EPIR(nn.Module):
 
     Shapes: ``forward(x)`` takes flows (B, C, H, W), channels [u, v, strain], and returns logits
     (B, num_classes); with ``return_features=True`` it also returns the final class tokens (B, D)
-    that the contrastive loss uses. Inputs first pass ``(x - input_mean) / input_std``, two (1, C, 1, 1)
+    that the contrastive loss uses. ``drop_scale`` (B, depth, 2), optional, holds the stochastic-depth
+    factors of every block's two residual branches (:attr:`drop_rates`; drawn by the trainer). Inputs first pass ``(x - input_mean) / input_std``, two (1, C, 1, 1)
     buffers that are the identity until :meth:`set_input_stats` sets them (``TrainRecipe.standardize``).
 
     Raises:
@@ -271,8 +306,17 @@ class EPIR(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def drop_rates(self) -> list[float]:
+        """Stochastic-depth rate of each block, first block first (all 0 without ``drop_path``)."""
+        return [b.drop_path.p for b in self.blocks]
+
+    def forward_features(self, x: torch.Tensor, drop_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Flows (B, C, H, W) -> final class tokens (B, D), after the last LayerNorm."""
+        return self._features(x, drop_scale=drop_scale)
+
+    def _features(self, x: torch.Tensor, record: dict | None = None, drop_scale: torch.Tensor | None = None
+                  ) -> torch.Tensor:
         cfg = self.config
         if x.dim() != 4 or x.shape[1] != cfg.in_chans or x.shape[-2:] != (cfg.img_size, cfg.img_size):
             raise ValueError(
@@ -285,23 +329,59 @@ class EPIR(nn.Module):
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             if cfg.dtsm and i == last:
-                t = gather_selected(t, self._select(steps))  # (B, 1+H, D)
-            t, attn, merge = blk(t)
+                idx = self._select(steps)  # (B, k)
+                if record is not None:
+                    record.update(picks=idx, held=_held_counts(steps, t))
+                t = gather_selected(t, idx)  # (B, 1+k, D)
+            t, attn, merge = blk(t, None if drop_scale is None else drop_scale[:, i])
             if cfg.dtsm:
                 steps.append((attn, merge))
         return self.norm(t[:, 0])
 
     @torch.no_grad()
+    def dtsm_picks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What DTSM picks for flows x (B, C, H, W), for diagnostics (``benchmarks/dtsm_picks.py``).
+
+        Returns:
+            ``(picks, held)``: (B, k) indices of the tokens the last block sees besides the class token, and
+            (B, N) how many input tokens each of the N tokens before the last block holds (1: never merged).
+
+        Raises:
+            ValueError: for a model without DTSM, or as :meth:`forward_features`.
+        """
+        if not self.config.dtsm:
+            raise ValueError("dtsm_picks: this model has no DTSM")
+        record: dict = {}
+        self._features(x, record)
+        return record["picks"], record["held"]
+
+    @torch.no_grad()
     def _select(self, steps: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
         """DTSM's (B, H) token indices from the blocks before the last (:mod:`epir.dtsm`)."""
-        if self.config.dtsm_rollout == "all":
-            return select_tokens(rollout_through_merges(steps))
-        since = [a for a, _ in steps[max((i + 1 for i, (_, m) in enumerate(steps) if m is not None), default=0):]]
-        if not since:
-            raise RuntimeError("DTSM found no attention map over the current tokens to roll out")
-        return select_tokens(attention_rollout(since))
+        cfg = self.config
+        if cfg.dtsm_rollout == "all":
+            rollout = rollout_through_merges(steps, score=cfg.dtsm_score, residual=cfg.dtsm_residual)
+        else:
+            since = [a for a, _ in steps[max((i + 1 for i, (_, m) in enumerate(steps) if m is not None), default=0):]]
+            if not since:
+                raise RuntimeError("DTSM found no attention map over the current tokens to roll out")
+            rollout = attention_rollout(since, residual=cfg.dtsm_residual)
+        return select_distinct(rollout) if cfg.dtsm_distinct else select_tokens(rollout)
 
-    def forward(self, x: torch.Tensor, return_features: bool = False):
-        features = self.forward_features(x)
+    def forward(self, x: torch.Tensor, return_features: bool = False, drop_scale: torch.Tensor | None = None):
+        """Flows (B, C, H, W) -> logits (B, num_classes), and the final class tokens (B, D) if asked."""
+        features = self.forward_features(x, drop_scale)
         logits = self.head(features)  # (B, num_classes)
         return (logits, features) if return_features else logits
+
+
+def _held_counts(steps: list[tuple[torch.Tensor, torch.Tensor | None]], t: torch.Tensor) -> torch.Tensor:
+    """(B, N) input tokens each current token holds, from the merge matrices of ``steps`` (1 without merges)."""
+    member = None
+    for _, merge in steps:
+        if merge is not None:
+            m = (merge > 0).to(t.dtype)
+            member = m if member is None else m @ member
+    if member is None:
+        return torch.ones(t.shape[:2], dtype=torch.long, device=t.device)
+    return member.sum(-1).round().long()

@@ -9,9 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from epir.attention import Attention
-from epir.dtsm import attention_rollout, gather_selected, select_tokens
+from epir.dtsm import (SCORES, attention_rollout, gather_selected, rollout_through_merges, select_distinct,
+                       select_tokens, with_residual)
 from epir.losses import contrastive_loss, epir_loss
 from epir.merge import bipartite_soft_matching
+from epir.model import EPIR
+from epir.presets import make_config
 from epir.tokenization import PatchTokenizer, diagonal_shifts, patchify
 
 
@@ -177,6 +180,59 @@ def test_dtsm_picks_the_per_head_argmax_of_the_class_row():
     assert idx.tolist() == [[2, 4, 1]]
     x = torch.arange(5, dtype=torch.float32)[None, :, None].expand(1, 5, 2)
     assert gather_selected(x, idx)[0, :, 0].tolist() == [0.0, 2.0, 4.0, 1.0]
+
+
+def test_the_sum_rule_picks_a_merged_token_that_the_mean_rule_does_not():
+    # 4 input tokens (class token first); tokens 2 and 3 merge into one current token. The class token's
+    # rollout weights: token 1 holds 0.40 alone, the merged token holds 0.25 + 0.25 = 0.50.
+    a1 = torch.tensor([[0.10, 0.40, 0.25, 0.25]] + [[0.25] * 4] * 3)[None, None]  # (1, 1, 4, 4)
+    merge = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0.5, 0.5]])[None]  # (1, 3, 4)
+    eye = torch.eye(3)[None, None]
+    pick = {s: select_tokens(rollout_through_merges([(a1, merge), (eye, None)], score=s)).item() for s in SCORES}
+    assert pick == {"sum": 2, "mean": 1}  # sum: the merged token (0.50 > 0.40); mean: token 1 (0.40 > 0.25)
+
+
+def test_without_merges_every_rollout_reading_agrees():
+    torch.manual_seed(0)
+    steps = [(torch.rand(2, 3, 6, 6).softmax(-1), None) for _ in range(3)]
+    for residual in (False, True):
+        ref = attention_rollout([a for a, _ in steps], residual=residual)[:, :, 0]
+        for s in SCORES:
+            torch.testing.assert_close(rollout_through_merges(steps, score=s, residual=residual)[:, :, 0], ref)
+    x = torch.randn(3, 3, 28, 28)
+    for distinct in (False, True):  # a model that never merges: "all" and "extractor" pick the same tokens
+        picks = []
+        for rollout in ("all", "extractor"):
+            torch.manual_seed(1)
+            cfg = make_config("+dnspt", dim=24, dim_head=8, depth=4, dtsm_rollout=rollout, dtsm_distinct=distinct)
+            picks.append(EPIR(cfg).eval().dtsm_picks(x)[0])
+        assert torch.equal(*picks)
+
+
+def test_the_residual_rollout_adds_half_the_identity_and_keeps_rows_stochastic():
+    a = torch.rand(1, 2, 5, 5).softmax(-1) * (1 - torch.eye(5))  # ITALS: zero diagonal
+    a = a / a.sum(-1, keepdim=True)
+    r = with_residual(a)
+    torch.testing.assert_close(r, 0.5 * a + 0.5 * torch.eye(5))
+    torch.testing.assert_close(r.sum(-1), torch.ones(1, 2, 5))
+
+
+def test_distinct_picks_never_repeat_a_token():
+    torch.manual_seed(0)
+    rollout = torch.zeros(64, 3, 6, 6)
+    rollout[:, :, 0] = torch.rand(64, 1, 6).expand(64, 3, 6)  # every head ranks the tokens alike
+    same = select_tokens(rollout)
+    assert (same == same[:, :1]).all()  # TransFG's per-head argmax: one token three times
+    idx = select_distinct(rollout)
+    assert idx.shape == (64, 3) and all(len(set(row)) == 3 for row in idx.tolist()) and (idx >= 1).all()
+    assert torch.equal(idx[:, 0], same[:, 0])  # the first head keeps its own best token
+    x = torch.randn(8, 3, 28, 28)
+    model = EPIR(make_config("epir", dim=24, dim_head=8, depth=7, integration_blocks=4, merge_k=2, dtsm_distinct=True))
+    picks, held = model.eval().dtsm_picks(x)
+    assert all(len(set(row)) == 3 for row in picks.tolist()) and held.shape == (8, 17 - 8)
+    assert held.sum(-1).tolist() == [17] * 8  # every input token is held by exactly one current token
+    with pytest.raises(ValueError, match="distinct"):
+        select_distinct(rollout[:, :, :3, :3])  # 3 picks of 2 tokens
 
 
 # --- loss ---------------------------------------------------------------------------------

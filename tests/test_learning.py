@@ -75,9 +75,9 @@ def test_dtsm_rolls_out_through_the_merges_or_over_the_extractor_blocks(monkeypa
     calls = {}
 
     def spy(name, fn):
-        def wrapped(arg):
+        def wrapped(arg, **kw):
             calls[name] = list(arg)  # the model goes on appending to its list
-            return fn(arg)
+            return fn(arg, **kw)
         monkeypatch.setattr(model_module, name, wrapped)
 
     spy("rollout_through_merges", model_module.rollout_through_merges)
@@ -95,7 +95,7 @@ def test_rollout_through_a_merge_scores_each_token_by_the_inputs_it_holds():
     a1 = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25] * 4, [0.25] * 4, [0.25] * 4])[None, None]  # (1, 1, 4, 4)
     merge = torch.tensor([[1.0, 0, 0, 0], [0, 0.5, 0.5, 0], [0, 0, 0, 1]])[None]  # tokens 1 and 2 merged
     a2 = torch.tensor([[0.2, 0.5, 0.3], [1 / 3] * 3, [1 / 3] * 3])[None, None]
-    out = rollout_through_merges([(a1, merge), (a2, None)])
+    out = rollout_through_merges([(a1, merge), (a2, None)], score="sum")
     r = a2[0, 0] @ merge[0] @ a1[0, 0]  # (3, 4): the rollout from the 4 input tokens to the 3 current ones
     held = torch.tensor([[1.0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1]])
     torch.testing.assert_close(out[0, 0, 0], r[0] @ held.T)
