@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 
-def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, alpha: float = 0.4) -> torch.Tensor:
+def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, alpha: float = 0.4,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """Margin contrastive loss, EPIR eq. (23).
 
     ``L_con = 1/B^2 [ sum_{y_i = y_j} (1 - s_ij) + sum_{y_i != y_j} max(s_ij - alpha, 0) ]``
@@ -21,27 +22,34 @@ def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, alpha: float 
         features: (B, D) final class tokens.
         labels: (B,) integer class labels.
         alpha: margin in [-1, 1]; TransFG uses 0.4.
+        mask: (B,) bool, the valid samples of a padded batch (:mod:`epir.pack`): only pairs of valid samples
+            count and B is their number; None = all.
 
     Returns:
-        Scalar tensor (dimensionless, >= 0).
+        Scalar tensor (dimensionless, >= 0); 0 for a batch without valid samples.
 
     Raises:
         ValueError: if the batch sizes of ``features`` and ``labels`` differ.
     """
     if features.shape[0] != labels.shape[0]:
         raise ValueError(f"{features.shape[0]} features but {labels.shape[0]} labels")
-    b = features.shape[0]
     z = F.normalize(features, dim=-1)
     s = z @ z.t()  # (B, B)
     same = labels[:, None] == labels[None, :]
     pos = torch.where(same, 1.0 - s, torch.zeros_like(s))
     neg = torch.where(same, torch.zeros_like(s), (s - alpha).clamp(min=0))
-    return (pos.sum() + neg.sum()) / (b * b)
+    if mask is None:
+        b = features.shape[0]
+        return (pos.sum() + neg.sum()) / (b * b)
+    pair = (mask[:, None] & mask[None, :]).to(s.dtype)  # (B, B)
+    b = mask.to(s.dtype).sum()
+    return ((pos + neg) * pair).sum() / (b * b).clamp_min(1.0)
 
 
 def epir_loss(
     logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, alpha: float = 0.4, use_contrastive: bool = True,
     targets: torch.Tensor | None = None, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Total loss, EPIR eq. (22): ``L = CE(logits, y) + L_con(features, y)``.
 
@@ -55,12 +63,24 @@ def epir_loss(
         class_weights: (C,) cross-entropy weight of each class (``torch.nn.functional.cross_entropy``'s
             ``weight``), e.g. inverse class frequencies; None = equal.
         label_smoothing: cross-entropy label smoothing in [0, 1) (Szegedy et al. 2016; PyTorch's).
+        mask: (B,) bool, the valid samples of a padded batch (:mod:`epir.pack`): the loss is the one of the
+            valid samples alone, normalised as PyTorch's ``mean`` normalises them (by their count, or by the
+            sum of their class weights for integer targets); None = all samples.
 
     Returns:
-        Scalar tensor.
+        Scalar tensor (0 for a batch without valid samples).
     """
-    loss = F.cross_entropy(logits, labels if targets is None else targets, weight=class_weights,
-                           label_smoothing=label_smoothing)
+    target = labels if targets is None else targets
+    if mask is None:
+        loss = F.cross_entropy(logits, target, weight=class_weights, label_smoothing=label_smoothing)
+    else:
+        per = F.cross_entropy(logits, target, weight=class_weights, label_smoothing=label_smoothing, reduction="none")
+        valid = mask.to(per.dtype)
+        if class_weights is not None and targets is None:  # PyTorch divides by the targets' weights
+            norm = (class_weights.to(per.dtype)[labels] * valid).sum()
+        else:
+            norm = valid.sum()
+        loss = (per * valid).sum() / norm.clamp_min(torch.finfo(per.dtype).tiny)
     if use_contrastive:
-        loss = loss + contrastive_loss(features, labels, alpha)
+        loss = loss + contrastive_loss(features, labels, alpha, mask)
     return loss

@@ -232,13 +232,78 @@ def mirror(x: torch.Tensor, flow_range: str = "unit") -> torch.Tensor:
 
 def translate(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
     """Shift each sample of x (B, C, H, W) by its own random (dy, dx) in -max_shift..max_shift pixels,
-    repeating the edge values into the uncovered border (``F.pad(mode="replicate")`` then a crop)."""
+    repeating the edge values into the uncovered border (``F.pad(mode="replicate")`` then a crop).
+
+    The offsets (B, 2) are drawn from ``gen`` (a CPU generator), then every crop is taken at once by
+    indexing, on x's device."""
     if max_shift == 0:
         return x
     b, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (max_shift,) * 4, mode="replicate")
-    offsets = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=gen).tolist()
-    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
+    padded = torch.nn.functional.pad(x, (max_shift,) * 4, mode="replicate")  # (B, C, H+2s, W+2s)
+    offsets = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=gen).to(x.device)  # (B, 2): dy, dx
+    rows = (offsets[:, 0, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (offsets[:, 1, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    return padded[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[
+        None, :, None, None], rows, cols]
+
+
+@dataclass
+class Augmented:
+    """One training batch after :func:`augment`.
+
+    Attributes:
+        x: (B, 3, H, W) flows, still in the data's convention; y: (B,) labels (the contrastive term's; with
+            mixup the larger share's).
+        targets: (B, C) soft cross-entropy targets with mixup, else None.
+        drop_scale: (B, depth, 2) stochastic-depth factors of every block's two residual branches, or None.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    targets: torch.Tensor | None = None
+    drop_scale: torch.Tensor | None = None
+
+
+def augment(xb: torch.Tensor, yb: torch.Tensor, recipe: "TrainRecipe", gen: torch.Generator,
+            rng: np.random.Generator, num_classes: int, drop_rates: Sequence[float] = ()) -> Augmented:
+    """The recipe's random augmentations of one training batch, every draw from the fold's own generators.
+
+    Draws, in this order: mirroring (``hflip``: one uniform per sample from ``gen``), shifts (``translate``:
+    two integers per sample), mixup (``mixup``: lambda ~ Beta(a, a) from ``rng``, then a permutation from
+    ``gen``; Zhang et al. 2018, as timm's ``Mixup`` per batch), stochastic depth (``drop_rates``: one
+    uniform per sample, block and residual branch; timm's ``drop_path``). A fold that draws from its own
+    generators in this order gets the same batch trained alone (:func:`fit`) or in a pack of folds
+    (:mod:`epir.pack`); nothing random comes from torch's global generator.
+
+    Args:
+        xb: (B, 3, H, W) flows in the data's convention (on any device); yb: (B,) integer labels.
+        recipe: the :class:`TrainRecipe` (``hflip``, ``flow_range``, ``translate``, ``mixup``).
+        gen: the fold's CPU ``torch.Generator``; rng: its ``numpy`` generator (mixup's lambda).
+        num_classes: C, for mixup's one-hot targets.
+        drop_rates: the model's per-block stochastic-depth rates (``EPIR.drop_rates``); empty or all 0 = none.
+
+    Returns:
+        :class:`Augmented`.
+    """
+    device, b = xb.device, len(xb)
+    if recipe.hflip:
+        flip = torch.rand(b, generator=gen) < 0.5
+        xb = torch.where(flip.to(device)[:, None, None, None], mirror(xb, recipe.flow_range), xb)
+    xb = translate(xb, recipe.translate, gen)
+    targets = None
+    if recipe.mixup:
+        lam = float(rng.beta(recipe.mixup, recipe.mixup))
+        perm = torch.randperm(b, generator=gen).to(device)
+        xb = lam * xb + (1 - lam) * xb[perm]
+        onehot = torch.nn.functional.one_hot(yb, num_classes).float()
+        targets = lam * onehot + (1 - lam) * onehot[perm]
+        yb = yb if lam >= 0.5 else yb[perm]
+    drop_scale = None
+    if any(r > 0 for r in drop_rates):
+        rates = torch.tensor(list(drop_rates), dtype=torch.float32)[None, :, None]  # (1, depth, 1)
+        keep = torch.rand(b, len(drop_rates), 2, generator=gen) >= rates  # (B, depth, 2)
+        drop_scale = (keep / (1 - rates)).to(device)
+    return Augmented(xb, yb, targets, drop_scale)
 
 
 @torch.no_grad()
@@ -252,12 +317,56 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndar
     return torch.cat(out).numpy()
 
 
+def fold_generators(seed: int) -> tuple[torch.Generator, np.random.Generator]:
+    """A fold's own random streams: a CPU ``torch.Generator`` (sample order, mirroring, shifts, mixup's
+    permutation, stochastic depth) and a ``numpy`` generator (mixup's lambda), both seeded by ``seed``."""
+    return torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+
+
 def _epoch_order(n: int, recipe: TrainRecipe, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     if recipe.sample_order == "shuffle":
         return torch.randperm(n, generator=gen)
     if recipe.sample_order == "by_label":
         return torch.argsort(labels.cpu(), stable=True)
     return torch.arange(n)
+
+
+def check_training_arrays(config, x_train, y_train) -> np.ndarray:
+    """Refuse training arrays :func:`fit` cannot use; return the labels as int64 (N,).
+
+    Raises:
+        ValueError: for empty or inconsistent arrays, labels outside 0..C-1 or flows that are not
+            (N, H, W, 3).
+    """
+    if len(x_train) == 0:
+        raise ValueError("no training samples")
+    if len(x_train) != len(y_train):
+        raise ValueError(f"{len(x_train)} flows but {len(y_train)} labels")
+    y = np.asarray(y_train, dtype=np.int64)
+    if y.min() < 0 or y.max() >= config.num_classes:
+        raise ValueError(f"labels must lie in 0..{config.num_classes - 1}, got {y.min()}..{y.max()}")
+    if np.asarray(x_train).shape[-1] != len(FLOW_CHANNELS):
+        raise ValueError(f"flows must be (N, H, W, {len(FLOW_CHANNELS)}) [u, v, strain], got {np.asarray(x_train).shape}")
+    return y
+
+
+def set_training_stats(model: nn.Module, x: torch.Tensor) -> None:
+    """``recipe.standardize``: the model standardises its inputs with the per-channel mean and std of the
+    training inputs x (N, C, H, W), already in its input convention (EPIR family only).
+
+    Raises:
+        ValueError: for a model without input statistics.
+    """
+    if not hasattr(model, "set_input_stats"):
+        raise ValueError(f"standardize: the {model.config.family} model has no input statistics (EPIR family only)")
+    model.set_input_stats(x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-6))
+
+
+def balanced_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``class_weights="balanced"``: (C,) n / (C n_c) over the training labels y (N,), 0 for an absent class
+    (scikit-learn's ``compute_class_weight("balanced")``)."""
+    counts = torch.bincount(y, minlength=num_classes).float()
+    return torch.where(counts > 0, len(y) / (num_classes * counts.clamp_min(1)), torch.zeros_like(counts))
 
 
 def fit(
@@ -287,30 +396,16 @@ def fit(
         ValueError: for empty or inconsistent arrays, labels outside 0..C-1, an input convention the
             data cannot meet, or ``standardize`` for a model without input statistics.
     """
-    if len(x_train) == 0:
-        raise ValueError("no training samples")
-    if len(x_train) != len(y_train):
-        raise ValueError(f"{len(x_train)} flows but {len(y_train)} labels")
-    y = np.asarray(y_train, dtype=np.int64)
-    if y.min() < 0 or y.max() >= config.num_classes:
-        raise ValueError(f"labels must lie in 0..{config.num_classes - 1}, got {y.min()}..{y.max()}")
-    if np.asarray(x_train).shape[-1] != len(FLOW_CHANNELS):
-        raise ValueError(f"flows must be (N, H, W, {len(FLOW_CHANNELS)}) [u, v, strain], got {np.asarray(x_train).shape}")
+    y = check_training_arrays(config, x_train, y_train)
     device = resolve_device(recipe.device)
     torch.manual_seed(recipe.seed)
     model = build_model(config).to(device)
     x = to_tensor(x_train).to(device)  # the data's convention; converted per batch after augmentation
     src, dst = data_convention(recipe.flow_range), config.input_convention
     if recipe.standardize:  # training statistics only; the test subject is never seen here
-        if not hasattr(model, "set_input_stats"):
-            raise ValueError(f"standardize: the {config.family} model has no input statistics (EPIR family only)")
-        xm = convert(x, src, dst)
-        model.set_input_stats(xm.mean(dim=(0, 2, 3)), xm.std(dim=(0, 2, 3)).clamp_min(1e-6))
+        set_training_stats(model, convert(x, src, dst))
     yt = torch.from_numpy(y).to(device)
-    weights = None
-    if recipe.class_weights == "balanced":  # n / (C n_c) over the fold's training labels; 0 for an absent class
-        counts = torch.bincount(yt, minlength=config.num_classes).float()
-        weights = torch.where(counts > 0, len(y) / (config.num_classes * counts.clamp_min(1)), torch.zeros_like(counts))
+    weights = balanced_weights(yt, config.num_classes) if recipe.class_weights == "balanced" else None
     opt_cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     per_epoch = -(-len(x) // recipe.batch_size)
@@ -320,8 +415,8 @@ def fit(
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema), use_buffers=True)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    beta = torch.distributions.Beta(recipe.mixup, recipe.mixup) if recipe.mixup else None
+    gen, rng = fold_generators(recipe.seed)
+    rates = getattr(model, "drop_rates", [])
     forward = torch.compile(model) if recipe.compile else model
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
     curve: list[dict] = []
@@ -331,22 +426,12 @@ def fit(
         loss_sum, correct = 0.0, 0
         for i in range(0, len(x), recipe.batch_size):
             idx = order[i : i + recipe.batch_size]
-            xb, yb, targets = x[idx], yt[idx], None
-            if recipe.hflip:
-                flip = torch.rand(len(idx), generator=gen) < 0.5
-                xb = torch.where(flip.to(device)[:, None, None, None], mirror(xb, recipe.flow_range), xb)
-            xb = translate(xb, recipe.translate, gen)
-            if beta is not None:  # mixup; Beta draws from torch's global generator, seeded above
-                lam = float(beta.sample())
-                perm = torch.randperm(len(idx), generator=gen).to(device)
-                xb = lam * xb + (1 - lam) * xb[perm]
-                onehot = torch.nn.functional.one_hot(yb, config.num_classes).float()
-                targets = lam * onehot + (1 - lam) * onehot[perm]
-                yb = yb if lam >= 0.5 else yb[perm]
+            a = augment(x[idx], yt[idx], recipe, gen, rng, config.num_classes, rates)
             with torch.autocast(**autocast):
-                logits, feats = forward(convert(xb, src, dst), return_features=True)
-                loss = epir_loss(logits, feats, yb, alpha=config.alpha, use_contrastive=config.contrastive,
-                                 targets=targets, class_weights=weights, label_smoothing=recipe.label_smoothing)
+                kw = {} if a.drop_scale is None else {"drop_scale": a.drop_scale}
+                logits, feats = forward(convert(a.x, src, dst), return_features=True, **kw)
+                loss = epir_loss(logits, feats, a.y, alpha=config.alpha, use_contrastive=config.contrastive,
+                                 targets=a.targets, class_weights=weights, label_smoothing=recipe.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -355,7 +440,7 @@ def fit(
             if sched is not None:
                 sched.step()
             loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(-1) == yb).sum())
+            correct += int((logits.argmax(-1) == a.y).sum())
         record = {"epoch": epoch, "loss": loss_sum / len(x), "train_acc": correct / len(x),
                   "lr": opt.param_groups[0]["lr"]}
         if eval_each_epoch is not None:
@@ -419,6 +504,25 @@ def _scheduler(opt, recipe: TrainRecipe, per_epoch: int):
                                      milestones=[warm])
 
 
+def fold_split(flows, labels, subjects, test_subject) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as int64 (N,) and the (N,) bool mask of ``test_subject``'s samples (subjects compared as text).
+
+    Raises:
+        ValueError: if the arrays differ in length, the test subject has no samples, or no training samples
+            remain.
+    """
+    subjects = np.asarray([str(s) for s in subjects])
+    labels = np.asarray(labels, dtype=np.int64)
+    if not (len(flows) == len(labels) == len(subjects)):
+        raise ValueError(f"lengths differ: {len(flows)} flows, {len(labels)} labels, {len(subjects)} subjects")
+    test = subjects == str(test_subject)
+    if not test.any():
+        raise ValueError(f"test subject {test_subject!r} has no samples")
+    if test.all():
+        raise ValueError("no training samples: every sample belongs to the test subject")
+    return labels, test
+
+
 def train_fold(
     flows: np.ndarray,
     labels: np.ndarray,
@@ -453,15 +557,7 @@ def train_fold(
     """
     config = config or make_config("epir")
     recipe = recipe or TrainRecipe()
-    subjects = np.asarray([str(s) for s in subjects])
-    labels = np.asarray(labels, dtype=np.int64)
-    if not (len(flows) == len(labels) == len(subjects)):
-        raise ValueError(f"lengths differ: {len(flows)} flows, {len(labels)} labels, {len(subjects)} subjects")
-    test = subjects == str(test_subject)
-    if not test.any():
-        raise ValueError(f"test subject {test_subject!r} has no samples")
-    if test.all():
-        raise ValueError("no training samples: every sample belongs to the test subject")
+    labels, test = fold_split(flows, labels, subjects, test_subject)
     test_index = np.flatnonzero(test)
     device = resolve_device(recipe.device)
     x_test = to_model_input(flows[test], config, recipe.flow_range).to(device)
@@ -483,6 +579,25 @@ def train_fold(
             models.append(model.cpu().eval())
         members.append(np.stack(seen))
         curves.append(curve)
+    return fold_result(str(test_subject), test_index, y_test, members, curves, models if keep_models else None,
+                       time.perf_counter() - start, str(device))
+
+
+def fold_result(test_subject: str, test_index: np.ndarray, y_test: np.ndarray, members: Sequence[np.ndarray],
+                curves: Sequence[list[dict]], models: list | None, seconds: float, device: str) -> FoldResult:
+    """Combine a fold's S ensemble members into its :class:`FoldResult` (:func:`train_fold`, :mod:`epir.pack`).
+
+    Args:
+        test_subject, test_index, y_test: the held-out subject, its sample positions and (n,) labels.
+        members: per member, (epochs, n, C) the test subject's softmax probabilities after every epoch.
+        curves: per member, its per-epoch training records.
+        models: the trained members (or None); seconds, device: timing and where it ran.
+
+    Returns:
+        The honest last-epoch result, the best-test-epoch one beside it (the ensemble's softmax average
+        scored epoch by epoch; the last of equally good epochs, as HTNet), each member's last-epoch
+        probabilities, and the members' mean curve.
+    """
     by_epoch = np.mean(members, axis=0)  # (epochs, n, C): the ensemble's softmax average after each epoch
     test_acc = [float(np.mean(p.argmax(-1) == y_test)) for p in by_epoch]
     best = max(i for i, a in enumerate(test_acc) if a == max(test_acc))  # HTNet keeps the last of the best
@@ -491,7 +606,7 @@ def train_fold(
         {k: float(np.mean([c[e][k] for c in curves])) if k != "epoch" else rec["epoch"] for k in rec}
         for e, rec in enumerate(curves[0])]
     return FoldResult(
-        test_subject=str(test_subject),
+        test_subject=test_subject,
         test_index=test_index,
         y_true=y_test,
         y_pred=probs.argmax(-1),
@@ -499,7 +614,7 @@ def train_fold(
         curve=curve,
         best_test_epoch=BestTestEpoch(best + 1, by_epoch[best].argmax(-1), by_epoch[best], test_acc),
         member_probs=np.stack([m[-1] for m in members]),
-        models=models if keep_models else None,
-        train_seconds=time.perf_counter() - start,
-        device=str(device),
+        models=models,
+        train_seconds=seconds,
+        device=device,
     )
