@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     from grid.config import PROFILES, GridConfig, parse_overrides
     from grid.data import available_protocols, load_protocol
     from grid.records import append_fold, done_keys, write_cells
-    from grid.runner import build_cells, pooled_scores
+    from grid.cells import build_cells, pooled_scores
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=Path, required=True, help="a preprocessed dataset folder (holds manifest.json)")

@@ -33,7 +33,6 @@ to every preset whose model family has the field.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -254,33 +253,6 @@ def check_values(values: dict, presets: list[str]) -> list[str]:
     return problems
 
 
-def fold_settings(choices: dict, data_key: str, subjects: list[str], model: dict, recipe: dict) -> dict[str, dict]:
-    """Per test subject, the settings a search chose for its validation group (``GridConfig.choices``).
-
-    Returns:
-        subject -> ``{"model", "recipe", "choice": {"study", "group", "trial", "params", "validation_uf1"}}``.
-
-    Raises:
-        ValueError: the choices belong to another dataset, miss a subject, or make an invalid config.
-    """
-    from grid.search import split_params
-
-    if choices["dataset"] != data_key:
-        raise ValueError(f"choices of search {choices['study']!r} were made on {choices['dataset']}, not {data_key}")
-    out = {}
-    for s in subjects:
-        if s not in choices["subjects"]:
-            raise ValueError(f"subject {s} of {data_key} is in no validation group of search {choices['study']!r}")
-        g = choices["subjects"][s]
-        c = choices["groups"][str(g)]
-        m, r = split_params(c["params"], model, recipe)
-        config_from_dict(m)  # validates
-        TrainRecipe(**r)
-        out[s] = {"model": m, "recipe": r, "choice": {"study": choices["study"], "group": g, "trial": c["trial"],
-                                                      "params": c["params"], "validation_uf1": c["validation_uf1"]}}
-    return out
-
-
 def parse_overrides(items: list[str]) -> dict:
     """``--set KEY=VALUE`` items -> ``{KEY: VALUE}``; VALUE is read as JSON (``5``, ``1e-3``, ``true``),
     else kept as text (``schedule=cosine``).
@@ -327,9 +299,3 @@ def load_config(path: Path | None) -> dict:
             out["datasets"].append(DatasetSpec(root=root, options={k: v for k, v in d.items() if k not in spec_keys},
                                                **{k: v for k, v in d.items() if k in spec_keys}))
     return out
-
-
-def cell_id(parts: dict) -> str:
-    """A short stable hash of everything that makes a cell's folds comparable (data, protocol,
-    preset, model and recipe); finished folds are looked up by it when a grid is re-run."""
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]

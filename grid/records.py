@@ -44,7 +44,7 @@ def read_records(folder: Path) -> tuple[dict, list, dict[str, dict[str, dict]]]:
     Raises:
         FileNotFoundError: no ``cells.json``. ValueError: a fold of a cell ``cells.json`` does not name.
     """
-    from .runner import Cell
+    from .cells import Cell
 
     folder = Path(folder)
     if not (folder / CELLS).is_file():

@@ -26,7 +26,8 @@ from epir.metrics import score
 from epir.presets import PRESETS
 
 from . import tracking
-from .config import PROFILE_CHOSEN_ON, GridConfig, cell_id, fold_settings
+from .cells import Cell, build_cells, member_scores, pooled_scores
+from .config import GridConfig
 from .data import ProtocolData, available_protocols, load_protocol, preprocess
 from preprocess.pipeline import init_ray
 
@@ -34,89 +35,6 @@ from .trainable import FINAL, FINAL_KEY, FOLD_KEY, fold_trial
 
 # The demo dataset's size: 6 pseudo-subjects x 3 classes x 3 samples = 54 samples, 6 LOSO folds.
 DEMO_SUBJECTS, DEMO_PER_CLASS = 6, 3
-
-
-@dataclass
-class Cell:
-    """One dataset x protocol x preset x seed: a full LOSO evaluation.
-
-    Attributes:
-        cell_id: hash of data, protocol, preset, model, recipe (seed included) and fold selection (MLflow tag).
-        setting_id: the same hash without the seed: the cells of one setting over several seeds share it,
-            and the tables pool them (mean and spread).
-        name: ``<protocol> <dataset> <preset>[ seed N]`` (the parent run's name).
-        profile: the training profile, or ``published`` for a peer on its own recipe.
-        data_key: key of its :class:`grid.data.ProtocolData`.
-        model, recipe: the model config (:func:`epir.presets.config_to_dict`) and TrainRecipe fields.
-        subjects: the test subjects of its folds; ``all_subjects``: how many the dataset has.
-        fold_settings: for a cell of a search's choices (``GridConfig.choices``), each subject's own
-            ``model``, ``recipe`` and ``choice`` (which configuration and why); None for a plain cell.
-        preprocess: how the cell's flows were made (:attr:`grid.data.ProtocolData.preprocess`).
-    """
-
-    cell_id: str
-    name: str
-    dataset: str
-    protocol: str
-    preset: str
-    profile: str
-    data_key: str
-    config_id: str
-    classes: list[str]
-    model: dict
-    recipe: dict
-    subjects: list[str]
-    all_subjects: int
-    demo: bool = False
-    setting_id: str = ""
-    fold_settings: dict | None = None
-    preprocess: dict | None = None
-
-    def fold_model(self, subject: str) -> dict:
-        """The model config the fold of ``subject`` trains."""
-        return self.fold_settings[subject]["model"] if self.fold_settings else self.model
-
-    def fold_recipe(self, subject: str) -> dict:
-        """The TrainRecipe fields the fold of ``subject`` trains with."""
-        return self.fold_settings[subject]["recipe"] if self.fold_settings else self.recipe
-
-    def fold_params(self, subject: str) -> dict:
-        """MLflow params of one fold beyond the cell's: its own configuration and, for a search's choices,
-        ``choice.*`` (study, validation group, trial, its validation UF1 on the other groups, the values)."""
-        if not self.fold_settings:
-            return {}
-        f = self.fold_settings[subject]
-        c = f["choice"]
-        return {**tracking.flat_params("model", f["model"]), **tracking.flat_params("recipe", f["recipe"]),
-                "choice.study": c["study"], "choice.group": str(c["group"]), "choice.trial": str(c["trial"]),
-                "choice.validation_uf1": f"{c['validation_uf1']:.4f}",
-                **{f"choice.{k}": str(v) for k, v in c["params"].items()}}
-
-    @property
-    def seed(self) -> int:
-        """The recipe's seed."""
-        return int(self.recipe["seed"])
-
-    @property
-    def partial(self) -> bool:
-        """True when only some of the dataset's subjects are folds (``--folds N``)."""
-        return len(self.subjects) < self.all_subjects
-
-    def tags(self) -> dict:
-        """MLflow tags shared by the parent and child runs (strings)."""
-        search = {"epir.search": next(iter(self.fold_settings.values()))["choice"]["study"]} if self.fold_settings else {}
-        return {"epir.dataset": self.dataset, "epir.protocol": self.protocol, "epir.preset": self.preset,
-                "epir.profile": self.profile, "epir.seed": str(self.seed), "epir.setting": self.setting_id, **search,
-                # the run's own metrics are the honest ones (last epoch); best_test_epoch.* metrics peek
-                "epir.epoch_selection": "last", "epir.peeks_at_test": "false", "epir.demo": str(self.demo).lower(),
-                "epir.folds": f"{len(self.subjects)}/{self.all_subjects}"}
-
-    def params(self) -> dict:
-        """The full configuration as MLflow params: ``model.*``, ``recipe.*``, data and protocol."""
-        return {**tracking.flat_params("model", self.model), **tracking.flat_params("recipe", self.recipe),
-                "dataset": self.dataset, "protocol": self.protocol, "preset": self.preset, "profile": self.profile,
-                "shards_config_id": self.config_id, "classes": ",".join(self.classes),
-                "folds": str(len(self.subjects)), "subjects_total": str(self.all_subjects)}
 
 
 @dataclass
@@ -152,72 +70,6 @@ def check_fit(resources_per_node: list[dict], bundles: list[dict]) -> None:
     for b in bundles:
         if not any(all(n.get(k, 0) + 1e-9 >= v for k, v in b.items()) for n in resources_per_node):
             raise ValueError(f"no node can hold a fold bundle {b}")
-
-
-def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) -> list[Cell]:
-    """Every dataset x protocol x preset x seed cell, in that order."""
-    cells = []
-    for key, d in data.items():
-        if cfg.overrides_from and cfg.overrides_from.get("dataset") == key:
-            raise ValueError(f"the overrides come from search {cfg.overrides_from['study']!r}, which chose them with every "
-                             f"subject of {key} as a validation subject: testing them on {key} would peek. Evaluate the "
-                             "search's per-group choices instead (--choices <study>.choices.json)")
-        subjects = d.fold_subjects
-        chosen = subjects[: cfg.folds] if cfg.folds else subjects
-        for preset in cfg.presets:
-            for seed in cfg.seeds:
-                model, recipe, label = cfg.settings(preset, profile, len(d.classes), seed)
-                recipe["flow_range"] = d.flow_range
-                parts = dict(data=key, shards=d.config_id, n=len(d.labels), model=model, recipe=recipe,
-                             subjects=chosen, demo=cfg.demo)
-                no_seed = {"recipe": {k: v for k, v in recipe.items() if k != "seed"}}
-                per_fold = None
-                chosen_here = PROFILE_CHOSEN_ON.get(profile, ("",))[0] == key and label == profile
-                if chosen_here and not cfg.choices:
-                    label = f"{profile}: PROFILE CHOSEN ON THESE SUBJECTS"
-                if cfg.choices:  # what each fold trains, and why, names the cell (not the base it came from)
-                    per_fold = fold_settings(cfg.choices, key, chosen, model, recipe)
-                    del parts["model"], parts["recipe"]
-                    parts["folds"] = {s: {"model": f["model"], "recipe": f["recipe"], "choice": f["choice"]}
-                                      for s, f in per_fold.items()}
-                    no_seed = {"folds": {s: {**f, "recipe": {k: v for k, v in f["recipe"].items() if k != "seed"}}
-                                         for s, f in parts["folds"].items()}}
-                    label = f"{label}, chosen by search {cfg.choices['study']}"
-                setting = cell_id({**parts, **no_seed})
-                name = f"{d.protocol} {d.dataset} {preset}" + (" searched" if per_fold else "") \
-                    + (f" seed {seed}" if cfg.seeds != [0] else "")
-                cells.append(Cell(cell_id(parts), name, d.dataset, d.protocol, preset, label, key, d.config_id,
-                                  d.classes, model, recipe, chosen, len(subjects), cfg.demo, setting, per_fold,
-                                  d.preprocess))
-    return cells
-
-
-def pooled_scores(cell: Cell, folds: dict[str, dict], best_test_epoch: bool = False) -> dict | None:
-    """UF1 / UAR / accuracy / confusion from the predictions pooled over the cell's folds, overall and per
-    source dataset when there is more than one (EPIR Table 1 scores SAMM, CASME II, SMIC as subsets).
-
-    Args:
-        best_test_epoch: score the folds' best-test-epoch predictions instead of the honest ones (they
-            PEEK at each fold's test subject); None when a fold has none (folds logged before they existed).
-    """
-    fs = [folds[s] for s in cell.subjects]
-    if best_test_epoch:
-        if not all(f.get("best_test_epoch") for f in fs):
-            return None
-        fs = [{**f, "y_pred": f["best_test_epoch"]["y_pred"]} for f in fs]
-    yt = np.concatenate([f["y_true"] for f in fs]).astype(int)
-    yp = np.concatenate([f["y_pred"] for f in fs]).astype(int)
-    groups = np.concatenate([f["groups"] for f in fs])
-    return score(yt, yp, len(cell.classes), groups if len(set(groups.tolist())) > 1 else None)
-
-
-def member_scores(cell: Cell, folds: dict[str, dict]) -> list[dict] | None:
-    """Pooled scores of each ensemble member alone (a single model per seed), or None without an ensemble."""
-    fs = [folds[s] for s in cell.subjects]
-    if not all(f.get("member_y_pred") for f in fs):
-        return None
-    return [pooled_scores(cell, {f["subject"]: {**f, "y_pred": f["member_y_pred"][m]} for f in fs})
-            for m in range(len(fs[0]["member_y_pred"]))]
 
 
 def _cell_stats(cell: Cell, folds: dict[str, dict]) -> dict:

@@ -38,6 +38,8 @@ import numpy as np
 
 from epir.metrics import uar, uf1
 
+from .cells import split_params
+
 SAMPLERS = ("random", "qmc", "grid")
 KINDS = ("uniform", "loguniform", "int", "choice")
 
@@ -208,15 +210,6 @@ def _group_task(data, held: list[str], model: dict, recipe: dict, threads: int) 
 
     torch.set_num_threads(max(1, threads))
     return group_fold(data.flows, data.labels, data.subjects, held, model, recipe)
-
-
-def split_params(params: dict, model: dict, recipe: dict) -> tuple[dict, dict]:
-    """Apply searched values to a model config dict and TrainRecipe fields (each field where it belongs)."""
-    from epir.train import TrainRecipe
-
-    recipe_fields = set(TrainRecipe.__dataclass_fields__)
-    return ({**model, **{k: v for k, v in params.items() if k not in recipe_fields}},
-            {**recipe, **{k: v for k, v in params.items() if k in recipe_fields}})
 
 
 def check_space(space: dict, model: dict) -> None:

@@ -106,9 +106,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def flat_params(prefix: str, d: dict) -> dict:
-    """``{k: v}`` -> ``{"prefix.k": str(v)}``, the form MLflow params take."""
-    return {f"{prefix}.{k}": ("None" if v is None else str(v)) for k, v in d.items()}
+from .cells import flat_params  # noqa: E402  (re-exported: the form MLflow params take)
 
 
 def parent_run(client, exp_id: str, cell) -> str:

@@ -1,0 +1,276 @@
+"""The grid's cells, pure: what a cell is, how its folds are set, its id, and its pooled scores.
+
+A cell is one dataset x protocol x preset x seed: a full leave-one-subject-out (LOSO) evaluation. This
+module imports neither Ray nor MLflow nor Optuna: the Ray runner (:mod:`grid.runner`), the GPU path
+(``benchmarks/gpu_ladder.py``, :mod:`grid.records`) and the benchmarks build the same cells from it.
+
+Cell ids. A finished fold is found again by its cell's id, so the id must change exactly when what the
+cell trains changes. :func:`cell_id` hashes the data, the folds, and every model and recipe setting that
+DIFFERS from a frozen table of reference values (:data:`ID_REFERENCE`, kept with the id format
+:data:`ID_VERSION`), not from the live defaults: a new field that joins the table with the value that
+keeps today's behaviour leaves every id as it was, and a changed default changes the ids of the cells it
+changes (a fold trained under the old default is never reused for the new one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from epir.metrics import score
+from epir.presets import config_from_dict
+from epir.train import TrainRecipe
+
+from .config import PROFILE_CHOSEN_ON, GridConfig
+from .data import ProtocolData
+
+ID_VERSION = 2
+# FROZEN reference values of every model family's and the recipe's fields (version 2, 2026-12-01). Never
+# edit a value: a cell's id hashes its settings that differ from these. A NEW field joins with the value
+# that gives the behaviour from before the field existed (e.g. a switch that was off). tests/test_cells.py
+# refuses a field missing here.
+ID_REFERENCE: dict[str, dict] = {
+    "epir": {"img_size": 28, "in_chans": 3, "patch_size": 7, "num_classes": 3, "dim": 256, "depth": 13, "heads": 3,
+             "dim_head": 85, "mlp_ratio": 2.0, "tokenizer": "dnspt", "itals": True, "temperature": None, "dtsm": True,
+             "integration_blocks": 6, "merge_k": 1, "contrastive": True, "alpha": 0.4, "init": "trunc_normal",
+             "itals_param": "temperature", "dtsm_rollout": "all", "drop_path": 0.0, "dtsm_score": "sum",
+             "dtsm_residual": False, "dtsm_distinct": False},
+    "ststnet": {"img_size": 28, "num_classes": 3, "dropout": 0.5, "contrastive": False, "alpha": 0.4},
+    "recipe": {"epochs": 300, "batch_size": 256, "lr": 5e-05, "weight_decay": 0.0, "seed": 0, "device": "auto",
+               "hflip": False, "flow_range": "unit", "standardize": False, "schedule": "constant",
+               "sample_order": "shuffle", "optimizer": "adam", "label_smoothing": 0.0, "class_weights": "none",
+               "warmup_epochs": 0, "translate": 0, "mixup": 0.0, "ensemble": 1, "ema": 0.0, "precision": "fp32",
+               "compile": False},
+}
+
+
+def flat_params(prefix: str, d: dict) -> dict:
+    """``{k: v}`` -> ``{"prefix.k": str(v)}``, the form MLflow params take."""
+    return {f"{prefix}.{k}": ("None" if v is None else str(v)) for k, v in d.items()}
+
+
+def delta(settings: dict, reference: dict) -> dict:
+    """The entries of ``settings`` that differ from ``reference`` (or that it lacks), in key order."""
+    return {k: settings[k] for k in sorted(settings) if k not in reference or reference[k] != settings[k]}
+
+
+def _id_form(parts: dict) -> dict:
+    """``parts`` with every model config and recipe reduced to its difference from :data:`ID_REFERENCE`."""
+    def model(m: dict) -> dict:
+        family = m.get("family", "epir")
+        return {"family": family, **delta({k: v for k, v in m.items() if k != "family"}, ID_REFERENCE[family])}
+
+    out = {k: v for k, v in parts.items() if k not in ("model", "recipe", "folds")}
+    if "model" in parts:
+        out["model"] = model(parts["model"])
+    if "recipe" in parts:
+        out["recipe"] = delta(parts["recipe"], ID_REFERENCE["recipe"])
+    if "folds" in parts:
+        out["folds"] = {s: {**f, **({"model": model(f["model"])} if "model" in f else {}),
+                            **({"recipe": delta(f["recipe"], ID_REFERENCE["recipe"])} if "recipe" in f else {})}
+                        for s, f in parts["folds"].items()}
+    return out
+
+
+def cell_id(parts: dict) -> str:
+    """A short stable hash of everything that makes a cell's folds comparable: data, protocol, folds, and the
+    model and recipe settings that differ from the frozen :data:`ID_REFERENCE` (see the module docstring);
+    finished folds are looked up by it when a grid is re-run.
+
+    Args:
+        parts: ``data``, ``shards``, ``n``, ``subjects``, ``demo`` and either ``model`` (a config dict,
+            :func:`epir.presets.config_to_dict`) and ``recipe`` (TrainRecipe fields), or ``folds``
+            (subject -> ``{"model", "recipe", "choice"}``).
+
+    Returns:
+        12 hex digits.
+
+    Raises:
+        KeyError: for a model family without a reference table.
+    """
+    form = {"id_version": ID_VERSION, **_id_form(parts)}
+    return hashlib.sha1(json.dumps(form, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def split_params(params: dict, model: dict, recipe: dict) -> tuple[dict, dict]:
+    """Apply searched values to a model config dict and TrainRecipe fields (each field where it belongs)."""
+    recipe_fields = set(TrainRecipe.__dataclass_fields__)
+    return ({**model, **{k: v for k, v in params.items() if k not in recipe_fields}},
+            {**recipe, **{k: v for k, v in params.items() if k in recipe_fields}})
+
+
+def fold_settings(choices: dict, data_key: str, subjects: list[str], model: dict, recipe: dict) -> dict[str, dict]:
+    """Per test subject, the settings a search chose for its validation group (``GridConfig.choices``).
+
+    Returns:
+        subject -> ``{"model", "recipe", "choice": {"study", "group", "trial", "params", "validation_uf1"}}``.
+
+    Raises:
+        ValueError: the choices belong to another dataset, miss a subject, or make an invalid config.
+    """
+    if choices["dataset"] != data_key:
+        raise ValueError(f"choices of search {choices['study']!r} were made on {choices['dataset']}, not {data_key}")
+    out = {}
+    for s in subjects:
+        if s not in choices["subjects"]:
+            raise ValueError(f"subject {s} of {data_key} is in no validation group of search {choices['study']!r}")
+        g = choices["subjects"][s]
+        c = choices["groups"][str(g)]
+        m, r = split_params(c["params"], model, recipe)
+        config_from_dict(m)  # validates
+        TrainRecipe(**r)
+        out[s] = {"model": m, "recipe": r, "choice": {"study": choices["study"], "group": g, "trial": c["trial"],
+                                                      "params": c["params"], "validation_uf1": c["validation_uf1"]}}
+    return out
+
+
+@dataclass
+class Cell:
+    """One dataset x protocol x preset x seed: a full LOSO evaluation.
+
+    Attributes:
+        cell_id: hash of data, protocol, preset, model, recipe (seed included) and fold selection (MLflow tag).
+        setting_id: the same hash without the seed: the cells of one setting over several seeds share it,
+            and the tables pool them (mean and spread).
+        name: ``<protocol> <dataset> <preset>[ seed N]`` (the parent run's name).
+        profile: the training profile, or ``published`` for a peer on its own recipe.
+        data_key: key of its :class:`grid.data.ProtocolData`.
+        model, recipe: the model config (:func:`epir.presets.config_to_dict`) and TrainRecipe fields.
+        subjects: the test subjects of its folds; ``all_subjects``: how many the dataset has.
+        fold_settings: for a cell of a search's choices (``GridConfig.choices``), each subject's own
+            ``model``, ``recipe`` and ``choice`` (which configuration and why); None for a plain cell.
+        preprocess: how the cell's flows were made (:attr:`grid.data.ProtocolData.preprocess`).
+    """
+
+    cell_id: str
+    name: str
+    dataset: str
+    protocol: str
+    preset: str
+    profile: str
+    data_key: str
+    config_id: str
+    classes: list[str]
+    model: dict
+    recipe: dict
+    subjects: list[str]
+    all_subjects: int
+    demo: bool = False
+    setting_id: str = ""
+    fold_settings: dict | None = None
+    preprocess: dict | None = None
+
+    def fold_model(self, subject: str) -> dict:
+        """The model config the fold of ``subject`` trains."""
+        return self.fold_settings[subject]["model"] if self.fold_settings else self.model
+
+    def fold_recipe(self, subject: str) -> dict:
+        """The TrainRecipe fields the fold of ``subject`` trains with."""
+        return self.fold_settings[subject]["recipe"] if self.fold_settings else self.recipe
+
+    def fold_params(self, subject: str) -> dict:
+        """MLflow params of one fold beyond the cell's: its own configuration and, for a search's choices,
+        ``choice.*`` (study, validation group, trial, its validation UF1 on the other groups, the values)."""
+        if not self.fold_settings:
+            return {}
+        f = self.fold_settings[subject]
+        c = f["choice"]
+        return {**flat_params("model", f["model"]), **flat_params("recipe", f["recipe"]),
+                "choice.study": c["study"], "choice.group": str(c["group"]), "choice.trial": str(c["trial"]),
+                "choice.validation_uf1": f"{c['validation_uf1']:.4f}",
+                **{f"choice.{k}": str(v) for k, v in c["params"].items()}}
+
+    @property
+    def seed(self) -> int:
+        """The recipe's seed."""
+        return int(self.recipe["seed"])
+
+    @property
+    def partial(self) -> bool:
+        """True when only some of the dataset's subjects are folds (``--folds N``)."""
+        return len(self.subjects) < self.all_subjects
+
+    def tags(self) -> dict:
+        """MLflow tags shared by the parent and child runs (strings)."""
+        search = {"epir.search": next(iter(self.fold_settings.values()))["choice"]["study"]} if self.fold_settings else {}
+        return {"epir.dataset": self.dataset, "epir.protocol": self.protocol, "epir.preset": self.preset,
+                "epir.profile": self.profile, "epir.seed": str(self.seed), "epir.setting": self.setting_id, **search,
+                # the run's own metrics are the honest ones (last epoch); best_test_epoch.* metrics peek
+                "epir.epoch_selection": "last", "epir.peeks_at_test": "false", "epir.demo": str(self.demo).lower(),
+                "epir.folds": f"{len(self.subjects)}/{self.all_subjects}"}
+
+    def params(self) -> dict:
+        """The full configuration as MLflow params: ``model.*``, ``recipe.*``, data and protocol."""
+        return {**flat_params("model", self.model), **flat_params("recipe", self.recipe),
+                "dataset": self.dataset, "protocol": self.protocol, "preset": self.preset, "profile": self.profile,
+                "shards_config_id": self.config_id, "classes": ",".join(self.classes),
+                "folds": str(len(self.subjects)), "subjects_total": str(self.all_subjects)}
+
+
+def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) -> list[Cell]:
+    """Every dataset x protocol x preset x seed cell, in that order."""
+    cells = []
+    for key, d in data.items():
+        if cfg.overrides_from and cfg.overrides_from.get("dataset") == key:
+            raise ValueError(f"the overrides come from search {cfg.overrides_from['study']!r}, which chose them with every "
+                             f"subject of {key} as a validation subject: testing them on {key} would peek. Evaluate the "
+                             "search's per-group choices instead (--choices <study>.choices.json)")
+        subjects = d.fold_subjects
+        chosen = subjects[: cfg.folds] if cfg.folds else subjects
+        for preset in cfg.presets:
+            for seed in cfg.seeds:
+                model, recipe, label = cfg.settings(preset, profile, len(d.classes), seed)
+                recipe["flow_range"] = d.flow_range
+                parts = dict(data=key, shards=d.config_id, n=len(d.labels), model=model, recipe=recipe,
+                             subjects=chosen, demo=cfg.demo)
+                no_seed = {"recipe": {k: v for k, v in recipe.items() if k != "seed"}}
+                per_fold = None
+                chosen_here = PROFILE_CHOSEN_ON.get(profile, ("",))[0] == key and label == profile
+                if chosen_here and not cfg.choices:
+                    label = f"{profile}: PROFILE CHOSEN ON THESE SUBJECTS"
+                if cfg.choices:  # what each fold trains, and why, names the cell (not the base it came from)
+                    per_fold = fold_settings(cfg.choices, key, chosen, model, recipe)
+                    del parts["model"], parts["recipe"]
+                    parts["folds"] = {s: {"model": f["model"], "recipe": f["recipe"], "choice": f["choice"]}
+                                      for s, f in per_fold.items()}
+                    no_seed = {"folds": {s: {**f, "recipe": {k: v for k, v in f["recipe"].items() if k != "seed"}}
+                                         for s, f in parts["folds"].items()}}
+                    label = f"{label}, chosen by search {cfg.choices['study']}"
+                setting = cell_id({**parts, **no_seed})
+                name = f"{d.protocol} {d.dataset} {preset}" + (" searched" if per_fold else "") \
+                    + (f" seed {seed}" if cfg.seeds != [0] else "")
+                cells.append(Cell(cell_id(parts), name, d.dataset, d.protocol, preset, label, key, d.config_id,
+                                  d.classes, model, recipe, chosen, len(subjects), cfg.demo, setting, per_fold,
+                                  d.preprocess))
+    return cells
+
+
+def pooled_scores(cell: Cell, folds: dict[str, dict], best_test_epoch: bool = False) -> dict | None:
+    """UF1 / UAR / accuracy / confusion from the predictions pooled over the cell's folds, overall and per
+    source dataset when there is more than one (EPIR Table 1 scores SAMM, CASME II, SMIC as subsets).
+
+    Args:
+        best_test_epoch: score the folds' best-test-epoch predictions instead of the honest ones (they
+            PEEK at each fold's test subject); None when a fold has none (folds logged before they existed).
+    """
+    fs = [folds[s] for s in cell.subjects]
+    if best_test_epoch:
+        if not all(f.get("best_test_epoch") for f in fs):
+            return None
+        fs = [{**f, "y_pred": f["best_test_epoch"]["y_pred"]} for f in fs]
+    yt = np.concatenate([f["y_true"] for f in fs]).astype(int)
+    yp = np.concatenate([f["y_pred"] for f in fs]).astype(int)
+    groups = np.concatenate([f["groups"] for f in fs])
+    return score(yt, yp, len(cell.classes), groups if len(set(groups.tolist())) > 1 else None)
+
+
+def member_scores(cell: Cell, folds: dict[str, dict]) -> list[dict] | None:
+    """Pooled scores of each ensemble member alone (a single model per seed), or None without an ensemble."""
+    fs = [folds[s] for s in cell.subjects]
+    if not all(f.get("member_y_pred") for f in fs):
+        return None
+    return [pooled_scores(cell, {f["subject"]: {**f, "y_pred": f["member_y_pred"][m]} for f in fs})
+            for m in range(len(fs[0]["member_y_pred"]))]
