@@ -47,6 +47,11 @@ ID_REFERENCE: dict[str, dict] = {
 }
 
 
+# what of a fold's search choice enters the id: the values themselves are in its model and recipe, and
+# what a choices file says beside them (scores, notes) may grow without making the folds new
+CHOICE_ID_KEYS = ("study", "group", "trial")
+
+
 def flat_params(prefix: str, d: dict) -> dict:
     """``{k: v}`` -> ``{"prefix.k": str(v)}``, the form MLflow params take."""
     return {f"{prefix}.{k}": ("None" if v is None else str(v)) for k, v in d.items()}
@@ -68,9 +73,10 @@ def _id_form(parts: dict) -> dict:
         out["model"] = model(parts["model"])
     if "recipe" in parts:
         out["recipe"] = delta(parts["recipe"], ID_REFERENCE["recipe"])
-    if "folds" in parts:
-        out["folds"] = {s: {**f, **({"model": model(f["model"])} if "model" in f else {}),
-                            **({"recipe": delta(f["recipe"], ID_REFERENCE["recipe"])} if "recipe" in f else {})}
+    if "folds" in parts:  # a search's per-fold settings; of the choice, only which search, group and trial
+        out["folds"] = {s: {**({"model": model(f["model"])} if "model" in f else {}),
+                            **({"recipe": delta(f["recipe"], ID_REFERENCE["recipe"])} if "recipe" in f else {}),
+                            "choice": {k: f["choice"][k] for k in CHOICE_ID_KEYS if k in f.get("choice", {})}}
                         for s, f in parts["folds"].items()}
     return out
 

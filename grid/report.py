@@ -26,6 +26,7 @@ import pandas as pd
 from epir.presets import LADDER, PAPER_TABLE4, PRESETS
 
 from . import tracking
+from .compare import METRICS, Paired, paired_difference
 
 # EPIR Table 1 (CDE) and Tables 2/3 (SDE), UF1 / UAR (../shared/PAPER.md), and honest peer figures.
 PAPER_CDE = {
@@ -39,6 +40,9 @@ PAPER_SDE = {"samm": (0.8011, 0.8052), "casme2": (0.8712, 0.8466), "smic": (0.80
 CDE_GROUPS = [("full", "Full"), ("samm", "SAMM"), ("casme2", "CASME II"), ("smic", "SMIC")]
 PEEK = tracking.PEEK
 KEY = ["dataset", "protocol", "preset", "profile", "epoch_selection", "folds", "demo"]
+# rows that may be paired share these (and then their subjects and seeds, checked on the predictions)
+PAIR_KEY = ["dataset", "protocol", "profile", "epoch_selection", "folds", "demo"]
+PAIRED = "paired_comparisons"  # paired_comparisons.csv / .md in results/<experiment>/
 
 
 def _label(row) -> str:
@@ -208,6 +212,116 @@ def _notes(df: pd.DataFrame) -> str:
     return "\n".join(f"- {ln}" for ln in lines) + "\n\n### Runs behind these rows\n\n" + _md(prov)
 
 
+class Predictions:
+    """Reads (once) the pooled predictions of every seed of a table row, by setting id."""
+
+    def __init__(self, client, exp_id: str, cells: pd.DataFrame):
+        self.client, self.exp_id, self.cells, self._cache = client, exp_id, cells, {}
+
+    def of(self, setting: str) -> tuple[dict[int, pd.DataFrame], int]:
+        """seed -> predictions of the row's cells, and the class count."""
+        if setting not in self._cache:
+            runs = self.cells[self.cells["setting"] == setting]
+            preds, classes = {}, 0
+            for _, c in runs.iterrows():
+                run = self.client.get_run(c["run_id"])
+                preds[int(c["seed"])] = tracking.read_pooled_predictions(self.client, self.exp_id, run)
+                classes = len(run.data.params.get("classes", "").split(","))
+            self._cache[setting] = (preds, classes)
+        return self._cache[setting]
+
+
+def compare(preds: Predictions, row_a, row_b) -> dict[str, Paired] | None:
+    """Row A minus row B, paired (:mod:`grid.compare`), for UF1 and UAR; None when they cannot be paired."""
+    if any(row_a[k] != row_b[k] for k in PAIR_KEY) or row_a["setting"] == row_b["setting"]:
+        return None
+    a, c = preds.of(row_a["setting"])
+    b, _ = preds.of(row_b["setting"])
+    out = {m: paired_difference(a, b, c, m) for m in METRICS}
+    return None if any(v is None for v in out.values()) else out
+
+
+def ladder_pairs(df: pd.DataFrame) -> list[tuple[int, str, int]]:
+    """(row, "previous" | "baseline", the row it is compared with) for every row of ``df`` (aggregated rows):
+    each ladder rung against the rung before it (the nearest lower rung with a row) and against ``baseline``; a
+    peer against ``baseline``.
+    Rows are matched on :data:`PAIR_KEY`."""
+    out = []
+    for i, r in df.iterrows():
+        same = df[(df[PAIR_KEY] == r[PAIR_KEY]).all(axis=1)]
+        targets = []
+        if r["preset"] in LADDER:  # the nearest lower rung that has a row (the one before, in a full ladder)
+            lower = [p for p in LADDER[: LADDER.index(r["preset"])] if p in set(same["preset"])]
+            if lower:
+                targets.append(("previous", lower[-1]))
+        if r["preset"] != "baseline":
+            targets.append(("baseline", "baseline"))
+        for kind, preset in targets:
+            hit = same[same["preset"] == preset]
+            if not hit.empty:
+                out.append((i, kind, hit.index[0]))
+    return out
+
+
+def paired_table(client, exp_id: str, cells: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+    """The paired comparisons of the ladder's rows (:func:`ladder_pairs`), one line per pair and metric, and
+    each logged on the parent runs of the row compared (``paired.vs_<kind>.<metric>_*``)."""
+    preds, lines = Predictions(client, exp_id, cells), []
+    for i, kind, j in ladder_pairs(df):
+        a, b = df.loc[i], df.loc[j]
+        result = compare(preds, a, b)
+        if result is None:
+            continue
+        for m, p in result.items():
+            lines.append({"dataset": a["dataset"], "protocol": a["protocol"], "row": a["preset"], "vs": kind,
+                          "against": b["preset"], "metric": m.upper(), "difference": p.diff, "ci_low": p.ci_low,
+                          "ci_high": p.ci_high, "excludes_zero": p.excludes_zero, "seeds_agree": p.agree,
+                          "seed_pairs": len(p.seeds), "subjects": p.subjects, "setting": a["setting"]})
+        run_ids = cells.loc[cells["setting"] == a["setting"], "run_id"].tolist()
+        tracking.log_comparison(client, run_ids, f"vs_{kind}", b["preset"], result)
+    return pd.DataFrame(lines)
+
+
+def _paired_columns(pairs: pd.DataFrame, setting: str) -> dict:
+    """Table 4's paired columns of one row: text for Markdown and numbers for CSV."""
+    md, csv = {}, {}
+    for kind, title in (("previous", "vs rung before"), ("baseline", "vs baseline")):
+        for m in ("UF1", "UAR"):
+            hit = pairs[(pairs["setting"] == setting) & (pairs["vs"] == kind) & (pairs["metric"] == m)] \
+                if not pairs.empty else pairs
+            key = f"Δ{m} {title}"
+            if hit.empty:
+                md[f"{key} [95% CI]"] = ""
+                csv.update({key: np.nan, f"{key} CI low": np.nan, f"{key} CI high": np.nan, f"{key} seeds agree": ""})
+                continue
+            h = hit.iloc[0]
+            star = " *" if h["excludes_zero"] else ""
+            md[f"{key} [95% CI]"] = (f"{h['difference']:+.4f} [{h['ci_low']:+.4f}, {h['ci_high']:+.4f}]{star} "
+                                     f"({h['seeds_agree']}/{h['seed_pairs']})")
+            csv.update({key: h["difference"], f"{key} CI low": h["ci_low"], f"{key} CI high": h["ci_high"],
+                        f"{key} seeds agree": f"{h['seeds_agree']}/{h['seed_pairs']}"})
+    return {"md": md, "csv": csv}
+
+
+PAIRED_NOTE = ("Paired columns: the difference in Full UF1 / UAR from the rung before and from `baseline` (same "
+               "folds and seeds), averaged over the seed pairs, with a 95 % percentile interval from a paired "
+               "bootstrap over SUBJECTS (9,999 resamples of the subjects with replacement, the same resample for "
+               "both rows; `scipy.stats.bootstrap`); `*` marks an interval that excludes 0; `(k/n)`: seed pairs "
+               "whose difference has the same sign.")
+
+
+def paired_lines(results: Path) -> list[str]:
+    """One console line per paired comparison written by :func:`write_tables` (empty when none)."""
+    path = Path(results) / f"{PAIRED}.csv"
+    if not path.is_file() or path.stat().st_size == 0:
+        return []
+    pairs = pd.read_csv(path)
+    return [f"{r['row']:>9} - {r['against']:<9} {r['metric']}: {r['difference']:+.4f} "
+            f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]{' *' if r['excludes_zero'] else '  '} "
+            f"{r['seeds_agree']}/{r['seed_pairs']} seeds agree  ({r['dataset']}/{r['protocol']})"
+            for _, r in pairs.iterrows()]
+
+
 def write_tables(client, exp_id: str, experiment: str, results_dir: Path) -> Path | None:
     """Write the tables of an experiment's finished cells; returns the folder, or None when none finished."""
     cells = collect(client, exp_id)
@@ -216,7 +330,12 @@ def write_tables(client, exp_id: str, experiment: str, results_dir: Path) -> Pat
     out = Path(results_dir) / experiment
     out.mkdir(parents=True, exist_ok=True)
     _order(cells).drop(columns=["end_time"]).to_csv(out / "runs.csv", index=False)
-    df = _order(aggregate(cells))
+    df = _order(aggregate(cells)).reset_index(drop=True)
+    pairs = paired_table(client, exp_id, cells, df)
+    pairs.drop(columns=["setting"], errors="ignore").to_csv(out / f"{PAIRED}.csv", index=False)
+    if not pairs.empty:
+        (out / f"{PAIRED}.md").write_text(f"# {experiment}: paired comparisons\n\n" + PAIRED_NOTE + "\n\n"
+                                          + _md(pairs.drop(columns=["setting"])))
     header = f"# {experiment}\n\n"
     cde = df[df["protocol"] == "CDE"]
     if not cde.empty:
@@ -245,9 +364,10 @@ def write_tables(client, exp_id: str, experiment: str, results_dir: Path) -> Pat
         pd.DataFrame(csv_rows).to_csv(out / "table1_cde.csv", index=False)
         (out / "table1_cde.md").write_text(header + "## Table 1: composite dataset evaluation (CDE), UF1 / UAR\n\n"
                                           + _md(pd.DataFrame(rows).fillna("")) + "\n" + _notes(cde))
-        t4 = []
+        t4, t4_csv = [], []
         for _, r in cde.iterrows():
             pub = PRESETS[r["preset"]].published if r["preset"] in PRESETS else None
+            paired = _paired_columns(pairs, r["setting"])
             t4.append({"dataset": r["dataset"], "preset": r["preset"], "method": _label(r), "seeds": r["seeds"],
                        "UF1": r["uf1"], "UF1 sd": r["uf1_sd"], "UAR": r["uar"], "UAR sd": r["uar_sd"],
                        "UF1 best test epoch (PEEKS)": r["bte_uf1"], "UAR best test epoch (PEEKS)": r["bte_uar"],
@@ -255,12 +375,16 @@ def write_tables(client, exp_id: str, experiment: str, results_dir: Path) -> Pat
                        "single members UF1 (mean ± sd)": _fmt(r["members_uf1_mean"], r["members_uf1_sd"]),
                        "published UF1": pub[0] if pub else np.nan, "published UAR": pub[1] if pub else np.nan,
                        "params (M)": r["params_M"], "MACs (M)": r["macs_M"]})
-        t4 = pd.DataFrame(t4)
-        t4.to_csv(out / "table4_ablation.csv", index=False)
+            t4_csv.append({**t4[-1], **paired["csv"]})
+            t4[-1].update(paired["md"])
+        pd.DataFrame(t4_csv).to_csv(out / "table4_ablation.csv", index=False)
+        md = pd.DataFrame(t4)
+        if pairs.empty:
+            md = md.drop(columns=[c for c in md.columns if c.startswith("Δ")])
         (out / "table4_ablation.md").write_text(
             header + "## Table 4: ablation ladder (and peers), CDE Full, UF1 / UAR\n\n"
             "`published`: the paper's Table 4 for the ladder (EPIR, arXiv 2604.08106), the source's own figure for "
-            "a peer.\n\n" + _md(t4) + "\n" + _notes(cde))
+            "a peer.\n\n" + _md(md) + "\n" + ("- " + PAIRED_NOTE + "\n" if not pairs.empty else "") + _notes(cde))
     sde = df[df["protocol"] == "SDE"]
     if not sde.empty:
         t2 = pd.DataFrame([{"dataset": r["dataset"], "method": _label(r), "seeds": r["seeds"],

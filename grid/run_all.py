@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         out = write_tables(client, exp_id, cfg.experiment, cfg.results_dir)
         print(f"tables written to {out}" if out else f"no finished cell in experiment '{cfg.experiment}'")
+        _print_paired(out)
         return 0
     from grid.runner import run_grid, summary_table
 
@@ -272,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_table(outcome))
     print(f"\nfolds trained now: {outcome.trained} ({outcome.train_seconds / 60:.1f} min of training), "
           f"reused from MLflow: {outcome.reused}; wall time {outcome.wall_seconds / 60:.1f} min")
+    _print_paired(outcome.results_dir)
     if outcome.results_dir:
         print(f"tables: {outcome.results_dir}/")
     for f in outcome.failures:
@@ -279,6 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     if outcome.failures:
         print("re-run the same command to retry the failed folds (finished folds are not redone)")
     return 1 if outcome.failures else 0
+
+
+def _print_paired(results_dir) -> None:
+    """The paired differences the tables hold (rung minus rung before, and minus baseline)."""
+    from grid.report import paired_lines
+
+    lines = paired_lines(results_dir) if results_dir else []
+    if lines:
+        print("\npaired differences, row minus row (95 % CI, bootstrap over subjects; * excludes 0):")
+        print("\n".join("  " + ln for ln in lines))
 
 
 def _search(args, cfg: GridConfig) -> int:

@@ -350,12 +350,71 @@ def log_cell(client, parent_id: str, cell, scores: dict, stats: dict, peek: dict
         client.log_text(parent_id, json.dumps({s: f["choice"] for s, f in cell.fold_settings.items()}, indent=2),
                         "choices.json")
     if folds:
+        client.log_text(parent_id, pooled_predictions_csv(cell, folds), POOLED)
         fig = learning_curve_figure([folds[s] for s in cell.subjects], f"{cell.name}: learning curves")
         client.log_figure(parent_id, fig, "learning_curves.png")
         plt.close(fig)
     client.log_text(parent_id, json.dumps(package_versions(), indent=2), "versions.json")
     client.set_tag(parent_id, "epir.versions", json.dumps(package_versions()))
     client.set_terminated(parent_id, "FINISHED")
+
+
+POOLED = "pooled_predictions.csv"  # a cell's honest and best-test-epoch predictions, every fold, on its parent run
+
+
+def pooled_predictions_csv(cell, folds: dict) -> str:
+    """Every fold's predictions in one table (what paired comparisons resample, :mod:`grid.compare`):
+    ``subject, sample_id, group, y_true, y_pred, y_pred_best_test_epoch`` (class names; the last column PEEKS,
+    empty for folds without it)."""
+    lines = ["subject,sample_id,group,y_true,y_pred,y_pred_best_test_epoch"]
+    for s in cell.subjects:
+        f = folds[s]
+        bte = (f.get("best_test_epoch") or {}).get("y_pred") or [None] * len(f["y_true"])
+        for sid, g, t, p, b in zip(f["sample_ids"], f["groups"], f["y_true"], f["y_pred"], bte):
+            lines.append(f"{s},{sid},{g},{cell.classes[t]},{cell.classes[p]},{'' if b is None else cell.classes[b]}")
+    return "\n".join(lines) + "\n"
+
+
+def read_pooled_predictions(client, exp_id: str, run) -> "pd.DataFrame":
+    """A finished cell's pooled predictions: its parent run's ``pooled_predictions.csv``, or, for cells logged
+    before it existed, read back from its child runs. Columns as :func:`pooled_predictions_csv`, labels as
+    class indices (``y_true``, ``y_pred``, ``y_pred_best_test_epoch``, -1 where absent)."""
+    import pandas as pd
+
+    classes = run.data.params.get("classes", "").split(",")
+    index = {c: i for i, c in enumerate(classes)}
+    try:
+        path = client.download_artifacts(run.info.run_id, POOLED)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception:  # noqa: BLE001  (an older cell: no such artifact)
+        rows = []
+        for s, f in sorted(finished_folds(client, exp_id, run.data.tags[TAG_CELL]).items()):
+            bte = (f.get("best_test_epoch") or {}).get("y_pred") or [None] * len(f["y_true"])
+            for sid, g, t, p, b in zip(f["sample_ids"], f["groups"], f["y_true"], f["y_pred"], bte):
+                rows.append({"subject": s, "sample_id": sid, "group": g, "y_true": classes[t], "y_pred": classes[p],
+                             "y_pred_best_test_epoch": "" if b is None else classes[b]})
+        df = pd.DataFrame(rows)
+    for col in ("y_true", "y_pred", "y_pred_best_test_epoch"):
+        df[col] = df[col].map(lambda v: index.get(v, -1)).astype(int)
+    return df
+
+
+def log_comparison(client, run_ids: list[str], name: str, against: str, paired: dict) -> None:
+    """A paired comparison (:class:`grid.compare.Paired` per metric) on the parent runs of the row compared:
+    metrics ``paired.<name>.<metric>_diff`` / ``_ci_low`` / ``_ci_high`` / ``_seeds_agree`` and a tag
+    ``paired.<name>`` that says against which preset and how."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = []
+    for m, p in paired.items():
+        metrics += [Metric(f"paired.{name}.{m}_{k}", float(v), now, 0)
+                    for k, v in (("diff", p.diff), ("ci_low", p.ci_low), ("ci_high", p.ci_high), ("seeds_agree", p.agree))]
+    text = f"minus {against}, paired over seeds {list(next(iter(paired.values())).seeds)}; " + \
+        "; ".join(f"{m.upper()} {p.text()}" for m, p in paired.items())
+    for rid in run_ids:
+        client.log_batch(rid, metrics=metrics)
+        client.set_tag(rid, f"paired.{name}", text[:5000])
 
 
 def finished_cells(client, exp_id: str) -> list:

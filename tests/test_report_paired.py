@@ -1,0 +1,71 @@
+"""Table 4's paired comparisons, from cells logged in a real MLflow store (no Ray, no training)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from grid import tracking
+from grid.cells import build_cells
+from grid.config import GridConfig
+from grid.data import ProtocolData
+from grid.report import paired_lines, write_tables
+from grid.runner import finish_cell
+
+
+def _data(n_subjects=20, per=5) -> ProtocolData:
+    rng = np.random.default_rng(0)
+    n = n_subjects * per
+    subjects = np.repeat([f"p{i:02d}" for i in range(n_subjects)], per)
+    return ProtocolData("toy/CDE", "toy", "CDE", "cfg-1", np.zeros((n, 28, 28, 3), np.float32),
+                        rng.integers(0, 3, n), subjects, np.array([f"x{i}" for i in range(n)]),
+                        np.array(["toy"] * n), ["negative", "positive", "surprise"], "unit")
+
+
+def _fold(d: ProtocolData, subject: str, acc: float, rng) -> dict:
+    idx = np.flatnonzero(d.subjects == subject)
+    y = d.labels[idx]
+    pred = np.where(rng.random(len(y)) < acc, y, (y + 1) % 3)
+    now = time.time()
+    return {"subject": subject, "sample_ids": d.sample_ids[idx].tolist(), "groups": d.groups[idx].tolist(),
+            "y_true": y.tolist(), "y_pred": pred.tolist(), "probs": np.eye(3)[pred].tolist(),
+            "curve": [{"epoch": 1, "loss": 1.0, "train_acc": 0.5, "lr": 1e-3}], "selected_epoch": 1,
+            "best_test_epoch": {"epoch": 1, "y_pred": pred.tolist(), "probs": np.eye(3)[pred].tolist(),
+                                "test_acc": [float(np.mean(pred == y))], "peeks_at_test": True},
+            "member_y_pred": None, "train_seconds": 1.0, "device": "cpu", "node": "", "started": now, "finished": now}
+
+
+def test_table4_gives_each_rung_its_paired_difference_with_a_subject_bootstrap_ci(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    d = _data()
+    cfg = GridConfig(presets=["baseline", "+dtsm", "epir"], seeds=[0, 1], profile="demo")
+    cells = build_cells(cfg, {d.key: d}, "demo")
+    client, exp_id = tracking.setup("paired")
+    acc = {"baseline": 0.4, "+dtsm": 0.42, "epir": 0.9}  # epir far better; +dtsm about baseline
+    for c in cells:
+        rng = np.random.default_rng(hash((c.preset, c.seed)) % 2**32)
+        parent = tracking.parent_run(client, exp_id, c)
+        folds = {s: _fold(d, s, acc[c.preset], rng) for s in c.subjects}
+        for f in folds.values():
+            tracking.log_fold(client, exp_id, parent, c, f)
+        finish_cell(client, parent, c, folds, log=lambda m: None)
+    out = write_tables(client, exp_id, "paired", tmp_path / "results")
+    t4 = pd.read_csv(out / "table4_ablation.csv").set_index("preset")
+    assert t4.loc["epir", "ΔUF1 vs baseline CI low"] > 0.2  # a large gain: the interval excludes 0
+    assert t4.loc["epir", "ΔUF1 vs rung before"] == pytest.approx(t4.loc["epir", "ΔUF1 vs baseline"], abs=0.1)
+    lo, hi = t4.loc["+dtsm", "ΔUF1 vs baseline CI low"], t4.loc["+dtsm", "ΔUF1 vs baseline CI high"]
+    assert lo < t4.loc["+dtsm", "ΔUF1 vs baseline"] < hi and hi - lo > 0.05
+    assert t4.loc["epir", "ΔUAR vs baseline seeds agree"] == "2/2"
+    assert pd.isna(t4.loc["baseline", "ΔUF1 vs baseline"])
+    md = (out / "table4_ablation.md").read_text()
+    assert "ΔUF1 vs rung before [95% CI]" in md and "bootstrap over SUBJECTS" in md and " *" in md
+    # the same figures on the MLflow parent runs of the row, and in the console lines
+    epir_run = next(r for r in tracking.finished_cells(client, exp_id) if r.data.tags["epir.preset"] == "epir")
+    assert epir_run.data.metrics["paired.vs_baseline.uf1_diff"] == pytest.approx(t4.loc["epir", "ΔUF1 vs baseline"])
+    assert "minus baseline" in epir_run.data.tags["paired.vs_baseline"]
+    lines = paired_lines(out)
+    assert any(ln.strip().startswith("epir - baseline  UF1") for ln in lines), lines
