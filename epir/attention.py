@@ -17,11 +17,13 @@ Two parametrisations of the same learnable temperature (one parameter per head e
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-ITALS_PARAMS = ("temperature", "log_scale")
+ItalsParam = Literal["temperature", "log_scale"]
+ITALS_PARAMS = get_args(ItalsParam)
 
 
 class Attention(nn.Module):

@@ -32,10 +32,12 @@ Every function here is out-of-place (no indexed assignment), so it runs under ``
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 
-SCORES = ("sum", "mean")
+Score = Literal["sum", "mean"]
+SCORES = get_args(Score)
 
 
 def with_residual(attn: torch.Tensor) -> torch.Tensor:

@@ -23,20 +23,22 @@ through the merges, as eq. 19 writes (the earlier ``extractor`` reading remains 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 import torch
 from torch import nn
 
-from .attention import ITALS_PARAMS, Attention
-from .dtsm import SCORES, attention_rollout, gather_selected, rollout_through_merges, select_distinct, select_tokens
+from .attention import ItalsParam, Attention
+from .dtsm import Score, attention_rollout, gather_selected, rollout_through_merges, select_distinct, select_tokens
 from .inputs import FLOW_CHANNELS, InputConvention
 from .merge import bipartite_soft_matching
-from .tokenization import TOKENIZERS, PatchTokenizer
+from .fields import literal_problems
+from .tokenization import PatchTokenizer, Tokenizer
 
 
-INITS = ("trunc_normal", "spt")
-ROLLOUTS = ("extractor", "all")
+Init = Literal["trunc_normal", "spt"]
+Rollout = Literal["extractor", "all"]
+INITS, ROLLOUTS = get_args(Init), get_args(Rollout)
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class EPIRConfig:
     heads: int = 3
     dim_head: int = 85
     mlp_ratio: float = 2.0
-    tokenizer: str = "dnspt"
+    tokenizer: Tokenizer = "dnspt"
     itals: bool = True
     temperature: float | None = None
     dtsm: bool = True
@@ -98,21 +100,18 @@ class EPIRConfig:
     merge_k: int = 1
     contrastive: bool = True
     alpha: float = 0.4
-    init: str = "trunc_normal"
-    itals_param: str = "temperature"
-    dtsm_rollout: str = "all"
+    init: Init = "trunc_normal"
+    itals_param: ItalsParam = "temperature"
+    dtsm_rollout: Rollout = "all"
     drop_path: float = 0.0
-    dtsm_score: str = "mean"
+    dtsm_score: Score = "mean"
     dtsm_residual: bool = False
     dtsm_distinct: bool = True
 
     def __post_init__(self):
-        if self.tokenizer not in TOKENIZERS:
-            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
-        for name, allowed in (("init", INITS), ("itals_param", ITALS_PARAMS), ("dtsm_rollout", ROLLOUTS),
-                              ("dtsm_score", SCORES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        problems = literal_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"drop_path must lie in [0, 1), got {self.drop_path}")
         for name in ("img_size", "in_chans", "patch_size", "num_classes", "dim", "depth", "heads", "dim_head"):

@@ -7,11 +7,14 @@ the projection. Class token and learnable position embedding are EPIR eq. (4).
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-TOKENIZERS = ("linear", "spt", "dnspt")
+Tokenizer = Literal["linear", "spt", "dnspt"]
+TOKENIZERS = get_args(Tokenizer)
 
 
 def diagonal_shifts(x: torch.Tensor, shift: int) -> torch.Tensor:

@@ -24,21 +24,25 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
+from .fields import literal_problems
 from .inputs import FLOW_CHANNELS, convert, data_convention
 from .losses import epir_loss
 from .presets import build_model, make_config
 
-SCHEDULES = ("constant", "cosine")
-FLOW_RANGES = ("unit", "signed")
-SAMPLE_ORDERS = ("shuffle", "by_label", "given")
-OPTIMIZERS = ("adam", "adamw")
-PRECISIONS = ("fp32", "bf16")
-CLASS_WEIGHTS = ("none", "balanced")
+Schedule = Literal["constant", "cosine"]
+FlowRange = Literal["unit", "signed"]
+SampleOrder = Literal["shuffle", "by_label", "given"]
+Optimizer = Literal["adam", "adamw"]
+Precision = Literal["fp32", "bf16"]
+ClassWeights = Literal["none", "balanced"]
+SCHEDULES, FLOW_RANGES, SAMPLE_ORDERS = get_args(Schedule), get_args(FlowRange), get_args(SampleOrder)
+OPTIMIZERS, PRECISIONS, CLASS_WEIGHTS = get_args(Optimizer), get_args(Precision), get_args(ClassWeights)
 
 
 @dataclass(frozen=True)
@@ -99,34 +103,35 @@ class TrainRecipe:
     seed: int = 0
     device: str = "auto"
     hflip: bool = False
-    flow_range: str = "unit"
+    flow_range: FlowRange = "unit"
     standardize: bool = False
-    schedule: str = "constant"
-    sample_order: str = "shuffle"
-    optimizer: str = "adam"
+    schedule: Schedule = "constant"
+    sample_order: SampleOrder = "shuffle"
+    optimizer: Optimizer = "adam"
     label_smoothing: float = 0.0
-    class_weights: str = "none"
+    class_weights: ClassWeights = "none"
     warmup_epochs: int = 0
     translate: int = 0
     mixup: float = 0.0
     ensemble: int = 1
     ema: float = 0.0
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     compile: bool = False
 
     def __post_init__(self):
-        for name, allowed in (("flow_range", FLOW_RANGES), ("schedule", SCHEDULES), ("sample_order", SAMPLE_ORDERS),
-                              ("optimizer", OPTIMIZERS), ("class_weights", CLASS_WEIGHTS), ("precision", PRECISIONS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
-        if self.weight_decay < 0 or not 0 <= self.label_smoothing < 1 or self.mixup < 0:
-            raise ValueError("weight_decay and mixup must be >= 0 and label_smoothing in [0, 1)")
-        if not 0 <= self.warmup_epochs < self.epochs or self.translate < 0 or self.ensemble < 1:
-            raise ValueError("warmup_epochs must lie in 0..epochs-1, translate >= 0 and ensemble >= 1")
-        if not 0 <= self.ema < 1:
-            raise ValueError(f"ema must lie in [0, 1), got {self.ema}")
+        problems = literal_problems(self)
+        for name, ok, rule in (
+            ("epochs", self.epochs >= 1, "must be >= 1"), ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("lr", self.lr > 0, "must be > 0"), ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "must lie in [0, 1)"),
+            ("mixup", self.mixup >= 0, "must be >= 0"), ("translate", self.translate >= 0, "must be >= 0"),
+            ("ensemble", self.ensemble >= 1, "must be >= 1"), ("ema", 0 <= self.ema < 1, "must lie in [0, 1)"),
+            ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs,
+             f"must lie in 0..epochs-1 with epochs={self.epochs}")):
+            if not ok:
+                problems.append(f"{name}={getattr(self, name)!r} {rule}")
+        if problems:
+            raise ValueError("\n".join(problems))
 
 
 @dataclass

@@ -14,6 +14,12 @@ overrides the file. With neither a file nor a ``--dataset`` flag the grid runs t
     root = "../shared/data/megc2019_composite"
     protocols = ["CDE"]               # SDE and/or CDE; default: what the dataset's labels allow
 
+    # [[datasets]]                    # a lab's own data
+    # format = "manifest"
+    # root = "mylab.csv"
+    # classes = ["negative", "positive", "surprise"]   # label order; default: the labels found (a class
+    #                                                  # that one subject alone has is refused as a typo)
+
     # or EPIR's composite from the raw releases: their CDE samples pooled into one LOSO cell
     # cde_composite = true
     # [[datasets]]
@@ -34,7 +40,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
+from typing import Literal, get_args, get_origin
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,8 +121,8 @@ class GridConfig:
             configuration chosen for its validation group, without its labels; for presets of the search's
             model family (a choice made on ``epir`` may be applied to ``baseline``).
         final_model: also train each cell's model on ALL its subjects and log it as an MLflow model (for new
-            data: ``grid/run_all.py predict``); None = on for real datasets, off for the demo. Cells of a
-            search's per-group choices have none.
+            data: ``grid/run_all.py predict``); None = on for real datasets, off for the demo and for a partial
+            grid (``folds``). Cells of a search's per-group choices have none.
         log_fold_models: log each fold's trained weights (``weights/`` of its child run).
         overrides_from: where ``overrides`` came from when it is a search's ``.best.json`` (``study``,
             ``dataset``): a configuration chosen on every subject of that dataset, refused there.
@@ -185,7 +193,34 @@ class GridConfig:
                 try:
                     self.settings(preset, profile, 3)
                 except (ValueError, TypeError) as e:
-                    raise ValueError(f"preset {preset} under profile {profile} with these overrides: {e}") from None
+                    raise ValueError("\n".join(f"preset {preset} under profile {profile}: {self.explain(line, preset, profile)}"
+                                               for line in str(e).splitlines())) from None
+
+    def source(self, name: str, preset: str, profile: str) -> str:
+        """Where a cell's setting ``name`` comes from: the overrides, the profile, the preset, or the default."""
+        p = PRESETS[preset]
+        if name in self.overrides:
+            return "--set / overrides" if not self.choices else "--set / overrides / the search's base"
+        if p.profiled and name in PROFILES[profile]:
+            return f"the {profile} profile"
+        if name in p.recipe or name in p.model:
+            return f"the {preset} preset"
+        return "the default"
+
+    def explain(self, message: str, preset: str, profile: str) -> str:
+        """``message`` with every ``field=value`` it names followed by where that value came from."""
+        def note(m: re.Match) -> str:
+            name = m.group(1)
+            known = name in RECIPE_FIELDS or name in MODEL_FIELDS
+            return m.group(0) + (f" (from {self.source(name, preset, profile)})" if known else "")
+
+        return re.sub(r"\b([a-z_]+)=('[^']*'|[^\s,;)]+)", note, message)
+
+    @property
+    def trains_final_models(self) -> bool:
+        """Whether cells train a final model on all subjects: ``final_model``, else on for a full grid of real
+        data and off for the demo and for a partial grid (``folds``), whose folds are a sample only."""
+        return self.final_model if self.final_model is not None else not (self.demo or self.folds)
 
     def resolved_profile(self, has_gpu: bool) -> str:
         """The profile actually used: ``auto`` -> ``paper`` with GPUs, else ``cpu``."""
@@ -247,7 +282,8 @@ def check_values(values: dict, presets: list[str]) -> list[str]:
             try:
                 TypeAdapter(t).validate_python(v, strict=True)
             except ValidationError as e:
-                want = getattr(t, "__name__", str(t))
+                want = (f"one of {', '.join(map(repr, get_args(t)))}" if get_origin(t) is Literal
+                        else getattr(t, "__name__", str(t)))
                 problems.append(f"{k}={v!r} ({type(v).__name__}): {e.errors()[0]['msg'].lower()} ({k} is {want})")
                 break
     return problems

@@ -71,12 +71,41 @@ def preprocess(spec: DatasetSpec, shards: Path, progress=print) -> Path:
     return summary.out_dir
 
 
-def available_protocols(folder: Path) -> list[str]:
-    """Protocols the labels of a preprocessed dataset allow (SDE when it has SDE classes, CDE likewise)."""
+def protocol_support(folder: Path) -> dict[str, str | None]:
+    """For SDE and CDE: None when the preprocessed dataset's labels allow a LOSO cell under it, else why not
+    (:func:`label_support` of its shards)."""
     from preprocess.pipeline import read_shards
 
-    _, _, manifest = read_shards(folder)
-    return [p for p in ("SDE", "CDE") if manifest["classes"].get(p.lower())]
+    df, _, manifest = read_shards(folder)
+    return label_support(df, manifest["classes"])
+
+
+def label_support(samples, classes: dict) -> dict[str, str | None]:
+    """For SDE and CDE: None when the samples' labels allow a LOSO cell, else why not: no classes for the
+    protocol, no sample labelled for it, or fewer than two subjects with such labels.
+
+    Args:
+        samples: a table with ``subject``, ``sde_label``, ``cde_label`` (missing labels as NA).
+        classes: ``{"sde": [...], "cde": [...]}``.
+    """
+    out: dict[str, str | None] = {}
+    for protocol in ("SDE", "CDE"):
+        col = f"{protocol.lower()}_label"
+        labelled = samples[samples[col].notna()] if col in samples else samples.iloc[:0]
+        if not classes.get(protocol.lower()):
+            out[protocol] = f"no {protocol} classes"
+        elif labelled.empty:
+            out[protocol] = f"no sample has a {protocol} label"
+        elif labelled["subject"].nunique() < 2:
+            out[protocol] = f"only {labelled['subject'].nunique()} subject has {protocol} labels (LOSO needs two)"
+        else:
+            out[protocol] = None
+    return out
+
+
+def available_protocols(folder: Path) -> list[str]:
+    """Protocols the labels of a preprocessed dataset allow (:func:`protocol_support`), SDE first."""
+    return [p for p, why in protocol_support(folder).items() if why is None]
 
 
 def load_protocol(folder: Path, protocol: str) -> ProtocolData:

@@ -48,7 +48,7 @@ def read_pairs(manifest: Path | None = None, onset: Path | None = None, apex: Pa
     if (manifest is None) == (onset is None or apex is None):
         raise ValueError("give either --manifest CSV or both --onset and --apex")
     if manifest is None:
-        return pd.DataFrame([{"sample_id": f"{Path(apex).parent.name}/{Path(apex).stem}", "onset_path": str(Path(onset).absolute()),
+        return pd.DataFrame([{"sample_id": str(apex), "onset_path": str(Path(onset).absolute()),
                               "apex_path": str(Path(apex).absolute())}])
     df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     missing = [c for c in REQUIRED if c not in df.columns]
@@ -113,7 +113,9 @@ def run(uri: str, manifest: Path | None, onset: Path | None, apex: Path | None, 
     """Classify new pairs with a logged model; write a CSV (``out``) or print one line per pair.
 
     Returns:
-        The table: the pairs, ``status``/``reason``, ``predicted`` and ``p_<class>`` per class.
+        The table: the pairs (a single ``--onset``/``--apex`` pair is named by its apex path), ``status``,
+        ``reason`` and ``detail`` (what was wrong, e.g. both frame sizes or the missing path), ``predicted`` and
+        ``p_<class>`` per class.
     """
     model, meta = load(uri)
     pairs = read_pairs(manifest, onset, apex)
@@ -131,13 +133,14 @@ def run(uri: str, manifest: Path | None, onset: Path | None, apex: Path | None, 
         table.loc[ok, "predicted"] = [classes[i] for i in probs.argmax(-1)]
         for j, c in enumerate(classes):
             table.loc[ok, f"p_{c}"] = probs[:, j].round(5)
-    cols = [c for c in pairs.columns] + ["status", "reason", "predicted"] + [f"p_{c}" for c in classes]
+    cols = [c for c in pairs.columns] + ["status", "reason", "detail", "predicted"] + [f"p_{c}" for c in classes]
     table = table[cols]
     if out:
         table.to_csv(out, index=False, float_format="%.5f")
         log(f"{int(ok.sum())} of {len(table)} pair(s) classified -> {out}")
     else:
         for r in table.to_dict("records"):
-            probs = ", ".join(f"{c} {r[f'p_{c}']:.3f}" for c in classes) if r["status"] == "ok" else r["reason"]
+            probs = ", ".join(f"{c} {r[f'p_{c}']:.3f}" for c in classes) if r["status"] == "ok" else \
+                f"{r['reason']}: {r['detail']}" if r["detail"] else r["reason"]
             log(f"{r['sample_id']}: {r['predicted'] or 'REJECTED'} ({probs})")
     return table

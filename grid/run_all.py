@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="grid TOML file (see grid/config.py and README)")
     p.add_argument("--dataset", action="append", default=[], metavar="FORMAT=ROOT[:PROTOCOLS]",
                    help="a dataset to run (repeatable); overrides the config file's datasets")
+    p.add_argument("--classes", action="append", default=[], metavar="[DATASET=]A,B,...",
+                   help="a manifest's class names in label order (repeatable, one per dataset; DATASET = its format or "
+                   "name, optional with one dataset); default: the labels found, refusing a class only one subject has")
     p.add_argument("--presets", help=f"comma-separated presets (default the ladder: {','.join(LADDER)}; "
                    f"all: {','.join(PRESETS)})")
     p.add_argument("--seeds", help="comma-separated seeds, one cell each (default 0), e.g. 0,1,2")
@@ -98,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, help="retries of a failing fold (default 2)")
     p.add_argument("--final-model", action=argparse.BooleanOptionalAction, default=None,
                    help="train each cell's model on ALL its subjects and log it as an MLflow model, for new data "
-                   "(default: on for real datasets, off for the demo); see 'predict'")
+                   "(default: on for real datasets, off for the demo and a partial grid, --folds N); see 'predict'")
     p.add_argument("--log-fold-models", action="store_true", help="log each fold's trained weights in its child run")
     p.add_argument("--work-dir", type=Path, help="shards, demo data, Ray Tune results (default work_dirs)")
     p.add_argument("--results", type=Path, help="tables folder (default results)")
@@ -156,11 +159,33 @@ def parse_dataset(text: str) -> DatasetSpec:
     return DatasetSpec(fmt, Path(root), protocols=protocols)
 
 
+def apply_classes(datasets: list[DatasetSpec], items: list[str]) -> None:
+    """``--classes [DATASET=]A,B,...`` items into the datasets' ``classes`` option.
+
+    Raises:
+        ValueError: no dataset, an unknown DATASET, or no DATASET= with several datasets.
+    """
+    for item in items:
+        target, sep, names = item.rpartition("=")
+        hits = [d for d in datasets if not sep or target in (d.format, d.name)]
+        if not datasets or (sep and not hits):
+            raise ValueError(f"--classes {item!r}: no configured dataset named {target!r}" if sep else
+                             f"--classes {item!r}: no dataset is configured")
+        if not sep and len(hits) > 1:
+            raise ValueError(f"--classes {item!r}: several datasets are configured; say which: DATASET=A,B,...")
+        classes = [c.strip() for c in names.split(",") if c.strip()]
+        if len(classes) < 2 or len(set(classes)) != len(classes):
+            raise ValueError(f"--classes {item!r}: expected two or more distinct class names")
+        for d in hits:
+            d.options["classes"] = classes
+
+
 def make_config(args) -> GridConfig:
     """GridConfig from the config file, then the flags on top; no dataset anywhere means the demo."""
     kw = load_config(args.config)
     if args.dataset:
         kw["datasets"] = [parse_dataset(d) for d in args.dataset]
+    apply_classes(kw.get("datasets", []), args.classes)
     if args.presets:
         kw["presets"] = [s.strip() for s in args.presets.split(",") if s.strip()]
     if args.seeds:

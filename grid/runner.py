@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from ray.tune import Callback
 
 from epir.metrics import score
 from epir.presets import PRESETS
@@ -28,7 +29,7 @@ from epir.presets import PRESETS
 from . import tracking
 from .cells import Cell, build_cells, member_scores, pooled_scores
 from .config import GridConfig
-from .data import ProtocolData, available_protocols, load_protocol, preprocess
+from .data import ProtocolData, load_protocol, preprocess, protocol_support
 from preprocess.pipeline import init_ray
 
 from .trainable import FINAL, FINAL_KEY, FOLD_KEY, fold_trial
@@ -90,31 +91,37 @@ def _cell_stats(cell: Cell, folds: dict[str, dict]) -> dict:
     return stats
 
 
-class _Progress:
-    """Tune callback (driver side): logs each finished fold to MLflow, finishes cells, prints progress."""
+class _Progress(Callback):
+    """Tune callback (driver side): logs each finished fold to MLflow, finishes cells, prints progress.
 
-    def __init__(self, client, exp_id, cells, parents, done, total_pending, log):
-        from ray.tune import Callback
+    Folds and final models (a cell's model on all subjects) are counted apart: ``folds_total`` and
+    ``finals_total`` are what this run trains of each.
+    """
 
-        class CB(Callback):
-            def on_trial_complete(cb, iteration, trials, trial, **info):  # noqa: N805
-                self.complete(trial)
-
-            def on_trial_recover(cb, iteration, trials, trial, **info):  # noqa: N805
-                self.log(f"  retry  {self.label(trial)}: {self.error_line(trial)}")
-
-            def on_trial_error(cb, iteration, trials, trial, **info):  # noqa: N805
-                t = trial.config["trial"]
-                n, err = max(1, trial.num_failures), self.error_line(trial)
-                self.errored[(t["cell_id"], t["subject"])] = (n, err)
-                self.log(f"  ended  {self.label(trial)} after {n} attempt(s) in this pass: {err}")
-
-        self.callback = CB()
+    def __init__(self, client, exp_id, cells, parents, done, folds_total: int, finals_total: int, log):
         self.client, self.exp_id, self.cells, self.parents, self.done = client, exp_id, cells, parents, done
-        self.total, self.finished_now, self.log = total_pending, 0, log
+        self.folds_total, self.finals_total, self.log = folds_total, finals_total, log
+        self.folds_now = self.finals_now = 0
         self.errored: dict[tuple[str, str], tuple[int, str]] = {}  # the current pass's (_tune resets it)
         self.train_seconds = 0.0
         self.start = time.perf_counter()
+
+    @property
+    def finished_now(self) -> int:
+        """Folds and final models trained by this run."""
+        return self.folds_now + self.finals_now
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.complete(trial)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.log(f"  retry  {self.label(trial)}: {self.error_line(trial)}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        t = trial.config["trial"]
+        n, err = max(1, trial.num_failures), self.error_line(trial)
+        self.errored[(t["cell_id"], t["subject"])] = (n, err)
+        self.log(f"  ended  {self.label(trial)} after {n} attempt(s) in this pass: {err}")
 
     def label(self, trial) -> str:
         t = trial.config["trial"]
@@ -134,9 +141,10 @@ class _Progress:
             cell = self.cells[t["cell_id"]]
             final = json.loads(res[FINAL_KEY])
             uri = tracking.log_final_model(self.client, self.exp_id, self.parents[cell.cell_id], cell, final)
-            self.finished_now += 1
+            self.finals_now += 1
             self.train_seconds += final["train_seconds"]
-            self.log(f"  final model of {cell.name} (all {final['samples']} samples, {final['train_seconds']:.1f} s): {uri}")
+            self.log(f"[{self.finals_now}/{self.finals_total} final models] {cell.name}: trained on all "
+                     f"{final['samples']} samples in {final['train_seconds']:.1f} s: {uri}")
             return
         if FOLD_KEY not in res:
             return
@@ -144,13 +152,13 @@ class _Progress:
         fold = json.loads(res[FOLD_KEY])
         tracking.log_fold(self.client, self.exp_id, self.parents[cell.cell_id], cell, fold)
         self.done[cell.cell_id][fold["subject"]] = fold
-        self.finished_now += 1
+        self.folds_now += 1
         self.train_seconds += fold["train_seconds"]
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / self.finished_now * (self.total - self.finished_now)
+        eta = elapsed / self.folds_now * (self.folds_total - self.folds_now)
         cells_done = sum(len(self.done[c.cell_id]) == len(c.subjects) for c in self.cells.values())
         acc = float(np.mean(np.asarray(fold["y_true"]) == np.asarray(fold["y_pred"])))
-        self.log(f"[{self.finished_now}/{self.total} folds, {cells_done}/{len(self.cells)} cells, "
+        self.log(f"[{self.folds_now}/{self.folds_total} folds, {cells_done}/{len(self.cells)} cells, "
                  f"{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min] {cell.name} | fold {fold['subject']}: "
                  f"acc {acc:.3f} on {len(fold['y_true'])}, {fold['train_seconds']:.1f} s")
         if len(self.done[cell.cell_id]) == len(cell.subjects):
@@ -190,10 +198,20 @@ def prepare_data(cfg: GridConfig, log=print) -> dict[str, ProtocolData]:
     for spec in specs:
         log(f"preprocessing {spec.name or spec.format} from {spec.root} (finished shards are reused) ...")
         folder = preprocess(spec, shards, progress=lambda m: log("  " + m))
-        for protocol in spec.protocols or available_protocols(folder):
+        protocols = spec.protocols
+        if not protocols:  # what the labels allow, and why the others are left out
+            support = protocol_support(folder)
+            protocols = [p for p, why in support.items() if why is None]
+            skipped = "; ".join(f"not {p}: {why}" for p, why in support.items() if why is not None)
+            log(f"  protocols {'+'.join(protocols) or 'none'} (what its labels allow" + (f"; {skipped})" if skipped else ")"))
+            if not protocols:
+                raise ValueError(f"{spec.name or spec.format}: its labels allow no protocol ({skipped})")
+        for protocol in protocols:
             d = load_protocol(folder, protocol)
             data[d.key] = d
-            log(f"  {d.key}: {len(d.labels)} samples, {len(set(d.subjects))} subjects, classes {d.classes}")
+            counts = np.bincount(d.labels, minlength=len(d.classes))
+            log(f"  {d.key}: {len(d.labels)} samples, {len(set(d.subjects))} subjects; classes (label order, samples): "
+                + ", ".join(f"{c} {n}" for c, n in zip(d.classes, counts)))
     if cfg.cde_composite:
         from .data import composite
 
@@ -243,14 +261,14 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
     pending = [dict(cell_id=c.cell_id, data_key=c.data_key, subject=s, model=c.fold_model(s), recipe=c.fold_recipe(s),
                     **common)
                for c in cells for s in c.subjects if s not in done[c.cell_id]]
-    final = cfg.final_model if cfg.final_model is not None else not cfg.demo
+    final = cfg.trains_final_models
     finals = [c for c in cells if final and not c.fold_settings and not tracking.final_model_uri(client, exp_id, c.cell_id)]
     pending += [dict(cell_id=c.cell_id, data_key=c.data_key, subject=FINAL, model=c.model, recipe=c.recipe, **common)
                 for c in finals]
     log(f"{len(cells)} cells, {sum(len(c.subjects) for c in cells)} folds: {reused} finished earlier "
         f"(MLflow experiment '{cfg.experiment}'), {len(pending) - len(finals)} to train"
         + (f", and {len(finals)} final model(s) on all subjects" if finals else ""))
-    progress = _Progress(client, exp_id, by_id, parents, done, len(pending), log)
+    progress = _Progress(client, exp_id, by_id, parents, done, len(pending) - len(finals), len(finals), log)
     # cells whose folds all finished earlier but whose parent was never closed (driver killed in between)
     for c in cells:
         if len(done[c.cell_id]) == len(c.subjects) and client.get_run(parents[c.cell_id]).info.status != "FINISHED":
@@ -365,7 +383,7 @@ def _tune(cfg: GridConfig, pending: list[dict], data: dict, gpus: float, progres
             name=f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=[progress.callback],
+            callbacks=[progress],
             verbose=0,
         ),
     )
@@ -375,15 +393,19 @@ def _tune(cfg: GridConfig, pending: list[dict], data: dict, gpus: float, progres
 
 
 def summary_table(outcome: GridOutcome) -> str:
-    """The table printed at the end: one line per cell with its pooled UF1 / UAR (and the paper's)."""
-    lines = [f"{'cell':<40} {'folds':>7} {'UF1':>7} {'UAR':>7}   published (CDE Full)"]
+    """The table printed at the end: one line per cell with its pooled UF1 / UAR, marked PARTIAL when only
+    some folds ran (``--folds N``), and the published CDE Full figure where one exists (CDE cells)."""
+    published = {c.cell_id: PRESETS[c.preset].published for c in outcome.cells
+                 if c.protocol == "CDE" and PRESETS[c.preset].published}
+    lines = [f"{'cell':<40} {'folds':>7} {'UF1':>7} {'UAR':>7}" + ("   published (CDE Full)" if published else "")]
     for c in outcome.cells:
         s = outcome.scores.get(c.cell_id)
-        paper = PRESETS[c.preset].published if c.protocol == "CDE" else None
-        ptxt = f"{paper[0]:.4f} / {paper[1]:.4f}" if paper else ""
-        if s:
-            lines.append(f"{c.name:<40} {len(c.subjects):>7} {s['all']['uf1']:7.4f} {s['all']['uar']:7.4f}   {ptxt}")
-        else:
-            lines.append(f"{c.name:<40} {len(c.subjects):>7} {'incomplete':>15}")
+        folds = f"{len(c.subjects)}/{c.all_subjects}" if c.partial else str(len(c.subjects))
+        if not s:
+            lines.append(f"{c.name:<40} {folds:>7} {'incomplete':>15}")
+            continue
+        paper = published.get(c.cell_id)
+        mark = "   PARTIAL: not the dataset's score" if c.partial else ""
+        ptxt = f"   {paper[0]:.4f} / {paper[1]:.4f}" if paper and not c.partial else ""
+        lines.append(f"{c.name:<40} {folds:>7} {s['all']['uf1']:7.4f} {s['all']['uar']:7.4f}{ptxt}{mark}")
     return "\n".join(lines)
-

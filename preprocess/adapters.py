@@ -172,7 +172,7 @@ def casme2(root: Path, annotations: Path | None = None) -> AdapterResult:
     Raises:
         DatasetError: no frame folder or no coding sheet, or the sheet lacks its columns.
     """
-    root = Path(root)
+    root = Path(root).resolve()  # the shard cache key must not depend on how the path is spelled
     if (root / "CASME2_RAW_selected").is_dir():
         frames, prefix, precropped = root / "CASME2_RAW_selected", "img", False
     elif (root / "Cropped").is_dir():
@@ -216,7 +216,7 @@ def samm(root: Path, annotations: Path | None = None) -> AdapterResult:
     Raises:
         DatasetError: no ``SAMM/`` (or subject) folders, or no FACS-codes sheet.
     """
-    root = Path(root)
+    root = Path(root).resolve()  # the shard cache key must not depend on how the path is spelled
     frames = root / "SAMM" if (root / "SAMM").is_dir() else root
     if not frames.is_dir() or not any(p.is_dir() and re.fullmatch(r"\d{3}", p.name) for p in frames.iterdir()):
         raise DatasetError(f"{root} holds no SAMM/ folder of 3-digit subject folders: is it the SAMM root?")
@@ -275,7 +275,7 @@ def smic(root: Path, annotations: Path | None = None) -> AdapterResult:
     Raises:
         DatasetError: no ``HS/`` folder of ``s<n>/micro/<class>/`` clips.
     """
-    root = Path(root)
+    root = Path(root).resolve()  # the shard cache key must not depend on how the path is spelled
     hs = root / "HS" if (root / "HS").is_dir() else root
     clips = sorted(p for p in hs.glob("s*/micro/*/*") if p.is_dir())
     if not clips:
@@ -333,7 +333,7 @@ def casme3(root: Path, annotations: Path | None = None) -> AdapterResult:
     Raises:
         DatasetError: no ``part_A/`` folder or no label sheet.
     """
-    root = Path(root)
+    root = Path(root).resolve()  # the shard cache key must not depend on how the path is spelled
     part_a = root / "part_A"
     if not part_a.is_dir():
         raise DatasetError(f"{root} holds no part_A/ folder: is it the CAS(ME)^3 root?")
@@ -394,6 +394,31 @@ def dataset_name(fmt: str, adapted: AdapterResult, name: str | None = None) -> s
 MANIFEST_COLUMNS = ["subject", "sample_id", "onset_path", "apex_path", "label"]
 
 
+def check_inferred_classes(df: pd.DataFrame, path: Path) -> None:
+    """Refuse a manifest whose inferred classes include one that only one subject has: LOSO cannot learn it
+    for that subject's fold (no training sample), and such a label is almost always a typo.
+
+    Args:
+        df: the manifest as read (columns ``subject``, ``label``; row i is CSV line i + 2).
+        path: the CSV, for the message.
+
+    Raises:
+        DatasetError: naming each such label, its subject and its CSV lines, and how to keep it.
+    """
+    labelled = df.assign(label=df["label"].str.strip(), subject=df["subject"].str.strip())
+    labelled = labelled[labelled["label"] != ""]
+    problems = []
+    for label, g in labelled.groupby("label"):
+        if g["subject"].nunique() == 1:
+            lines = ", ".join(str(i + 2) for i in g.index[:10]) + (" ..." if len(g) > 10 else "")
+            problems.append(f"class {label!r} is held by one subject only ({g['subject'].iloc[0]}; CSV line(s) {lines})")
+    if problems:
+        listed = ",".join(sorted(labelled["label"].unique()))
+        raise DatasetError(f"manifest {path}: " + "; ".join(problems) + ". LOSO cannot learn such a class for that "
+                           "subject's fold, and it is most often a typo: correct the label, or list the classes to "
+                           f"keep it (--classes {listed})")
+
+
 def manifest(root: Path, annotations: Path | None = None, precropped: bool = False,
              classes: list[str] | None = None) -> AdapterResult:
     """A manifest CSV for a new dataset: header ``subject,sample_id,onset_path,apex_path,label``.
@@ -405,7 +430,7 @@ def manifest(root: Path, annotations: Path | None = None, precropped: bool = Fal
     Raises:
         DatasetError: the CSV is missing, unreadable or lacks a required column.
     """
-    path = Path(root)
+    path = Path(root).resolve()  # resolved: the shard cache key must not depend on how the path is spelled
     if not path.is_file():
         raise DatasetError(f"manifest {path} not found (--root must name the CSV file)")
     try:
@@ -420,11 +445,13 @@ def manifest(root: Path, annotations: Path | None = None, precropped: bool = Fal
     labels = sorted({l.strip() for l in df["label"] if l.strip()})
     if classes:
         labels = list(classes)
+    else:  # inferred from the data: a class that one subject alone holds is refused (almost always a typo)
+        check_inferred_classes(df, path)
     extra = [c for c in df.columns if c not in MANIFEST_COLUMNS]
 
     def resolve(p: str) -> str:
         q = Path(p.strip())
-        return str(q if q.is_absolute() else (path.parent / q))
+        return str((q if q.is_absolute() else (path.parent / q)).resolve())
 
     rows = []
     for r in df.to_dict("records"):

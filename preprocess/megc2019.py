@@ -45,7 +45,7 @@ def read_ground_truth(root: str | Path) -> pd.DataFrame:
         FileNotFoundError: if the CSV is missing.
         ValueError: if a row is malformed or a label lies outside 0..2.
     """
-    root = Path(root).absolute()
+    root = Path(root).resolve()  # the shard cache key must not depend on how the path is spelled
     gt = root / GT_FILE
     if not gt.is_file():
         raise FileNotFoundError(f"{gt} not found: is {root} the MEGC2019 composite folder?")

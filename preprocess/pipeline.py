@@ -144,7 +144,8 @@ class FaceStage:
         onset = self._read(r["onset_path"], r.get("onset_frame"))
         apex = self._read(r["apex_path"], r.get("apex_frame"))
         if onset.shape != apex.shape:
-            raise SampleError("size_mismatch", f"onset {onset.shape[:2]} vs apex {apex.shape[:2]}")
+            raise SampleError("size_mismatch", f"onset {onset.shape[1]}x{onset.shape[0]} px ({r['onset_path']}) vs apex "
+                                               f"{apex.shape[1]}x{apex.shape[0]} px ({r['apex_path']})")
         h, w = onset.shape[:2]
         if bool(r.get("precropped")):
             box, source = (0, 0, w, h), "precropped"
