@@ -42,8 +42,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from .inputs import convert, data_convention
 from .losses import epir_loss
 from .presets import build_model
-from .train import (FoldResult, TrainRecipe, _epoch_order, _scheduler, augment, balanced_weights, check_training_arrays,
-                    fold_generators, fold_result, fold_split, resolve_device, set_training_stats, to_model_input,
+from .train import (Augmented, FoldResult, TrainRecipe, _epoch_order, _scheduler, augment, balanced_weights,
+                    check_training_arrays, fold_generators, fold_result, fold_split, resolve_device, set_training_stats,
                     to_tensor)
 
 
@@ -122,6 +122,166 @@ def _pad(t: torch.Tensor, n: int, value: float = 0.0) -> torch.Tensor:
     return torch.cat([t, t.new_full((n - len(t),) + tuple(t.shape[1:]), value)])
 
 
+@dataclasses.dataclass
+class Batch:
+    """One step of a pack: every member's batch padded to the batch size, (P, B, ...), and who takes a step.
+
+    Attributes:
+        x: (P, B, C', H, W) inputs in the model's convention; y: (P, B) labels; mask: (P, B) valid samples.
+        targets: (P, B, C) mixup targets or None; drop_scale: (P, B, depth, 2) or None.
+        active: (P,) bool, members that have a batch at this step; sizes: (P,) their valid samples.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+    targets: torch.Tensor | None
+    drop_scale: torch.Tensor | None
+    active: torch.Tensor
+    sizes: list[int]
+
+
+class Pack:
+    """The state of a pack being trained: stacked parameters, optimiser, schedules, generators (see
+    :func:`fit_pack`). Shapes: P members, B the batch size, N the flows given."""
+
+    def __init__(self, config, recipe: TrainRecipe, flows: np.ndarray, labels: np.ndarray, members: Sequence[Member]):
+        check_packable(config, recipe)
+        self.config, self.recipe, self.members = config, recipe, list(members)
+        self.device = resolve_device(recipe.device)
+        labels = np.asarray(labels, dtype=np.int64)
+        for mb in members:
+            check_training_arrays(config, flows[mb.train_index], labels[mb.train_index])
+        self.src, self.dst = data_convention(recipe.flow_range), config.input_convention
+        self.x_all = to_tensor(flows).to(self.device)  # (N, 3, H, W), the data's convention
+        self.y_all = torch.from_numpy(labels).to(self.device)
+        self.train_index = [torch.as_tensor(mb.train_index, device=self.device) for mb in members]
+        self.sizes = [len(mb.train_index) for mb in members]
+        self.per_epoch = [-(-n // recipe.batch_size) for n in self.sizes]
+        self._build()
+        self.streams = [fold_generators(mb.seed) for mb in members]
+        self.schedules = []
+        for n_steps in self.per_epoch:  # each member's own schedule, stepped with its own steps
+            dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=recipe.lr)
+            self.schedules.append((dummy, _scheduler(dummy, recipe, n_steps)))
+        self.weights = None
+        if recipe.class_weights == "balanced":  # (P, C)
+            self.weights = torch.stack([balanced_weights(self.y_all[t], config.num_classes) for t in self.train_index])
+        self._functions()
+
+    def _build(self) -> None:
+        """Each member initialised as :func:`epir.train.fit` initialises it alone, then stacked."""
+        models = []
+        for mb, rows in zip(self.members, self.train_index):
+            torch.manual_seed(mb.seed)
+            model = build_model(self.config).to(self.device)
+            if self.recipe.standardize:
+                set_training_stats(model, convert(self.x_all[rows], self.src, self.dst))
+            models.append(model)
+        self.params, self.buffers = stack_module_state(models)  # name -> (P, ...)
+        self.base = copy.deepcopy(models[0]).to("meta")
+        self.rates = models[0].drop_rates
+        self.drop = any(r > 0 for r in self.rates)
+        self.opt = PackedAdam(self.params, self.recipe.weight_decay, decoupled=self.recipe.optimizer == "adamw")
+        self.ema = {k: v.detach().clone() for k, v in self.params.items()} if self.recipe.ema else None
+        self.ema_started = torch.zeros(len(models), dtype=torch.bool, device=self.device)
+
+    def _functions(self) -> None:
+        """The vmapped forward passes (training, evaluation) and loss."""
+        cfg, recipe, base = self.config, self.recipe, self.base
+
+        def forward(p, b, x, scale):
+            kw = {"drop_scale": scale} if scale is not None else {}
+            return functional_call(base, (p, b), (x,), {"return_features": True, **kw})
+
+        def loss_one(logits, feats, y, mask, targets, w):
+            return epir_loss(logits, feats, y, alpha=cfg.alpha, use_contrastive=cfg.contrastive, targets=targets,
+                             class_weights=w, label_smoothing=recipe.label_smoothing, mask=mask)
+
+        self.train_fwd = vmap(forward, in_dims=(0, 0, 0, 0 if self.drop else None))
+        if recipe.compile:
+            self.train_fwd = torch.compile(self.train_fwd)
+        self.eval_fwd = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, 0))
+        self.loss_fn = vmap(loss_one, in_dims=(0, 0, 0, 0, 0 if recipe.mixup else None,
+                                               0 if self.weights is not None else None))
+
+    def epoch_orders(self) -> list[torch.Tensor]:
+        """Each member's sample order for one epoch (rows into the pack's flows), from its own generator."""
+        return [rows[_epoch_order(n, self.recipe, self.y_all[rows], gen).to(self.device)]
+                for rows, n, (gen, _) in zip(self.train_index, self.sizes, self.streams)]
+
+    def batch(self, orders: list[torch.Tensor], step: int) -> Batch:
+        """Step ``step`` of the epoch: each active member's batch, augmented from its own generators, padded."""
+        bsz, c, dev = self.recipe.batch_size, self.config.num_classes, self.device
+        xs, ys, ts, ds, sizes = [], [], [], [], []
+        for i, order in enumerate(orders):
+            rows = order[step * bsz:(step + 1) * bsz] if step < self.per_epoch[i] else order[:0]
+            a = augment(self.x_all[rows], self.y_all[rows], self.recipe, *self.streams[i], c, self.rates) \
+                if len(rows) else Augmented(self.x_all[:0], self.y_all[:0])
+            sizes.append(len(rows))
+            xs.append(_pad(convert(a.x, self.src, self.dst), bsz))
+            ys.append(_pad(a.y, bsz))
+            if self.recipe.mixup:
+                ts.append(_pad(a.targets if a.targets is not None else torch.zeros(0, c, device=dev), bsz))
+            if self.drop:
+                scale = a.drop_scale if a.drop_scale is not None else torch.ones(0, len(self.rates), 2, device=dev)
+                ds.append(_pad(scale, bsz, 1.0))
+        mask = torch.arange(bsz, device=dev)[None] < torch.tensor(sizes, device=dev)[:, None]  # (P, B)
+        return Batch(torch.stack(xs), torch.stack(ys), mask, torch.stack(ts) if ts else None,
+                     torch.stack(ds) if ds else None, torch.tensor(sizes, device=dev) > 0, sizes)
+
+    def step(self, b: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """One optimisation step of the active members; returns each member's loss and correct count (P,)."""
+        autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.recipe.precision == "bf16")
+        with torch.autocast(**autocast):
+            logits, feats = self.train_fwd(self.params, self.buffers, b.x, b.drop_scale)
+            losses = self.loss_fn(logits.float(), feats.float(), b.y, b.mask, b.targets, self.weights)  # (P,)
+        for p in self.params.values():
+            p.grad = None
+        losses.sum().backward()
+        lr = torch.tensor([opt.param_groups[0]["lr"] for opt, _ in self.schedules], device=self.device)
+        self.opt.step(lr, b.active)
+        if self.ema is not None:
+            self._ema_update(b.active)
+        for (dummy, sched), on in zip(self.schedules, b.sizes):
+            if on and sched is not None:
+                dummy.step()  # moves nothing (no gradient); keeps the scheduler's order check quiet
+                sched.step()
+        correct = ((logits.argmax(-1) == b.y) & b.mask).sum(-1)
+        return losses.detach().cpu().numpy(), correct.cpu().numpy()
+
+    @torch.no_grad()
+    def _ema_update(self, active: torch.Tensor) -> None:
+        """``torch.optim.swa_utils`` EMA per member: the first step copies, later steps lerp by 1 - decay."""
+        for k, p in self.params.items():
+            view = (-1,) + (1,) * (p.dim() - 1)
+            upd = torch.where(self.ema_started.view(view), self.ema[k].lerp(p, 1 - self.recipe.ema), p)
+            self.ema[k] = torch.where(active.view(view), upd, self.ema[k])
+        self.ema_started = self.ema_started | active
+
+    @torch.no_grad()
+    def predict(self, rows: list[torch.Tensor | None]) -> list[np.ndarray | None]:
+        """Each member's softmax probabilities (n_i, C) of its own rows (None: nothing), in eval mode, with
+        the weights' moving average under ``recipe.ema``."""
+        n = max((len(r) for r in rows if r is not None), default=0)
+        if not n:
+            return [None] * len(rows)
+        x = torch.stack([_pad(convert(self.x_all[r if r is not None else self.train_index[i][:0]], self.src, self.dst), n)
+                         for i, r in enumerate(rows)])
+        self.base.eval()
+        probs = self.eval_fwd(self.ema or self.params, self.buffers, x).softmax(-1).float().cpu().numpy()
+        self.base.train()
+        return [None if r is None else probs[i, : len(r)] for i, r in enumerate(rows)]
+
+    def lrs(self) -> list[float]:
+        """Each member's learning rate now."""
+        return [opt.param_groups[0]["lr"] for opt, _ in self.schedules]
+
+    def models(self) -> list[nn.Module]:
+        """The members as ordinary models (CPU, eval mode)."""
+        return _unstack(self.config, self.ema or self.params, self.buffers)
+
+
 def fit_pack(config, recipe: TrainRecipe, flows: np.ndarray, labels: np.ndarray, members: Sequence[Member],
              on_epoch_end: Callable[[int, dict], None] | None = None
              ) -> tuple[list[list[dict]], list[np.ndarray | None], list[nn.Module]]:
@@ -142,129 +302,28 @@ def fit_pack(config, recipe: TrainRecipe, flows: np.ndarray, labels: np.ndarray,
     Raises:
         ValueError: as :func:`check_packable` and :func:`epir.train.check_training_arrays`.
     """
-    check_packable(config, recipe)
-    device = resolve_device(recipe.device)
-    labels = np.asarray(labels, dtype=np.int64)
-    for mb in members:
-        check_training_arrays(config, flows[mb.train_index], labels[mb.train_index])
-    src, dst = data_convention(recipe.flow_range), config.input_convention
-    x_all = to_tensor(flows).to(device)  # (N, 3, H, W), the data's convention
-    y_all = torch.from_numpy(labels).to(device)
-    models = []
-    for mb in members:  # each member initialised as fit initialises it alone
-        torch.manual_seed(mb.seed)
-        model = build_model(config).to(device)
-        if recipe.standardize:
-            set_training_stats(model, convert(x_all[torch.as_tensor(mb.train_index, device=device)], src, dst))
-        models.append(model)
-    params, buffers = stack_module_state(models)  # name -> (P, ...)
-    base = copy.deepcopy(models[0]).to("meta")
-    p_count, bsz, c = len(members), recipe.batch_size, config.num_classes
-    opt = PackedAdam(params, recipe.weight_decay, decoupled=recipe.optimizer == "adamw")
-    ema = {k: v.detach().clone() for k, v in params.items()} if recipe.ema else None
-    ema_started = torch.zeros(p_count, dtype=torch.bool, device=device)
-    weights = None
-    if recipe.class_weights == "balanced":
-        weights = torch.stack([balanced_weights(y_all[torch.as_tensor(mb.train_index, device=device)], c)
-                               for mb in members])  # (P, C)
-    sizes = [len(mb.train_index) for mb in members]
-    per_epoch = [-(-n // bsz) for n in sizes]
-    schedules = []
-    for n_steps in per_epoch:  # each member's own schedule, stepped with its own steps
-        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=recipe.lr)
-        schedules.append((dummy, _scheduler(dummy, recipe, n_steps)))
-    streams = [fold_generators(mb.seed) for mb in members]
-    rates = models[0].drop_rates
-    drop = any(r > 0 for r in rates)
-    del models
-
-    def forward(p, b, x, scale):
-        kw = {"drop_scale": scale} if scale is not None else {}
-        return functional_call(base, (p, b), (x,), {"return_features": True, **kw})
-
-    def loss_one(logits, feats, y, mask, targets, w):
-        return epir_loss(logits, feats, y, alpha=config.alpha, use_contrastive=config.contrastive, targets=targets,
-                         class_weights=w, label_smoothing=recipe.label_smoothing, mask=mask)
-
-    train_fwd = vmap(forward, in_dims=(0, 0, 0, 0 if drop else None))
-    eval_fwd = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, 0))
-    if recipe.compile:
-        train_fwd = torch.compile(train_fwd)
-    loss_fn = vmap(loss_one, in_dims=(0, 0, 0, 0, 0 if recipe.mixup else None, 0 if weights is not None else None))
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
-    eval_sets = [None if mb.eval_index is None else torch.as_tensor(mb.eval_index, device=device) for mb in members]
-    n_eval = max((len(e) for e in eval_sets if e is not None), default=0)
-    x_eval = None
-    if n_eval:  # (P, n_eval, C', H, W) each member's test subject, padded
-        x_eval = torch.stack([_pad(convert(x_all[e], src, dst), n_eval) if e is not None
-                              else convert(x_all[:1], src, dst).new_zeros((n_eval,) + tuple(x_all.shape[1:]))
-                              for e in eval_sets])
+    pack = Pack(config, recipe, flows, labels, members)
+    evals = [None if mb.eval_index is None else torch.as_tensor(mb.eval_index, device=pack.device) for mb in members]
     curves: list[list[dict]] = [[] for _ in members]
     seen: list[list[np.ndarray]] = [[] for _ in members]
-    train_index = [torch.as_tensor(mb.train_index, device=device) for mb in members]
     for epoch in range(1, recipe.epochs + 1):
-        base.train()
-        orders = [train_index[i][_epoch_order(sizes[i], recipe, y_all[train_index[i]], streams[i][0]).to(device)]
-                  for i in range(p_count)]
-        loss_sum, correct = np.zeros(p_count), np.zeros(p_count)
-        for step in range(max(per_epoch)):
-            active = [step < per_epoch[i] for i in range(p_count)]
-            xs, ys, ms, ts, ds = [], [], [], [], []
-            for i in range(p_count):
-                rows = orders[i][step * bsz:(step + 1) * bsz] if active[i] else orders[i][:0]
-                a = augment(x_all[rows], y_all[rows], recipe, *streams[i], c, rates) if active[i] else None
-                n = len(rows)
-                xs.append(_pad(convert(a.x, src, dst) if a else convert(x_all[:0], src, dst), bsz))
-                ys.append(_pad(a.y if a else y_all[:0], bsz))
-                ms.append(torch.arange(bsz, device=device) < n)
-                if recipe.mixup:
-                    ts.append(_pad(a.targets if a else torch.zeros(0, c, device=device), bsz))
-                if drop:
-                    ds.append(_pad(a.drop_scale if a and a.drop_scale is not None
-                                   else torch.ones(n, len(rates), 2, device=device), bsz, 1.0))
-            x, y, mask = torch.stack(xs), torch.stack(ys), torch.stack(ms)  # (P, B, ...), (P, B), (P, B)
-            with torch.autocast(**autocast):
-                logits, feats = train_fwd(params, buffers, x, torch.stack(ds) if drop else None)
-                losses = loss_fn(logits.float(), feats.float(), y, mask, torch.stack(ts) if recipe.mixup else None,
-                                 weights)  # (P,)
-            for p in params.values():
-                p.grad = None
-            losses.sum().backward()
-            on = torch.tensor(active, device=device)
-            lr = torch.tensor([schedules[i][0].param_groups[0]["lr"] for i in range(p_count)], device=device)
-            opt.step(lr, on)
-            if ema is not None:
-                with torch.no_grad():
-                    for k, p in params.items():
-                        view = (-1,) + (1,) * (p.dim() - 1)
-                        upd = torch.where(ema_started.view(view), ema[k].lerp(p, 1 - recipe.ema), p)
-                        ema[k] = torch.where(on.view(view), upd, ema[k])
-                    ema_started = ema_started | on
-            for i in range(p_count):
-                if active[i] and schedules[i][1] is not None:
-                    schedules[i][0].step()  # no parameter moves (it has no gradient); keeps the scheduler's order check
-                    schedules[i][1].step()
-            lv = losses.detach().cpu().numpy()
-            hit = ((logits.argmax(-1) == y) & mask).sum(-1).cpu().numpy()
-            for i in range(p_count):
-                if active[i]:
-                    loss_sum[i] += float(lv[i]) * int(mask[i].sum())
-                    correct[i] += int(hit[i])
-        if x_eval is not None:
-            base.eval()
-            with torch.no_grad():
-                probs = eval_fwd(ema or params, buffers, x_eval).softmax(-1).float().cpu().numpy()  # (P, n_eval, C)
-            for i, e in enumerate(eval_sets):
-                if e is not None:
-                    seen[i].append(probs[i, : len(e)])
-        for i in range(p_count):
-            rec = {"epoch": epoch, "loss": loss_sum[i] / sizes[i], "train_acc": correct[i] / sizes[i],
-                   "lr": schedules[i][0].param_groups[0]["lr"]}
+        orders = pack.epoch_orders()
+        loss_sum, correct = np.zeros(len(members)), np.zeros(len(members))
+        for step in range(max(pack.per_epoch)):
+            b = pack.batch(orders, step)
+            losses, hits = pack.step(b)
+            loss_sum += losses * np.asarray(b.sizes)
+            correct += hits
+        for i, probs in enumerate(pack.predict(evals)):
+            if probs is not None:
+                seen[i].append(probs)
+        for i, lr in enumerate(pack.lrs()):
+            rec = {"epoch": epoch, "loss": float(loss_sum[i] / pack.sizes[i]),
+                   "train_acc": float(correct[i] / pack.sizes[i]), "lr": lr}
             curves[i].append(rec)
             if on_epoch_end is not None:
                 on_epoch_end(i, rec)
-    trained = _unstack(config, ema or params, buffers)
-    return curves, [np.stack(s) if s else None for s in seen], trained
+    return curves, [np.stack(s) if s else None for s in seen], pack.models()
 
 
 def _unstack(config, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> list[nn.Module]:
@@ -325,4 +384,3 @@ def train_folds(flows: np.ndarray, labels: np.ndarray, subjects: Sequence, test_
     return out
 
 
-__all__ = ["PackedAdam", "Member", "check_packable", "fit_pack", "train_folds", "to_model_input"]
