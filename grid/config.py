@@ -128,8 +128,11 @@ class GridConfig:
             ``dataset``): a configuration chosen on every subject of that dataset, refused there.
         experiment: MLflow experiment name; tables go to ``results_dir/<experiment>/``.
         folds: run only the first N subjects' folds of each cell (0 = all; a partial grid is labelled).
-        cpus_per_trial, gpus_per_trial: Ray resources of one fold; gpus_per_trial None = 0.25 where the
-            cluster has GPUs, else 0.
+        fold_pack: folds of one cell (of the same settings) trained as ONE batched model per trial
+            (:mod:`epir.pack`): 0 = a cell's folds in one trial where the cluster has GPUs, one fold per trial on
+            CPUs; 1 = one fold per trial; N = up to N. Results are the same either way (tested).
+        cpus_per_trial, gpus_per_trial: Ray resources of one trial; gpus_per_trial None = 1 for a pack on a GPU,
+            0.25 for one fold where the cluster has GPUs, else 0.
         max_failures: retries of a failing fold before it is reported as failed.
         max_concurrent: at most this many folds at once (0 = as many as the resources allow).
         work_dir: shards, demo data and Ray Tune results go here.
@@ -149,6 +152,7 @@ class GridConfig:
     overrides_from: dict | None = None
     experiment: str = "epir-grid"
     folds: int = 0
+    fold_pack: int = 0
     cpus_per_trial: float = 1.0
     gpus_per_trial: float | None = None
     max_failures: int = 2
@@ -184,8 +188,8 @@ class GridConfig:
             if other:
                 raise ValueError(f"choices of search {self.choices['study']!r} set {family}-family fields; "
                                  f"{other} are of another family")
-        if self.folds < 0 or self.max_failures < 0 or self.cpus_per_trial <= 0:
-            raise ValueError("folds and max_failures must be >= 0 and cpus_per_trial > 0")
+        if self.folds < 0 or self.max_failures < 0 or self.cpus_per_trial <= 0 or self.fold_pack < 0:
+            raise ValueError("folds, fold_pack and max_failures must be >= 0 and cpus_per_trial > 0")
         self.work_dir, self.results_dir = Path(self.work_dir), Path(self.results_dir)
         # every cell's settings, under every profile this run may resolve to, before anything starts
         for profile in (["paper", "cpu"] if self.profile == "auto" else [self.profile]):

@@ -43,6 +43,8 @@ KEY = ["dataset", "protocol", "preset", "profile", "epoch_selection", "folds", "
 # rows that may be paired share these (and then their subjects and seeds, checked on the predictions)
 PAIR_KEY = ["dataset", "protocol", "profile", "epoch_selection", "folds", "demo"]
 PAIRED = "paired_comparisons"  # paired_comparisons.csv / .md in results/<experiment>/
+PAIRED_COLUMNS = ["dataset", "protocol", "row", "vs", "against", "metric", "difference", "ci_low", "ci_high",
+                  "excludes_zero", "seeds_agree", "seed_pairs", "subjects", "setting"]
 
 
 def _label(row) -> str:
@@ -279,7 +281,7 @@ def paired_table(client, exp_id: str, cells: pd.DataFrame, df: pd.DataFrame) -> 
                           "seed_pairs": len(p.seeds), "subjects": p.subjects, "setting": a["setting"]})
         run_ids = cells.loc[cells["setting"] == a["setting"], "run_id"].tolist()
         tracking.log_comparison(client, run_ids, f"vs_{kind}", b["preset"], result)
-    return pd.DataFrame(lines)
+    return pd.DataFrame(lines, columns=PAIRED_COLUMNS)
 
 
 def _paired_columns(pairs: pd.DataFrame, setting: str) -> dict:
@@ -313,7 +315,7 @@ PAIRED_NOTE = ("Paired columns: the difference in Full UF1 / UAR from the rung b
 def paired_lines(results: Path) -> list[str]:
     """One console line per paired comparison written by :func:`write_tables` (empty when none)."""
     path = Path(results) / f"{PAIRED}.csv"
-    if not path.is_file() or path.stat().st_size == 0:
+    if not path.is_file():
         return []
     pairs = pd.read_csv(path)
     return [f"{r['row']:>9} - {r['against']:<9} {r['metric']}: {r['difference']:+.4f} "

@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a TrainRecipe field or a model field, e.g. --set epochs=60 --set dim=128")
     p.add_argument("--experiment", help="MLflow experiment and results/ subfolder (default epir-grid; demo: epir-grid-demo)")
     p.add_argument("--folds", type=_positive, help="only the N largest subjects' folds per cell (a PARTIAL grid, labelled)")
-    p.add_argument("--cpus-per-trial", type=float, help="CPUs per fold (default 1)")
+    p.add_argument("--fold-pack", type=int, help="folds of a cell trained as ONE batched model per trial: 0 (default) = "
+                   "a cell's folds together on a GPU, one per trial on CPUs; 1 = one per trial; N = up to N (same results)")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
     p.add_argument("--gpus-per-trial", type=float, help="GPU fraction per fold (default 0.25 with GPUs, else 0)")
     p.add_argument("--max-concurrent", type=int, help="at most N folds at once (default: as resources allow)")
     p.add_argument("--max-failures", type=int, help="retries of a failing fold (default 2)")
@@ -213,7 +215,7 @@ def make_config(args) -> GridConfig:
                 raise ValueError(f"--choices: the search ran profile {searched}, this run asks for {args.profile or kw['profile']}")
             kw["profile"] = searched
     kw["overrides"] = overrides
-    for flag, key in [("profile", "profile"), ("experiment", "experiment"), ("folds", "folds"),
+    for flag, key in [("profile", "profile"), ("experiment", "experiment"), ("folds", "folds"), ("fold_pack", "fold_pack"),
                       ("cpus_per_trial", "cpus_per_trial"),
                       ("gpus_per_trial", "gpus_per_trial"), ("max_concurrent", "max_concurrent"),
                       ("max_failures", "max_failures"), ("work_dir", "work_dir"), ("results", "results_dir"),

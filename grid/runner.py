@@ -32,7 +32,7 @@ from .config import GridConfig
 from .data import ProtocolData, load_protocol, preprocess, protocol_support
 from preprocess.pipeline import init_ray
 
-from .trainable import FINAL, FINAL_KEY, FOLD_KEY, fold_trial
+from .trainable import FINAL, FINAL_KEY, FOLD_KEY, PACK_KEY, fold_trial
 
 # The demo dataset's size: 6 pseudo-subjects x 3 classes x 3 samples = 54 samples, 6 LOSO folds.
 DEMO_SUBJECTS, DEMO_PER_CLASS = 6, 3
@@ -146,10 +146,13 @@ class _Progress(Callback):
             self.log(f"[{self.finals_now}/{self.finals_total} final models] {cell.name}: trained on all "
                      f"{final['samples']} samples in {final['train_seconds']:.1f} s: {uri}")
             return
-        if FOLD_KEY not in res:
-            return
-        cell = self.cells[t["cell_id"]]
-        fold = json.loads(res[FOLD_KEY])
+        if FOLD_KEY in res:
+            self.fold_done(self.cells[t["cell_id"]], json.loads(res[FOLD_KEY]))
+        for fold in json.loads(res.get(PACK_KEY, "[]")):  # a pack: its folds, each its own child run
+            self.fold_done(self.cells[t["cell_id"]], fold)
+
+    def fold_done(self, cell: Cell, fold: dict) -> None:
+        """Log one finished fold, print progress, and finish its cell when it was the last."""
         tracking.log_fold(self.client, self.exp_id, self.parents[cell.cell_id], cell, fold)
         self.done[cell.cell_id][fold["subject"]] = fold
         self.folds_now += 1
@@ -223,6 +226,69 @@ def prepare_data(cfg: GridConfig, log=print) -> dict[str, ProtocolData]:
     return data
 
 
+@dataclass
+class Resources:
+    """What the cluster offers and what one trial asks for."""
+
+    profile: str
+    has_gpu: bool
+    cpus: float
+    gpus: float
+
+
+def plan_resources(cfg: GridConfig, log=print) -> Resources:
+    """Connect to Ray, resolve the profile, size a trial, and refuse a trial no node could hold (it would
+    wait forever).
+
+    Raises:
+        ValueError: a trial larger than any node.
+    """
+    ray = init_ray()
+    have = ray.cluster_resources()
+    has_gpu = have.get("GPU", 0) > 0
+    packs = cfg.fold_pack != 1 and has_gpu  # a pack of folds on a GPU takes the whole device by default
+    gpus = cfg.gpus_per_trial if cfg.gpus_per_trial is not None else ((1.0 if packs else 0.25) if has_gpu else 0.0)
+    res = Resources(cfg.resolved_profile(has_gpu), has_gpu, cfg.cpus_per_trial, gpus)
+    log(f"Ray: {have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs; profile {res.profile}; each trial asks for "
+        f"{res.cpus:g} CPU" + (f" and {gpus:g} GPU" if gpus else "") + f"; {pack_text(cfg, has_gpu)}")
+    check_fit([n["Resources"] for n in ray.nodes() if n["Alive"]], [{"CPU": res.cpus, "GPU": gpus}])
+    return res
+
+
+def pack_text(cfg: GridConfig, has_gpu: bool) -> str:
+    """How folds are grouped into trials, in words."""
+    size = cfg.fold_pack or (0 if has_gpu else 1)
+    return "one fold per trial" if size == 1 else \
+        ("every fold of a cell in one batched trial" if size == 0 else f"up to {size} folds per batched trial")
+
+
+def plan_trials(cfg: GridConfig, cells: list[Cell], done: dict, has_gpu: bool, common: dict) -> list[dict]:
+    """The trials of the folds not yet finished: a fold each, or packs of folds of one cell that train the same
+    settings (``cfg.fold_pack``; 0 = a cell's folds in one pack on a GPU, one fold per trial on a CPU; models
+    that cannot pack, such as ``ststnet``, always one per trial). A pack's ``subject`` names its folds."""
+    from epir.pack import check_packable
+    from epir.presets import config_from_dict
+    from epir.train import TrainRecipe
+
+    out = []
+    for c in cells:
+        todo = [s for s in c.subjects if s not in done[c.cell_id]]
+        by_setting: dict[str, list[str]] = {}
+        for s in todo:
+            by_setting.setdefault(json.dumps([c.fold_model(s), c.fold_recipe(s)], sort_keys=True), []).append(s)
+        for subjects in by_setting.values():
+            size = cfg.fold_pack or (len(subjects) if has_gpu else 1)
+            try:
+                check_packable(config_from_dict(c.fold_model(subjects[0])), TrainRecipe(**c.fold_recipe(subjects[0])))
+            except ValueError:
+                size = 1
+            for k in range(0, len(subjects), size):
+                part = subjects[k:k + size]
+                out.append(dict(cell_id=c.cell_id, data_key=c.data_key, subject="+".join(part), subjects=part,
+                                model=c.fold_model(part[0]), recipe=c.fold_recipe(part[0]), **common))
+    return out
+
+
 def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> GridOutcome:
     """Run (or finish) the grid described by ``cfg``; see the module docstring.
 
@@ -239,62 +305,54 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
     """
     start = time.perf_counter()
     check_roots(cfg)  # a wrong path fails in a second, not after Ray has started
-    ray = init_ray()
-    resources = ray.cluster_resources()
-    has_gpu = resources.get("GPU", 0) > 0
-    profile = cfg.resolved_profile(has_gpu)
-    gpus = cfg.gpus_per_trial if cfg.gpus_per_trial is not None else (0.25 if has_gpu else 0.0)
-    log(f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; profile {profile}; "
-        f"each fold asks for {cfg.cpus_per_trial:g} CPU" + (f" and {gpus:g} GPU" if gpus else ""))
-    # a fold no node can hold would wait forever: refuse it now
-    check_fit([n["Resources"] for n in ray.nodes() if n["Alive"]], [{"CPU": cfg.cpus_per_trial, "GPU": gpus}])
+    res = plan_resources(cfg, log)
     data = prepare_data(cfg, log)
-    cells = build_cells(cfg, data, profile)
+    cells = build_cells(cfg, data, res.profile)
     client, exp_id = tracking.setup(cfg.experiment)
     by_id = {c.cell_id: c for c in cells}
     parents = {c.cell_id: tracking.parent_run(client, exp_id, c) for c in cells}
     done = {c.cell_id: tracking.finished_folds(client, exp_id, c.cell_id) for c in cells}
-    reused = sum(len(v) for v in done.values())
     common = dict(threads=max(1, int(cfg.cpus_per_trial)), inject=inject_failure,
                   marker_dir=str((cfg.work_dir / "markers").resolve()), model_dir=str((cfg.work_dir / "models").resolve()),
                   keep_weights=cfg.log_fold_models)
-    pending = [dict(cell_id=c.cell_id, data_key=c.data_key, subject=s, model=c.fold_model(s), recipe=c.fold_recipe(s),
-                    **common)
-               for c in cells for s in c.subjects if s not in done[c.cell_id]]
-    final = cfg.trains_final_models
-    finals = [c for c in cells if final and not c.fold_settings and not tracking.final_model_uri(client, exp_id, c.cell_id)]
+    pending = plan_trials(cfg, cells, done, res.has_gpu, common)
+    finals = [c for c in cells if cfg.trains_final_models and not c.fold_settings
+              and not tracking.final_model_uri(client, exp_id, c.cell_id)]
     pending += [dict(cell_id=c.cell_id, data_key=c.data_key, subject=FINAL, model=c.model, recipe=c.recipe, **common)
                 for c in finals]
+    reused, to_train = sum(len(v) for v in done.values()), sum(len(c.subjects) - len(done[c.cell_id]) for c in cells)
     log(f"{len(cells)} cells, {sum(len(c.subjects) for c in cells)} folds: {reused} finished earlier "
-        f"(MLflow experiment '{cfg.experiment}'), {len(pending) - len(finals)} to train"
+        f"(MLflow experiment '{cfg.experiment}'), {to_train} to train in {len(pending) - len(finals)} trial(s)"
         + (f", and {len(finals)} final model(s) on all subjects" if finals else ""))
-    progress = _Progress(client, exp_id, by_id, parents, done, len(pending) - len(finals), len(finals), log)
-    # cells whose folds all finished earlier but whose parent was never closed (driver killed in between)
-    for c in cells:
+    progress = _Progress(client, exp_id, by_id, parents, done, to_train, len(finals), log)
+    for c in cells:  # cells whose folds all finished earlier but whose parent was never closed (driver killed)
         if len(done[c.cell_id]) == len(c.subjects) and client.get_run(parents[c.cell_id]).info.status != "FINISHED":
             finish_cell(client, parents[c.cell_id], c, done[c.cell_id], log)
-    failures = []
-    if pending:
-        failed = run_passes(pending, lambda folds, budget: _tune(cfg, folds, data, gpus, progress, budget),
-                            cfg.max_failures, log)
-        failures = [{"cell": f"{by_id[c].name} | fold {s}", "cell_id": c, "subject": s, "error": err}
-                    for (c, s), (_, err) in failed.items()]
-    outcome = GridOutcome(cells, trained=progress.finished_now, reused=reused, failures=failures,
-                          train_seconds=progress.train_seconds)
-    for c in cells:
-        if len(done[c.cell_id]) == len(c.subjects):
-            outcome.scores[c.cell_id] = pooled_scores(c, done[c.cell_id])
-    missing = [(c, s) for c in cells for s in c.subjects if s not in done[c.cell_id]]
-    known = {(f["cell_id"], f["subject"]) for f in outcome.failures}
-    for c, s in missing:  # e.g. Ctrl-C: trials that never finished
-        if (c.cell_id, s) not in known:
-            outcome.failures.append({"cell": f"{c.name} | fold {s}", "cell_id": c.cell_id, "subject": s,
-                                     "error": "did not finish"})
+    failed = run_passes(pending, lambda folds, budget: _tune(cfg, folds, data, res.gpus, progress, budget),
+                        cfg.max_failures, log) if pending else {}
+    outcome = GridOutcome(cells, trained=progress.finished_now, reused=reused, train_seconds=progress.train_seconds,
+                          failures=[{"cell": f"{by_id[c].name} | fold {s}", "cell_id": c, "subject": s, "error": err}
+                                    for (c, s), (_, err) in failed.items()])
+    _close(outcome, done)
     outcome.wall_seconds = time.perf_counter() - start
-    from .report import write_tables
+    from .report import write_tables  # deferred: pandas and SciPy only when the tables are written
 
     outcome.results_dir = write_tables(client, exp_id, cfg.experiment, cfg.results_dir)
     return outcome
+
+
+def _close(outcome: GridOutcome, done: dict) -> None:
+    """The pooled scores of every complete cell, and a failure line for every fold that never finished
+    (e.g. Ctrl-C) and is not yet reported; a failed pack's folds are named one by one."""
+    for c in outcome.cells:
+        if len(done[c.cell_id]) == len(c.subjects):
+            outcome.scores[c.cell_id] = pooled_scores(c, done[c.cell_id])
+    known = {(f["cell_id"], s) for f in outcome.failures for s in f["subject"].split("+")}
+    for c in outcome.cells:
+        for s in c.subjects:
+            if s not in done[c.cell_id] and (c.cell_id, s) not in known:
+                outcome.failures.append({"cell": f"{c.name} | fold {s}", "cell_id": c.cell_id, "subject": s,
+                                         "error": "did not finish"})
 
 
 def check_roots(cfg: GridConfig) -> None:

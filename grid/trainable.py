@@ -1,10 +1,11 @@
-"""The Ray Tune trial of the grid: one leave-one-subject-out fold of one cell.
+"""The Ray Tune trial of the grid: one leave-one-subject-out fold of one cell, or a pack of its folds.
 
-The trial trains with :func:`epir.train.train_fold`, reports its progress (``epoch``, ``loss``,
+The trial trains with :func:`epir.train.train_fold` (a pack of folds of the same settings with
+:func:`epir.pack.train_folds`, one batched model), reports its progress (``epoch``, ``loss``,
 ``train_acc``; every epoch, or every ``epochs // 100``-th for long recipes) through ``ray.tune.report``,
-and finishes with a report whose ``fold_json`` holds the
-test subject's predictions (:func:`fold_record`) and the curve; the driver logs that to MLflow. Trials
-never write to MLflow.
+and finishes with a report whose ``fold_json`` (a pack: ``pack_json``, a list) holds the test subject's
+predictions (:func:`fold_record`) and the curve; the driver logs that to MLflow. Trials never write to
+MLflow.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 FOLD_KEY = "fold_json"
+PACK_KEY = "pack_json"  # a pack's folds: a JSON list of fold records
 FINAL_KEY = "final_json"
 FINAL = "*all subjects*"  # the subject of a cell's final-model trial: it trains on every subject
 REPORTS_PER_FOLD = 100  # at most this many progress reports to Tune per fold; the full curve goes to MLflow
@@ -23,13 +25,15 @@ class InjectedFailure(RuntimeError):
     """Raised by a trial told to fail (``--inject-failure``), to exercise retries and failure reports."""
 
 
-def _maybe_fail(spec: str | None, subject: str, marker_dir: str) -> None:
-    """``SUBJECT`` fails every attempt; ``SUBJECT:once`` fails only the first (a marker file remembers)."""
+def _maybe_fail(spec: str | None, subjects: list[str], marker_dir: str) -> None:
+    """``SUBJECT`` fails every attempt of the trial holding that fold; ``SUBJECT:once`` fails only the first
+    (a marker file remembers)."""
     if not spec:
         return
     target, _, mode = spec.partition(":")
-    if target != subject:
+    if target not in subjects:
         return
+    subject = target
     if mode == "once":
         marker = Path(marker_dir) / f"injected-{subject}"
         if marker.exists():
@@ -72,7 +76,9 @@ def fold_trial(config: dict, data: dict) -> None:
 
     Args:
         config: ``{"trial": {...}}`` with ``cell_id``, ``data_key``, ``subject`` (:data:`FINAL` trains the
-            cell's model on every subject instead of a fold), ``model`` (a model config dict,
+            cell's model on every subject instead of a fold), ``subjects`` (a pack: several folds of the same
+            settings trained as one batched model, :func:`epir.pack.train_folds`; reported under
+            :data:`PACK_KEY`), ``model`` (a model config dict,
             :func:`epir.presets.config_to_dict`), ``recipe`` (TrainRecipe fields), ``threads``, ``inject``,
             ``marker_dir``, ``model_dir`` (where weights are written for the driver to log) and
             ``keep_weights`` (save the fold's trained model too).
@@ -90,7 +96,8 @@ def fold_trial(config: dict, data: dict) -> None:
 
     t = config["trial"]
     torch.set_num_threads(max(1, int(t["threads"])))
-    _maybe_fail(t.get("inject"), t["subject"], t["marker_dir"])
+    subjects = t.get("subjects") or [t["subject"]]
+    _maybe_fail(t.get("inject"), subjects, t["marker_dir"])
     d = data[t["data_key"]]
     recipe = TrainRecipe(**t["recipe"])
     model_config = config_from_dict(t["model"])
@@ -112,15 +119,27 @@ def fold_trial(config: dict, data: dict) -> None:
                  "samples": len(d.labels)}
         tune.report({"epoch": curve[-1]["epoch"], "done": True, FINAL_KEY: json.dumps(final)})
         return
-    r = train_fold(d.flows, d.labels, d.subjects, t["subject"], model_config, recipe, on_epoch_end=report,
-                   keep_models=bool(t.get("keep_weights")))
-    fold = fold_record(r, d, started, node)
-    if r.models:
-        from epir.train import SoftmaxEnsemble
+    keep = bool(t.get("keep_weights"))
+    if len(subjects) > 1:  # a pack: the folds trained as one batched model (epir.pack)
+        from epir.pack import train_folds
 
-        save_weights(r.models[0] if len(r.models) == 1 else SoftmaxEnsemble(r.models), weights)
-        fold["weights_path"] = str(weights)
-    tune.report({"epoch": r.curve[-1]["epoch"], "done": True, FOLD_KEY: json.dumps(fold)})
+        results = train_folds(d.flows, d.labels, d.subjects, subjects, model_config, recipe, keep_models=keep,
+                              on_epoch_end=lambda s, rec: report(rec) if s == subjects[0] else None)
+    else:
+        results = [train_fold(d.flows, d.labels, d.subjects, subjects[0], model_config, recipe, on_epoch_end=report,
+                              keep_models=keep)]
+    folds = []
+    for r in results:
+        fold = fold_record(r, d, started, node)
+        if r.models:
+            from epir.train import SoftmaxEnsemble
+
+            path = weights.with_name(f"{t['cell_id']}-{r.test_subject}.pt")
+            save_weights(r.models[0] if len(r.models) == 1 else SoftmaxEnsemble(r.models), path)
+            fold["weights_path"] = str(path)
+        folds.append(fold)
+    last = {"epoch": results[0].curve[-1]["epoch"], "done": True}
+    tune.report({**last, PACK_KEY: json.dumps(folds)} if len(subjects) > 1 else {**last, FOLD_KEY: json.dumps(folds[0])})
 
 
 def save_weights(model, path: Path) -> None:

@@ -289,3 +289,21 @@ def test_ctrl_c_then_a_killed_driver_then_the_same_command_finishes(composite_ro
     assert f"{len(done)} finished earlier" in out and f"{folds - len(done)} to train" in out, out[-3000:]
     final = _finished_fold_subjects(db)
     assert len(final) == folds and len(set(final)) == folds, final  # every fold once, none trained twice
+
+
+def test_fold_packs_log_every_fold_and_a_failed_pack_resumes_alone(tmp_path):
+    # 6 demo folds in packs of up to 4 (epir/pack.py: one batched model per trial); the pack holding demo06
+    # fails, the other logs its 4 folds; the same command then trains the 2 folds of the failed pack only
+    args = ["--presets", "epir", "--fold-pack", "4", *TINY]
+    res = _run([*args, "--inject-failure", "demo06", "--max-failures", "0"], tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1 and "4 to train" not in out and "6 to train in 2 trial(s)" in out, out[-3000:]
+    assert sorted(finished_fold_tags(tmp_path / "mlflow.db", "epir.fold")) == ["demo01", "demo02", "demo03", "demo04"]
+    assert "FAILED  SDE demo epir | fold demo05+demo06" in out
+    res = _run(args, tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0 and "4 finished earlier" in out and "2 to train in 1 trial(s)" in out, out[-3000:]
+    assert sorted(finished_fold_tags(tmp_path / "mlflow.db", "epir.fold")) == [f"demo{i:02d}" for i in range(1, 7)]
+    client, runs = _runs(tmp_path, "epir-grid-demo")
+    folds = [r for r in runs if r.data.tags.get("epir.kind") == "fold"]
+    assert all("predictions.csv" in {a.path for a in client.list_artifacts(r.info.run_id)} for r in folds)
