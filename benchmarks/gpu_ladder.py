@@ -1,27 +1,35 @@
 """The ablation ladder (or any presets) x LOSO folds on the GPU(s) of ONE machine, without Ray or MLflow:
-as many folds at once as fit, one record per fold, then ``grid/run_all.py import`` logs them in MLflow
-exactly as the grid would have (same cells, same ids: a later grid run reuses them).
+each cell's folds trained as ONE batched model (epir/pack.py), one record per fold, then
+``grid/run_all.py import`` logs them in MLflow exactly as the grid would have (same cells, same ids: a
+later grid run reuses them).
 
-Made for a lent GPU machine that has PyTorch but not Ray, MLflow or Optuna. Preprocess the dataset here
-(``python -m preprocess ... --out shards``; the shards are small) and carry the shard folder there:
+Made for a lent GPU machine that has PyTorch but not Ray, MLflow, Optuna or pydantic. Preprocess the
+dataset here (``python -m preprocess ... --out shards``; the shards are small), copy the shard folder into
+a folder of the checkout that git ignores (e.g. ``.gl/``) and carry it there:
 
     # on the GPU machine, in the repository root, with its own python3 (not uv):
-    PYTHONPATH=. python3 benchmarks/gpu_ladder.py --shards shards/megc2019/precomputed-6284e58656 \\
-        --profile paper --workers 8 --out out/ladder
+    PYTHONPATH=. python3 benchmarks/gpu_ladder.py --shards .gl/megc2019/precomputed-6284e58656 \\
+        --profile paper --set precision=bf16 --out .gl/ladder
     # back here:
-    uv run python grid/run_all.py import out/ladder --experiment megc2019-cde-paper
+    uv run python grid/run_all.py import .gl/ladder --experiment megc2019-cde-paper
 
-Each fold is one training (:func:`epir.train.train_fold`) that yields the honest result (last epoch)
-and, beside it, the best-test-epoch one (PEEKS); both go into the record. Workers are processes
-(``torch.multiprocessing``, spawn), each holding the dataset on its device and taking folds from a
-shared queue, largest test subjects first; with several GPUs, worker i uses GPU i mod n. The run prints
-each fold, then the wall time, folds per hour and the GPU utilisation (``nvidia-smi``, sampled every
-second). Re-running with the same ``--out`` trains only the folds not yet in ``folds.jsonl``.
+A task is a pack: the folds of one cell that train the same settings (a searched cell has one pack per
+distinct choice), ``--fold-pack N`` splits them into packs of up to N (1: a fold per task, the folds one
+by one). Each fold yields the honest result (last epoch) and, beside it, the best-test-epoch one (PEEKS);
+both go into the record. Tasks run in worker processes (``torch.multiprocessing``, spawn; ``--workers``,
+default one per GPU), each holding the dataset on its device; with several GPUs, worker i uses GPU
+i mod n. A pack that would not fit the free GPU memory is split (epir.pack.train_folds probes it).
+
+Printed per preset: wall time of its packs, folds per hour, the achieved TFLOP/s (2 x 3 x forward MACs x
+training samples seen / time: forward and backward, 2 FLOPs per multiply-accumulate) and that as a share
+of the device's dense bf16 peak (``--peak-tflops``, 790 as measured on the H200 lent here), and the peak
+GPU memory. Re-running with the same ``--out`` trains only the folds not yet in ``folds.jsonl``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -35,6 +43,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from epir.complexity import measure  # noqa: E402
+from epir.pack import check_packable, train_folds  # noqa: E402
+from epir.presets import LADDER, PRESETS, build_model, config_from_dict  # noqa: E402
+from epir.train import TrainRecipe, train_fold  # noqa: E402
+from grid.cells import build_cells, pooled_scores  # noqa: E402
+from grid.config import PROFILES, GridConfig, parse_overrides  # noqa: E402
+from grid.data import available_protocols, load_protocol  # noqa: E402
+from grid.records import append_fold, done_keys, read_records, write_cells  # noqa: E402
+from grid.trainable import fold_record  # noqa: E402
 
 _DATA = None  # each worker's ProtocolData (set by _init)
 
@@ -51,16 +69,27 @@ def _init(data, devices, counter, threads):
         torch.cuda.set_device(devices[i % len(devices)])
 
 
-def _run(task: tuple) -> tuple[str, dict]:
-    """One fold in a worker: ``(cell_id, subject, model dict, recipe dict)`` -> (cell_id, fold record)."""
-    from epir.presets import config_from_dict
-    from epir.train import TrainRecipe, train_fold
-    from grid.trainable import fold_record
-
-    cell_id, subject, model, recipe = task
-    started = time.time()
-    r = train_fold(_DATA.flows, _DATA.labels, _DATA.subjects, subject, config_from_dict(model), TrainRecipe(**recipe))
-    return cell_id, fold_record(r, _DATA, started, platform.node())
+def _run(task: tuple) -> tuple[str, list[dict], dict]:
+    """One pack in a worker: ``(cell_id, subjects, model dict, recipe dict)`` -> (cell_id, fold records, figures)."""
+    cell_id, subjects, model, recipe = task
+    config, rec = config_from_dict(model), TrainRecipe(**recipe)
+    cuda = torch.cuda.is_available() and rec.device != "cpu"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started, t0 = time.time(), time.perf_counter()
+    try:
+        check_packable(config, rec)
+        results = train_folds(_DATA.flows, _DATA.labels, _DATA.subjects, subjects, config, rec,
+                              log=lambda m: print(f"  {m}", flush=True)) if len(subjects) > 1 else None
+    except ValueError:
+        results = None
+    if results is None:  # one fold, or a model that does not pack: the folds one by one
+        results = [train_fold(_DATA.flows, _DATA.labels, _DATA.subjects, s, config, rec) for s in subjects]
+    seconds = time.perf_counter() - t0
+    seen = sum(rec.epochs * int((np.asarray(_DATA.subjects) != s).sum()) * rec.ensemble for s in subjects)
+    figures = {"seconds": seconds, "samples_seen": seen, "macs": measure(build_model(config)).macs,
+               "peak_bytes": torch.cuda.max_memory_allocated() if cuda else 0}
+    return cell_id, [fold_record(r, _DATA, started, platform.node()) for r in results], figures
 
 
 class GpuSampler:
@@ -96,13 +125,40 @@ class GpuSampler:
         return float(np.mean(self.samples)) if self.samples else None
 
 
-def main(argv=None) -> int:
-    from epir.presets import LADDER, PRESETS
-    from grid.config import PROFILES, GridConfig, parse_overrides
-    from grid.data import available_protocols, load_protocol
-    from grid.records import append_fold, done_keys, write_cells
-    from grid.cells import build_cells, pooled_scores
+def plan_packs(cells: list, done: set, size: int, order: dict) -> list[tuple]:
+    """The tasks: per cell and distinct fold setting, its unfinished folds (largest test subjects first) in packs
+    of up to ``size`` (0 = all)."""
+    tasks = []
+    for c in cells:
+        groups: dict[str, list[str]] = {}
+        for s in sorted((s for s in c.subjects if (c.cell_id, s) not in done), key=lambda s: order[s]):
+            groups.setdefault(json.dumps([c.fold_model(s), c.fold_recipe(s)], sort_keys=True), []).append(s)
+        for subjects in groups.values():
+            step = size or len(subjects)
+            for k in range(0, len(subjects), step):
+                part = subjects[k:k + step]
+                tasks.append((c.cell_id, part, c.fold_model(part[0]), c.fold_recipe(part[0])))
+    return tasks
 
+
+def preset_figures(cells: list, figures: dict[str, list[dict]], peak_tflops: float) -> list[str]:
+    """One line per preset: wall time, folds/hour, achieved TFLOP/s and share of the peak, peak memory."""
+    lines = []
+    for preset in dict.fromkeys(c.preset for c in cells):
+        fs = [f for c in cells if c.preset == preset for f in figures.get(c.cell_id, [])]
+        if not fs:
+            continue
+        seconds = sum(f["seconds"] for f in fs)
+        folds = sum(f["folds"] for f in fs)
+        tflops = sum(6 * f["macs"] * f["samples_seen"] for f in fs) / seconds / 1e12
+        peak = max(f["peak_bytes"] for f in fs)
+        lines.append(f"  {preset:<9} {seconds / 60:7.2f} min  {folds / seconds * 3600:9.0f} folds/h  {tflops:9.4g} TFLOP/s "
+                     f"({tflops / peak_tflops:6.2%} of {peak_tflops:g})  peak GPU memory "
+                     + (f"{peak / 2**30:.1f} GiB" if peak else "n/a"))
+    return lines
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=Path, required=True, help="a preprocessed dataset folder (holds manifest.json)")
     p.add_argument("--protocol", choices=["SDE", "CDE"], help="default: the first the dataset allows")
@@ -111,12 +167,13 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainRecipe / model field")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, one cell each (default 0)")
     p.add_argument("--folds", type=int, default=0, help="only the N largest subjects' folds (a PARTIAL run)")
+    p.add_argument("--fold-pack", type=int, default=0, help="folds per batched model: 0 = a cell's (default), 1 = one by one")
     p.add_argument("--out", type=Path, required=True, help="records folder (cells.json, folds.jsonl); resumed if present")
-    p.add_argument("--workers", type=int, help="folds at once (default: 8 per GPU, else 1)")
+    p.add_argument("--workers", type=int, help="packs at once, one process each (default: one per GPU, else 1)")
     p.add_argument("--threads", type=int, help="CPU threads per worker (default: cores / workers)")
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense bf16 peak (default 790, H200)")
     args = p.parse_args(argv)
 
-    d = None
     protocol = args.protocol or available_protocols(args.shards)[0]
     d = load_protocol(args.shards, protocol)
     try:
@@ -128,43 +185,43 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     gpus = list(range(torch.cuda.device_count()))
-    workers = args.workers or (8 * len(gpus) if gpus else 1)
+    workers = args.workers or max(1, len(gpus))
     threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
     where = ", ".join(torch.cuda.get_device_name(i) for i in gpus) if gpus else f"CPU ({os.cpu_count()} cores)"
     meta = {"device": where, "torch": torch.__version__, "host": platform.node(), "workers": workers,
-            "threads_per_worker": threads, "command": " ".join(sys.argv), "shards": str(args.shards)}
+            "threads_per_worker": threads, "command": " ".join(sys.argv), "shards": str(args.shards),
+            "fold_pack": args.fold_pack}
     write_cells(args.out, cells, meta)
     done = done_keys(args.out)
-    order = {s: i for i, s in enumerate(d.fold_subjects)}  # largest test subjects first, cells interleaved
-    tasks = sorted(((c.cell_id, s, c.fold_model(s), c.fold_recipe(s)) for c in cells for s in c.subjects
-                    if (c.cell_id, s) not in done), key=lambda t: order[t[1]])
+    tasks = plan_packs(cells, done, args.fold_pack, {s: i for i, s in enumerate(d.fold_subjects)})
     names = {c.cell_id: c.name for c in cells}
+    todo = sum(len(t[1]) for t in tasks)
     print(f"{len(cells)} cells, {sum(len(c.subjects) for c in cells)} folds of {d.key} ({len(d.labels)} samples): "
-          f"{len(done)} recorded earlier, {len(tasks)} to train on {where}, {workers} at once, {threads} thread(s) each",
-          flush=True)
+          f"{len(done)} recorded earlier, {todo} to train in {len(tasks)} pack(s) on {where}, {workers} at once, "
+          f"{threads} thread(s) each", flush=True)
     start = time.perf_counter()
     ctx = torch.multiprocessing.get_context("spawn")
     counter = ctx.Value("i", 0)
-    train_seconds = 0.0
+    figures: dict[str, list[dict]] = {}
+    n = 0
     with GpuSampler() as gpu, ctx.Pool(workers, initializer=_init, initargs=(d, gpus, counter, threads)) as pool:
-        for n, (cid, rec) in enumerate(pool.imap_unordered(_run, tasks), 1):
-            append_fold(args.out, cid, rec)
-            train_seconds += rec["train_seconds"]
+        for cid, recs, fig in pool.imap_unordered(_run, tasks):
+            for rec in recs:
+                append_fold(args.out, cid, rec)
+            n += len(recs)
+            figures.setdefault(cid, []).append({**fig, "folds": len(recs)})
             el = time.perf_counter() - start
-            acc = float(np.mean(np.asarray(rec["y_true"]) == np.asarray(rec["y_pred"])))
-            print(f"[{n}/{len(tasks)} folds, {el / 60:.1f} min, {n / el * 3600:.0f} folds/h] {names[cid]} | fold "
-                  f"{rec['subject']}: acc {acc:.3f} on {len(rec['y_true'])}, {rec['train_seconds']:.1f} s", flush=True)
+            acc = float(np.mean([np.mean(np.asarray(r["y_true"]) == np.asarray(r["y_pred"])) for r in recs]))
+            print(f"[{n}/{todo} folds, {el / 60:.1f} min, {n / el * 3600:.0f} folds/h] {names[cid]} | pack of "
+                  f"{len(recs)} fold(s): mean acc {acc:.3f}, {fig['seconds']:.1f} s", flush=True)
     wall = time.perf_counter() - start
     util = gpu.mean()
-    meta.update(wall_seconds=round(wall, 1), folds_trained=len(tasks), folds_per_hour=round(len(tasks) / wall * 3600, 1)
-                if tasks else None, gpu_utilisation_percent=None if util is None else round(util, 1),
-                train_seconds_sum=round(train_seconds, 1))
+    meta.update(wall_seconds=round(wall, 1), folds_trained=todo, folds_per_hour=round(todo / wall * 3600, 1)
+                if todo else None, gpu_utilisation_percent=None if util is None else round(util, 1))
     write_cells(args.out, cells, meta)
-    print(f"\nwall {wall / 60:.1f} min for {len(tasks)} folds: {meta['folds_per_hour']} folds/hour; "
-          f"{train_seconds / 60:.1f} min of training summed over workers; GPU utilisation "
+    print(f"\nwall {wall / 60:.1f} min for {todo} folds: {meta['folds_per_hour']} folds/hour; GPU utilisation "
           + (f"{util:.0f} % (mean of {len(gpu.samples)} samples)" if util is not None else "n/a (no GPU)"))
-    from grid.records import read_records
-
+    print("\n".join(preset_figures(cells, figures, args.peak_tflops)))
     _, _, folds = read_records(args.out)
     for c in cells:
         if len(folds[c.cell_id]) == len(c.subjects):

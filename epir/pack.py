@@ -154,7 +154,7 @@ class Pack:
             check_training_arrays(config, flows[mb.train_index], labels[mb.train_index])
         self.src, self.dst = data_convention(recipe.flow_range), config.input_convention
         self.x_all = to_tensor(flows).to(self.device)  # (N, 3, H, W), the data's convention
-        self.y_all = torch.from_numpy(labels).to(self.device)
+        self.y_all = torch.from_numpy(labels.copy()).to(self.device)
         self.train_index = [torch.as_tensor(mb.train_index, device=self.device) for mb in members]
         self.sizes = [len(mb.train_index) for mb in members]
         self.per_epoch = [-(-n // recipe.batch_size) for n in self.sizes]
@@ -337,11 +337,49 @@ def _unstack(config, params: dict[str, torch.Tensor], buffers: dict[str, torch.T
     return out
 
 
+def probe_member_bytes(config, recipe: TrainRecipe, flows: np.ndarray, labels: np.ndarray, member: Member) -> int:
+    """Peak CUDA memory (bytes) of ONE member's training step: what each member of a pack adds.
+
+    Raises:
+        ValueError: on a device other than CUDA (host memory is not probed).
+    """
+    device = resolve_device(recipe.device)
+    if device.type != "cuda":
+        raise ValueError("only CUDA memory is probed")
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    pack = Pack(config, dataclasses.replace(recipe, epochs=1, compile=False), flows, labels, [member])
+    pack.step(pack.batch(pack.epoch_orders(), 0))
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before - pack.x_all.numel() * pack.x_all.element_size()
+    del pack
+    torch.cuda.empty_cache()
+    return int(peak)
+
+
+def pack_sizes(members: int, per_member: int, free: int, margin: float = 0.8) -> list[int]:
+    """Split ``members`` into packs that fit ``margin`` of ``free`` bytes at ``per_member`` bytes each.
+
+    Raises:
+        MemoryError: when not even one member fits, with the figures.
+    """
+    fit = int(margin * free // max(per_member, 1))
+    if fit < 1:
+        raise MemoryError(f"one member needs {per_member / 2**30:.2f} GiB, the device has {free / 2**30:.2f} GiB free: "
+                          "lower the batch size or the width")
+    return [min(fit, members - k) for k in range(0, members, fit)]
+
+
 def train_folds(flows: np.ndarray, labels: np.ndarray, subjects: Sequence, test_subjects: Sequence, config,
                 recipe: TrainRecipe, on_epoch_end: Callable[[str, dict], None] | None = None,
-                keep_models: bool = False) -> list[FoldResult]:
+                keep_models: bool = False, log: Callable[[str], None] | None = None) -> list[FoldResult]:
     """Train the LOSO folds of ``test_subjects`` as one pack; the same results as :func:`epir.train.train_fold`
     called for each (the honest last epoch, the best-test-epoch result beside it, each ensemble member's).
+
+    On a CUDA device a pack that would not fit the free memory is split into packs that do (the probe,
+    :func:`probe_member_bytes`, trains one member for one step; ``log`` hears of the split); on a CPU the
+    pack is not split.
 
     Args:
         flows, labels, subjects: as :func:`epir.train.train_fold`.
@@ -350,6 +388,7 @@ def train_folds(flows: np.ndarray, labels: np.ndarray, subjects: Sequence, test_
             per fold, seeds ``seed + 1000 m``).
         on_epoch_end: called as ``f(test_subject, record)`` with the epochs of each fold's first member.
         keep_models: return each fold's trained model(s) in ``FoldResult.models``.
+        log: receives a line when the pack is split for memory.
 
     Returns:
         One :class:`epir.train.FoldResult` per test subject, in order; ``train_seconds`` is the pack's wall
@@ -357,6 +396,7 @@ def train_folds(flows: np.ndarray, labels: np.ndarray, subjects: Sequence, test_
 
     Raises:
         ValueError: as :func:`epir.train.fold_split` and :func:`fit_pack`; for a repeated test subject.
+        MemoryError: on CUDA, when not one member fits (:func:`pack_sizes`).
     """
     if len(set(map(str, test_subjects))) != len(test_subjects):
         raise ValueError(f"a pack's test subjects must be distinct, got {list(test_subjects)}")
@@ -368,12 +408,26 @@ def train_folds(flows: np.ndarray, labels: np.ndarray, subjects: Sequence, test_
         for m in range(recipe.ensemble):
             members.append(Member(np.flatnonzero(~test), recipe.seed + 1000 * m, np.flatnonzero(test)))
     s_count = recipe.ensemble
+    chunk = len(members)
+    if resolve_device(recipe.device).type == "cuda":  # split what would not fit; a fold's members stay together
+        per = probe_member_bytes(config, recipe, flows, y, members[0])
+        fit = pack_sizes(len(members), per, torch.cuda.mem_get_info(resolve_device(recipe.device))[0])[0]
+        chunk = max(s_count, fit - fit % s_count)
+        if chunk < len(members) and log is not None:
+            log(f"pack of {len(members)} members split into packs of {chunk} ({per / 2**20:.0f} MiB per member)")
+    curves, seen, models = [], [], []
+    for k in range(0, len(members), chunk):
+        part = members[k:k + chunk]
 
-    def relay(i: int, rec: dict) -> None:
-        if on_epoch_end is not None and i % s_count == 0:
-            on_epoch_end(folds[i // s_count][0], rec)
+        def relay(i: int, rec: dict, k=k) -> None:
+            j = k + i
+            if on_epoch_end is not None and j % s_count == 0:
+                on_epoch_end(folds[j // s_count][0], rec)
 
-    curves, seen, models = fit_pack(config, recipe, flows, y, members, relay)
+        c, e, m = fit_pack(config, recipe, flows, y, part, relay)
+        curves += c
+        seen += e
+        models += m
     seconds = (time.perf_counter() - start) / len(folds)
     device = str(resolve_device(recipe.device))
     out = []
@@ -382,5 +436,3 @@ def train_folds(flows: np.ndarray, labels: np.ndarray, subjects: Sequence, test_
         out.append(fold_result(s, test_index, y[test_index], seen[part], curves[part],
                                models[part] if keep_models else None, seconds, device))
     return out
-
-

@@ -277,20 +277,45 @@ def check_values(values: dict, presets: list[str]) -> list[str]:
     Returns:
         The problems, one line each, empty when every value fits (unknown fields are not judged here).
     """
-    from pydantic import TypeAdapter, ValidationError
-
+    if not values:
+        return []
     types = field_types(presets)
     problems = []
     for k, v in values.items():
         for t in types.get(k, []):
-            try:
-                TypeAdapter(t).validate_python(v, strict=True)
-            except ValidationError as e:
+            why = _refusal(t, v)
+            if why:
                 want = (f"one of {', '.join(map(repr, get_args(t)))}" if get_origin(t) is Literal
                         else getattr(t, "__name__", str(t)))
-                problems.append(f"{k}={v!r} ({type(v).__name__}): {e.errors()[0]['msg'].lower()} ({k} is {want})")
+                problems.append(f"{k}={v!r} ({type(v).__name__}): {why} ({k} is {want})")
                 break
     return problems
+
+
+def _refusal(t, v) -> str | None:
+    """Why pydantic (strict mode) refuses value v for type t, or None. Without pydantic (a lent GPU machine has
+    only PyTorch and NumPy) the same strict rules for the types configurations use: bool, int, float (an int
+    is a float), str, None, ``Literal`` and unions of them."""
+    try:
+        from pydantic import TypeAdapter, ValidationError  # deferred: only when values are given
+    except ImportError:
+        return _strict_refusal(t, v)
+    try:
+        TypeAdapter(t).validate_python(v, strict=True)
+    except ValidationError as e:
+        return e.errors()[0]["msg"].lower()
+    return None
+
+
+def _strict_refusal(t, v) -> str | None:
+    """:func:`_refusal` without pydantic."""
+    if get_origin(t) is Literal:
+        return None if v in get_args(t) else f"input should be {' or '.join(map(repr, get_args(t)))}"
+    if get_args(t) and type(None) in get_args(t):  # X | None
+        return None if v is None else _strict_refusal(next(a for a in get_args(t) if a is not type(None)), v)
+    ok = {bool: isinstance(v, bool), int: isinstance(v, int) and not isinstance(v, bool),
+          float: isinstance(v, (int, float)) and not isinstance(v, bool), str: isinstance(v, str)}.get(t, True)
+    return None if ok else f"input should be a valid {getattr(t, '__name__', t)}"
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -87,3 +87,12 @@ def test_packs_refuse_models_they_cannot_batch_and_repeated_folds():
                  [Member(np.arange(12), 0)])
     with pytest.raises(ValueError, match="distinct"):
         train_folds(flows, labels, subjects, ["s1", "s1"], make_config("epir", **TINY), TrainRecipe(epochs=1))
+
+
+def test_a_pack_too_large_for_the_device_is_split_or_refused_with_the_figures():
+    from epir.pack import pack_sizes
+
+    assert pack_sizes(68, per_member=2 * 2**30, free=100 * 2**30) == [40, 28]
+    assert pack_sizes(5, per_member=2**20, free=2**30) == [5]
+    with pytest.raises(MemoryError, match="one member needs 8.00 GiB, the device has 4.00 GiB free"):
+        pack_sizes(3, per_member=8 * 2**30, free=4 * 2**30)
