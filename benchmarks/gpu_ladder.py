@@ -51,8 +51,7 @@ from epir.train import TrainRecipe, train_fold  # noqa: E402
 from grid.cells import build_cells, pooled_scores  # noqa: E402
 from grid.config import PROFILES, GridConfig, parse_overrides  # noqa: E402
 from grid.data import available_protocols, load_protocol  # noqa: E402
-from grid.records import append_fold, done_keys, read_records, write_cells  # noqa: E402
-from grid.trainable import fold_record  # noqa: E402
+from grid.records import FoldRecord, append_fold, done_keys, read_records, write_cells  # noqa: E402
 
 _DATA = None  # each worker's ProtocolData (set by _init)
 
@@ -69,7 +68,7 @@ def _init(data, devices, counter, threads):
         torch.cuda.set_device(devices[i % len(devices)])
 
 
-def _run(task: tuple) -> tuple[str, list[dict], dict]:
+def _run(task: tuple) -> tuple[str, list[FoldRecord], dict]:
     """One pack in a worker: ``(cell_id, subjects, model dict, recipe dict)`` -> (cell_id, fold records, figures)."""
     cell_id, subjects, model, recipe = task
     config, rec = config_from_dict(model), TrainRecipe(**recipe)
@@ -89,7 +88,7 @@ def _run(task: tuple) -> tuple[str, list[dict], dict]:
     seen = sum(rec.epochs * int((np.asarray(_DATA.subjects) != s).sum()) * rec.ensemble for s in subjects)
     figures = {"seconds": seconds, "samples_seen": seen, "macs": measure(build_model(config)).macs,
                "peak_bytes": torch.cuda.max_memory_allocated() if cuda else 0}
-    return cell_id, [fold_record(r, _DATA, started, platform.node()) for r in results], figures
+    return cell_id, [FoldRecord.from_result(r, _DATA, started, platform.node()) for r in results], figures
 
 
 class GpuSampler:
@@ -211,7 +210,7 @@ def main(argv=None) -> int:
             n += len(recs)
             figures.setdefault(cid, []).append({**fig, "folds": len(recs)})
             el = time.perf_counter() - start
-            acc = float(np.mean([np.mean(np.asarray(r["y_true"]) == np.asarray(r["y_pred"])) for r in recs]))
+            acc = float(np.mean([r.accuracy for r in recs]))
             print(f"[{n}/{todo} folds, {el / 60:.1f} min, {n / el * 3600:.0f} folds/h] {names[cid]} | pack of "
                   f"{len(recs)} fold(s): mean acc {acc:.3f}, {fig['seconds']:.1f} s", flush=True)
     wall = time.perf_counter() - start

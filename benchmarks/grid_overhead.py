@@ -70,9 +70,9 @@ def main(argv=None) -> int:
 
     client, exp_id = tracking.setup("bench")
     folds = list(tracking.finished_folds(client, exp_id, outcome.cells[0].cell_id).values())
-    train = sum(f["train_seconds"] for f in folds)
-    start, end = min(f["started"] for f in folds), max(f["finished"] for f in folds)
-    events = sorted([(f["started"], 1) for f in folds] + [(f["finished"], -1) for f in folds])
+    train = sum(f.train_seconds for f in folds)
+    start, end = min(f.started for f in folds), max(f.finished for f in folds)
+    events = sorted([(f.started, 1) for f in folds] + [(f.finished, -1) for f in folds])
     running = peak = 0
     for _, d in events:
         running += d

@@ -43,13 +43,13 @@ def one(workers: int, args, overrides: dict) -> tuple[float, int]:
     try:
         cfg = GridConfig(datasets=[DatasetSpec("megc2019", args.data, protocols=["CDE"])], presets=["epir"],
                          profile="cpu", overrides=overrides, experiment="bench", folds=args.folds,
-                         cpus_per_trial=args.cpus, gpus_per_trial=0.5, work_dir=scratch / "work",
+                         cpus_per_trial=args.cpus, gpus_per_trial=0.5, fold_pack=1, work_dir=scratch / "work",
                          results_dir=scratch / "results")
         outcome = run_grid(cfg, log=lambda m: print(f"  [{workers} worker(s)] {m}", flush=True))
         client, exp_id = tracking.setup("bench")
         folds = list(tracking.finished_folds(client, exp_id, outcome.cells[0].cell_id).values())
-        span = max(f["finished"] for f in folds) - min(f["started"] for f in folds)
-        return len(folds) / span * 3600, len({f["node"] for f in folds})
+        span = max(f.finished for f in folds) - min(f.started for f in folds)
+        return len(folds) / span * 3600, len({f.node for f in folds})
     finally:
         ray.shutdown()
         cluster.shutdown()

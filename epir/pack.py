@@ -371,6 +371,20 @@ def pack_sizes(members: int, per_member: int, free: int, margin: float = 0.8) ->
     return [min(fit, members - k) for k in range(0, members, fit)]
 
 
+def _chunk(config, recipe: TrainRecipe, flows: np.ndarray, labels: np.ndarray, members: list[Member],
+           log: Callable[[str], None] | None) -> int:
+    """Members per pack: all of them, or on CUDA as many as fit the free memory (a multiple of the ensemble
+    size, so that a fold's members stay together)."""
+    if resolve_device(recipe.device).type != "cuda":
+        return len(members)
+    per = probe_member_bytes(config, recipe, flows, labels, members[0])
+    fit = pack_sizes(len(members), per, torch.cuda.mem_get_info(resolve_device(recipe.device))[0])[0]
+    chunk = max(recipe.ensemble, fit - fit % recipe.ensemble)
+    if chunk < len(members) and log is not None:
+        log(f"pack of {len(members)} members split into packs of {chunk} ({per / 2**20:.0f} MiB per member)")
+    return chunk
+
+
 def train_folds(flows: np.ndarray, labels: np.ndarray, subjects: Sequence, test_subjects: Sequence, config,
                 recipe: TrainRecipe, on_epoch_end: Callable[[str, dict], None] | None = None,
                 keep_models: bool = False, log: Callable[[str], None] | None = None) -> list[FoldResult]:
@@ -408,13 +422,7 @@ def train_folds(flows: np.ndarray, labels: np.ndarray, subjects: Sequence, test_
         for m in range(recipe.ensemble):
             members.append(Member(np.flatnonzero(~test), recipe.seed + 1000 * m, np.flatnonzero(test)))
     s_count = recipe.ensemble
-    chunk = len(members)
-    if resolve_device(recipe.device).type == "cuda":  # split what would not fit; a fold's members stay together
-        per = probe_member_bytes(config, recipe, flows, y, members[0])
-        fit = pack_sizes(len(members), per, torch.cuda.mem_get_info(resolve_device(recipe.device))[0])[0]
-        chunk = max(s_count, fit - fit % s_count)
-        if chunk < len(members) and log is not None:
-            log(f"pack of {len(members)} members split into packs of {chunk} ({per / 2**20:.0f} MiB per member)")
+    chunk = _chunk(config, recipe, flows, y, members, log)
     curves, seen, models = [], [], []
     for k in range(0, len(members), chunk):
         part = members[k:k + chunk]

@@ -401,59 +401,81 @@ def fit(
         ValueError: for empty or inconsistent arrays, labels outside 0..C-1, an input convention the
             data cannot meet, or ``standardize`` for a model without input statistics.
     """
-    y = check_training_arrays(config, x_train, y_train)
-    device = resolve_device(recipe.device)
-    torch.manual_seed(recipe.seed)
-    model = build_model(config).to(device)
-    x = to_tensor(x_train).to(device)  # the data's convention; converted per batch after augmentation
-    src, dst = data_convention(recipe.flow_range), config.input_convention
-    if recipe.standardize:  # training statistics only; the test subject is never seen here
-        set_training_stats(model, convert(x, src, dst))
-    yt = torch.from_numpy(y).to(device)
-    weights = balanced_weights(yt, config.num_classes) if recipe.class_weights == "balanced" else None
-    opt_cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    per_epoch = -(-len(x) // recipe.batch_size)
-    sched = _scheduler(opt, recipe, per_epoch)
-    ema = None
-    if recipe.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema), use_buffers=True)
-    gen, rng = fold_generators(recipe.seed)
-    rates = getattr(model, "drop_rates", [])
-    forward = torch.compile(model) if recipe.compile else model
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
+    run = _Training(config, recipe, x_train, check_training_arrays(config, x_train, y_train))
     curve: list[dict] = []
     for epoch in range(1, recipe.epochs + 1):
-        model.train()
-        order = _epoch_order(len(x), recipe, yt, gen).to(device)
-        loss_sum, correct = 0.0, 0
-        for i in range(0, len(x), recipe.batch_size):
-            idx = order[i : i + recipe.batch_size]
-            a = augment(x[idx], yt[idx], recipe, gen, rng, config.num_classes, rates)
-            with torch.autocast(**autocast):
-                kw = {} if a.drop_scale is None else {"drop_scale": a.drop_scale}
-                logits, feats = forward(convert(a.x, src, dst), return_features=True, **kw)
-                loss = epir_loss(logits, feats, a.y, alpha=config.alpha, use_contrastive=config.contrastive,
-                                 targets=a.targets, class_weights=weights, label_smoothing=recipe.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            if sched is not None:
-                sched.step()
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(-1) == a.y).sum())
-        record = {"epoch": epoch, "loss": loss_sum / len(x), "train_acc": correct / len(x),
-                  "lr": opt.param_groups[0]["lr"]}
+        record = run.epoch(epoch)
         if eval_each_epoch is not None:
-            record.update(eval_each_epoch(model if ema is None else ema.module, epoch))
+            record.update(eval_each_epoch(run.predictor, epoch))
         curve.append(record)
         if on_epoch_end is not None:
             on_epoch_end(record)
-    return (model if ema is None else ema.module), curve
+    return run.predictor, curve
+
+
+class _Training:
+    """One model being trained by :func:`fit`: the model, its optimiser, schedule, weight average and the
+    fold's random streams. Shapes: x (N, 3, H, W) in the data's convention on the device, y (N,)."""
+
+    def __init__(self, config, recipe: TrainRecipe, x_train: np.ndarray, y: np.ndarray):
+        self.config, self.recipe = config, recipe
+        self.device = resolve_device(recipe.device)
+        torch.manual_seed(recipe.seed)
+        self.model = build_model(config).to(self.device)
+        self.x = to_tensor(x_train).to(self.device)  # the data's convention; converted per batch after augmentation
+        self.src, self.dst = data_convention(recipe.flow_range), config.input_convention
+        if recipe.standardize:  # training statistics only; the test subject is never seen here
+            set_training_stats(self.model, convert(self.x, self.src, self.dst))
+        self.y = torch.from_numpy(y).to(self.device)
+        self.weights = balanced_weights(self.y, config.num_classes) if recipe.class_weights == "balanced" else None
+        opt_cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
+        self.opt = opt_cls(self.model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        self.sched = _scheduler(self.opt, recipe, -(-len(self.x) // recipe.batch_size))
+        self.ema = None
+        if recipe.ema:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema), use_buffers=True)
+        self.gen, self.rng = fold_generators(recipe.seed)
+        self.rates = getattr(self.model, "drop_rates", [])
+        self.forward = torch.compile(self.model) if recipe.compile else self.model
+        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
+
+    @property
+    def predictor(self) -> nn.Module:
+        """The model that predicts: the weights' moving average with ``recipe.ema``, else the model."""
+        return self.model if self.ema is None else self.ema.module
+
+    def epoch(self, epoch: int) -> dict:
+        """One pass over the training samples; returns the epoch's record (see :class:`FoldResult`)."""
+        self.model.train()
+        order = _epoch_order(len(self.x), self.recipe, self.y, self.gen).to(self.device)
+        loss_sum, correct = 0.0, 0
+        for i in range(0, len(self.x), self.recipe.batch_size):
+            idx = order[i : i + self.recipe.batch_size]
+            loss, hits = self.step(augment(self.x[idx], self.y[idx], self.recipe, self.gen, self.rng,
+                                           self.config.num_classes, self.rates))
+            loss_sum += loss * len(idx)
+            correct += hits
+        return {"epoch": epoch, "loss": loss_sum / len(self.x), "train_acc": correct / len(self.x),
+                "lr": self.opt.param_groups[0]["lr"]}
+
+    def step(self, a: Augmented) -> tuple[float, int]:
+        """One optimisation step on an augmented batch; returns its loss and correct predictions."""
+        cfg = self.config
+        with torch.autocast(**self.autocast):
+            kw = {} if a.drop_scale is None else {"drop_scale": a.drop_scale}
+            logits, feats = self.forward(convert(a.x, self.src, self.dst), return_features=True, **kw)
+            loss = epir_loss(logits, feats, a.y, alpha=cfg.alpha, use_contrastive=cfg.contrastive, targets=a.targets,
+                             class_weights=self.weights, label_smoothing=self.recipe.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        if self.sched is not None:
+            self.sched.step()
+        return loss.item(), int((logits.argmax(-1) == a.y).sum())
 
 
 class SoftmaxEnsemble(nn.Module):

@@ -14,6 +14,7 @@ changes (a fold trained under the old default is never reused for the new one).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -254,7 +255,7 @@ def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) ->
     return cells
 
 
-def pooled_scores(cell: Cell, folds: dict[str, dict], best_test_epoch: bool = False) -> dict | None:
+def pooled_scores(cell: Cell, folds: dict, best_test_epoch: bool = False) -> dict | None:
     """UF1 / UAR / accuracy / confusion from the predictions pooled over the cell's folds, overall and per
     source dataset when there is more than one (EPIR Table 1 scores SAMM, CASME II, SMIC as subsets).
 
@@ -263,20 +264,18 @@ def pooled_scores(cell: Cell, folds: dict[str, dict], best_test_epoch: bool = Fa
             PEEK at each fold's test subject); None when a fold has none (folds logged before they existed).
     """
     fs = [folds[s] for s in cell.subjects]
-    if best_test_epoch:
-        if not all(f.get("best_test_epoch") for f in fs):
-            return None
-        fs = [{**f, "y_pred": f["best_test_epoch"]["y_pred"]} for f in fs]
-    yt = np.concatenate([f["y_true"] for f in fs]).astype(int)
-    yp = np.concatenate([f["y_pred"] for f in fs]).astype(int)
-    groups = np.concatenate([f["groups"] for f in fs])
+    if best_test_epoch and not all(f.best_test_epoch for f in fs):
+        return None
+    yt = np.concatenate([f.y_true for f in fs]).astype(int)
+    yp = np.concatenate([f.best_test_epoch.y_pred if best_test_epoch else f.y_pred for f in fs]).astype(int)
+    groups = np.concatenate([f.groups for f in fs])
     return score(yt, yp, len(cell.classes), groups if len(set(groups.tolist())) > 1 else None)
 
 
-def member_scores(cell: Cell, folds: dict[str, dict]) -> list[dict] | None:
+def member_scores(cell: Cell, folds: dict) -> list[dict] | None:
     """Pooled scores of each ensemble member alone (a single model per seed), or None without an ensemble."""
     fs = [folds[s] for s in cell.subjects]
-    if not all(f.get("member_y_pred") for f in fs):
+    if not all(f.member_y_pred for f in fs):
         return None
-    return [pooled_scores(cell, {f["subject"]: {**f, "y_pred": f["member_y_pred"][m]} for f in fs})
-            for m in range(len(fs[0]["member_y_pred"]))]
+    return [pooled_scores(cell, {f.subject: dataclasses.replace(f, y_pred=f.member_y_pred[m]) for f in fs})
+            for m in range(len(fs[0].member_y_pred))]

@@ -30,6 +30,7 @@ from . import tracking
 from .cells import Cell, build_cells, member_scores, pooled_scores
 from .config import GridConfig
 from .data import ProtocolData, load_protocol, preprocess, protocol_support
+from .records import FoldRecord
 from preprocess.pipeline import init_ray
 
 from .trainable import FINAL, FINAL_KEY, FOLD_KEY, PACK_KEY, fold_trial
@@ -79,8 +80,8 @@ def _cell_stats(cell: Cell, folds: dict[str, dict]) -> dict:
     from epir.presets import build_model, config_from_dict
 
     c = measure(build_model(config_from_dict(cell.fold_model(cell.subjects[0]))))  # a search's cell: its first fold's
-    stats = {"folds": len(fs), "train_seconds_sum": sum(f["train_seconds"] for f in fs),
-             "wall_seconds": max(f["finished"] for f in fs) - min(f["started"] for f in fs),
+    stats = {"folds": len(fs), "train_seconds_sum": sum(f.train_seconds for f in fs),
+             "wall_seconds": max(f.finished for f in fs) - min(f.started for f in fs),
              "params_M": c.params / 1e6, "macs_M": c.macs / 1e6}
     members = member_scores(cell, folds)
     if members:  # each member alone: the spread over seeds that the ensemble averages away
@@ -147,23 +148,22 @@ class _Progress(Callback):
                      f"{final['samples']} samples in {final['train_seconds']:.1f} s: {uri}")
             return
         if FOLD_KEY in res:
-            self.fold_done(self.cells[t["cell_id"]], json.loads(res[FOLD_KEY]))
+            self.fold_done(self.cells[t["cell_id"]], FoldRecord.from_dict(json.loads(res[FOLD_KEY])))
         for fold in json.loads(res.get(PACK_KEY, "[]")):  # a pack: its folds, each its own child run
-            self.fold_done(self.cells[t["cell_id"]], fold)
+            self.fold_done(self.cells[t["cell_id"]], FoldRecord.from_dict(fold))
 
-    def fold_done(self, cell: Cell, fold: dict) -> None:
+    def fold_done(self, cell: Cell, fold: FoldRecord) -> None:
         """Log one finished fold, print progress, and finish its cell when it was the last."""
         tracking.log_fold(self.client, self.exp_id, self.parents[cell.cell_id], cell, fold)
-        self.done[cell.cell_id][fold["subject"]] = fold
+        self.done[cell.cell_id][fold.subject] = fold
         self.folds_now += 1
-        self.train_seconds += fold["train_seconds"]
+        self.train_seconds += fold.train_seconds
         elapsed = time.perf_counter() - self.start
         eta = elapsed / self.folds_now * (self.folds_total - self.folds_now)
         cells_done = sum(len(self.done[c.cell_id]) == len(c.subjects) for c in self.cells.values())
-        acc = float(np.mean(np.asarray(fold["y_true"]) == np.asarray(fold["y_pred"])))
         self.log(f"[{self.folds_now}/{self.folds_total} folds, {cells_done}/{len(self.cells)} cells, "
-                 f"{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min] {cell.name} | fold {fold['subject']}: "
-                 f"acc {acc:.3f} on {len(fold['y_true'])}, {fold['train_seconds']:.1f} s")
+                 f"{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min] {cell.name} | fold {fold.subject}: "
+                 f"acc {fold.accuracy:.3f} on {len(fold.y_true)}, {fold.train_seconds:.1f} s")
         if len(self.done[cell.cell_id]) == len(cell.subjects):
             finish_cell(self.client, self.parents[cell.cell_id], cell, self.done[cell.cell_id], self.log)
 

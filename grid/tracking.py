@@ -17,8 +17,11 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+
+from .records import FoldRecord
 
 TAG_KIND, TAG_CELL, TAG_FOLD = "epir.kind", "epir.cell_id", "epir.fold"
 
@@ -124,8 +127,8 @@ def parent_run(client, exp_id: str, cell) -> str:
     return run.info.run_id
 
 
-def finished_folds(client, exp_id: str, cell_id: str) -> dict[str, dict]:
-    """Finished child runs of a cell: ``{subject: fold payload}`` read back from their artifacts."""
+def finished_folds(client, exp_id: str, cell_id: str) -> dict[str, FoldRecord]:
+    """Finished child runs of a cell: ``{subject: its record}`` read back from their ``fold.json``."""
     runs = search_runs(client, exp_id, f"tags.`{TAG_KIND}` = 'fold' and tags.`{TAG_CELL}` = '{cell_id}' "
                                    "and attributes.status = 'FINISHED'")
     out = {}
@@ -134,21 +137,37 @@ def finished_folds(client, exp_id: str, cell_id: str) -> dict[str, dict]:
         if subject in out:
             continue
         path = client.download_artifacts(r.info.run_id, "fold.json")
-        out[subject] = json.loads(Path(path).read_text())
+        out[subject] = FoldRecord.from_dict(json.loads(Path(path).read_text()))
     return out
 
 
 PEEK = "best_test_epoch."  # prefix of every metric that peeks at the test subject
 
 
-def _predictions_csv(cell, fold: dict, y_pred, probs) -> str:
+def _predictions_csv(cell, fold: FoldRecord, y_pred, probs) -> str:
     lines = ["sample_id,y_true,y_pred," + ",".join(f"p_{c}" for c in cell.classes)]
-    for s, t, p, pr in zip(fold["sample_ids"], fold["y_true"], y_pred, probs):
+    for s, t, p, pr in zip(fold.sample_ids, fold.y_true, y_pred, probs):
         lines.append(f"{s},{cell.classes[t]},{cell.classes[p]}," + ",".join(f"{x:.5f}" for x in pr))
     return "\n".join(lines) + "\n"
 
 
-def log_fold(client, exp_id: str, parent_id: str, cell, fold: dict) -> str:
+def _fold_metrics(fold: FoldRecord, now: int) -> list:
+    """A fold's MLflow metrics: the curve as histories, the test scores, and the peeking ones beside them."""
+    from mlflow.entities import Metric
+
+    metrics = [Metric(k, float(rec[k]), now, int(rec["epoch"])) for rec in fold.curve for k in rec if k != "epoch"]
+    metrics += [Metric("test_accuracy", fold.accuracy, now, 0), Metric("test_samples", float(len(fold.y_true)), now, 0),
+                Metric("train_seconds", float(fold.train_seconds), now, 0),
+                Metric("selected_epoch", float(fold.selected_epoch), now, 0)]
+    peek = fold.best_test_epoch
+    if peek:
+        hits = sum(a == b for a, b in zip(fold.y_true, peek.y_pred)) / len(fold.y_true)
+        metrics += [Metric(f"{PEEK}epoch", float(peek.epoch), now, 0), Metric(f"{PEEK}test_accuracy", hits, now, 0)]
+        metrics += [Metric(f"{PEEK}test_acc_by_epoch", float(a), now, e) for e, a in enumerate(peek.test_acc, 1)]
+    return metrics
+
+
+def log_fold(client, exp_id: str, parent_id: str, cell, fold: FoldRecord) -> str:
     """One child run for one finished fold: the full configuration as params, per-epoch loss and
     training accuracy as metric histories, the fold's metrics, its honest predictions
     (``predictions.csv``), and everything as ``fold.json``; marked FINISHED last, so a half-logged fold is
@@ -156,38 +175,25 @@ def log_fold(client, exp_id: str, parent_id: str, cell, fold: dict) -> str:
     ``best_test_epoch.epoch``, ``best_test_epoch.test_accuracy``, the history
     ``best_test_epoch.test_acc_by_epoch`` (the test subject's accuracy after each epoch) and
     ``predictions_best_test_epoch.csv``."""
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Param
 
-    tags = {"mlflow.parentRunId": parent_id, TAG_KIND: "fold", TAG_CELL: cell.cell_id, TAG_FOLD: fold["subject"],
-            "epir.node": str(fold.get("node", "")), "epir.device": str(fold.get("device", "")), **cell.tags(),
-            **source_tags()}
-    run = client.create_run(exp_id, tags=tags, run_name=f"{cell.name} | {fold['subject']}")
-    rid = run.info.run_id
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, float(rec[k]), now, int(rec["epoch"])) for rec in fold["curve"] for k in rec if k != "epoch"]
-    yt, yp = np.asarray(fold["y_true"]), np.asarray(fold["y_pred"])
-    metrics += [Metric("test_accuracy", float(np.mean(yt == yp)), now, 0),
-                Metric("test_samples", float(len(yt)), now, 0),
-                Metric("train_seconds", float(fold["train_seconds"]), now, 0),
-                Metric("selected_epoch", float(fold["selected_epoch"]), now, 0)]
-    peek = fold.get("best_test_epoch")
-    if peek:
-        metrics += [Metric(f"{PEEK}epoch", float(peek["epoch"]), now, 0),
-                    Metric(f"{PEEK}test_accuracy", float(np.mean(yt == np.asarray(peek["y_pred"]))), now, 0)]
-        metrics += [Metric(f"{PEEK}test_acc_by_epoch", float(a), now, e) for e, a in enumerate(peek["test_acc"], 1)]
-    params = {**cell.params(), **cell.fold_params(fold["subject"]), "fold.test_subject": fold["subject"]}
+    tags = {"mlflow.parentRunId": parent_id, TAG_KIND: "fold", TAG_CELL: cell.cell_id, TAG_FOLD: fold.subject,
+            "epir.node": str(fold.node), "epir.device": str(fold.device), **cell.tags(), **source_tags()}
+    rid = client.create_run(exp_id, tags=tags, run_name=f"{cell.name} | {fold.subject}").info.run_id
+    metrics = _fold_metrics(fold, int(time.time() * 1000))
+    params = {**cell.params(), **cell.fold_params(fold.subject), "fold.test_subject": fold.subject}
     for i in range(0, len(metrics), 900):
         client.log_batch(rid, metrics=metrics[i : i + 900])
     client.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
-    client.log_text(rid, _predictions_csv(cell, fold, fold["y_pred"], fold["probs"]), "predictions.csv")
-    if peek:
-        client.log_text(rid, _predictions_csv(cell, fold, peek["y_pred"], peek["probs"]),
+    client.log_text(rid, _predictions_csv(cell, fold, fold.y_pred, fold.probs), "predictions.csv")
+    if fold.best_test_epoch:
+        client.log_text(rid, _predictions_csv(cell, fold, fold.best_test_epoch.y_pred, fold.best_test_epoch.probs),
                         "predictions_best_test_epoch.csv")
-    if fold.get("weights_path") and Path(fold["weights_path"]).is_file():
-        client.log_artifact(rid, fold["weights_path"], "weights")
-        client.log_text(rid, json.dumps({"model": cell.fold_model(fold["subject"]), "recipe": cell.fold_recipe(fold["subject"]),
+    if fold.weights_path and Path(fold.weights_path).is_file():
+        client.log_artifact(rid, fold.weights_path, "weights")
+        client.log_text(rid, json.dumps({"model": cell.fold_model(fold.subject), "recipe": cell.fold_recipe(fold.subject),
                                          "classes": cell.classes}, indent=2), "weights/config.json")
-    client.log_text(rid, json.dumps({k: v for k, v in fold.items() if k != "weights_path"}), "fold.json")
+    client.log_text(rid, json.dumps(fold.to_dict()), "fold.json")
     client.set_terminated(rid, "FINISHED")
     return rid
 
@@ -276,32 +282,51 @@ def confusion_figure(confusion: list[list[int]], classes: list[str], title: str)
     return fig
 
 
-def learning_curve_figure(folds: list[dict], title: str):
-    """A matplotlib figure of a cell's training curves: mean and min..max band over its folds of the
-    training loss and accuracy per epoch (and of the test subjects' accuracy per epoch, which the
-    best-test-epoch result is chosen from, drawn dashed and labelled as such)."""
+def learning_curve_figure(folds: list[FoldRecord], title: str):
+    """A matplotlib figure of a cell's TRAINING curves: mean and min..max band over its folds of the training
+    loss, the training accuracy and the learning rate per epoch. No test-subject curve: a figure to choose an
+    epoch count from must not show the test subjects (:func:`peek_figure` holds theirs, labelled)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = min(len(f["curve"]) for f in folds)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, key, name in ((axes[0], "loss", "training loss"), (axes[1], "train_acc", "training accuracy")):
-        v = np.asarray([[rec[key] for rec in f["curve"][:epochs]] for f in folds], dtype=float)
-        x = np.arange(1, epochs + 1)
+    epochs = min(len(f.curve) for f in folds)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    x = np.arange(1, epochs + 1)
+    for ax, key, name in ((axes[0], "loss", "training loss"), (axes[1], "train_acc", "training accuracy"),
+                          (axes[2], "lr", "learning rate")):
+        v = np.asarray([[rec.get(key, np.nan) for rec in f.curve[:epochs]] for f in folds], dtype=float)
         ax.plot(x, v.mean(0), label=f"{name}, mean of {len(folds)} folds")
         ax.fill_between(x, v.min(0), v.max(0), alpha=0.25, label="min .. max over folds")
         ax.set_xlabel("epoch")
         ax.set_title(name, fontsize=9)
-    peeks = [f["best_test_epoch"]["test_acc"][:epochs] for f in folds if f.get("best_test_epoch")]
-    if len(peeks) == len(folds):
-        w = np.asarray([len(f["y_true"]) for f in folds], dtype=float)
-        axes[1].plot(np.arange(1, epochs + 1), (np.asarray(peeks) * w[:, None]).sum(0) / w.sum(), "--",
-                     label="test subjects' accuracy (pooled; for the oracle gap only)")
-    for ax in axes:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def peek_figure(folds: list[FoldRecord], title: str):
+    """The test subjects' accuracy after every epoch, pooled over the folds (each fold weighted by its test
+    samples): what the best-test-epoch result is chosen from. It PEEKS; its title says so. None when a fold
+    has no per-epoch test scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not all(f.best_test_epoch for f in folds):
+        return None
+    epochs = min(len(f.best_test_epoch.test_acc) for f in folds)
+    acc = np.asarray([f.best_test_epoch.test_acc[:epochs] for f in folds])
+    w = np.asarray([len(f.y_true) for f in folds], dtype=float)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(np.arange(1, epochs + 1), (acc * w[:, None]).sum(0) / w.sum(), "--", color="tab:red",
+            label="test subjects' accuracy, pooled")
+    ax.set_xlabel("epoch")
+    ax.legend(fontsize=7)
+    ax.set_title(f"PEEKS at the test subjects (oracle gap only): {title}", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -354,25 +379,38 @@ def log_cell(client, parent_id: str, cell, scores: dict, stats: dict, peek: dict
         fig = learning_curve_figure([folds[s] for s in cell.subjects], f"{cell.name}: learning curves")
         client.log_figure(parent_id, fig, "learning_curves.png")
         plt.close(fig)
+        fig = peek_figure([folds[s] for s in cell.subjects], cell.name)
+        if fig is not None:
+            client.log_figure(parent_id, fig, "peeks_test_accuracy.png")
+            plt.close(fig)
     client.log_text(parent_id, json.dumps(package_versions(), indent=2), "versions.json")
     client.set_tag(parent_id, "epir.versions", json.dumps(package_versions()))
     client.set_terminated(parent_id, "FINISHED")
 
 
 POOLED = "pooled_predictions.csv"  # a cell's honest and best-test-epoch predictions, every fold, on its parent run
+POOLED_COLUMNS = ["subject", "sample_id", "group", "y_true", "y_pred", "y_pred_best_test_epoch"]
+
+
+def _pooled_rows(cell, folds: dict) -> list[dict]:
+    """One row per sample of every fold: subject, sample, source dataset, true and predicted class names."""
+    rows = []
+    for s in cell.subjects:
+        f = folds[s]
+        bte = f.best_test_epoch.y_pred if f.best_test_epoch else [None] * len(f.y_true)
+        for sid, g, t, p, b in zip(f.sample_ids, f.groups, f.y_true, f.y_pred, bte):
+            rows.append({"subject": s, "sample_id": sid, "group": g, "y_true": cell.classes[t], "y_pred": cell.classes[p],
+                         "y_pred_best_test_epoch": "" if b is None else cell.classes[b]})
+    return rows
 
 
 def pooled_predictions_csv(cell, folds: dict) -> str:
     """Every fold's predictions in one table (what paired comparisons resample, :mod:`grid.compare`):
     ``subject, sample_id, group, y_true, y_pred, y_pred_best_test_epoch`` (class names; the last column PEEKS,
     empty for folds without it)."""
-    lines = ["subject,sample_id,group,y_true,y_pred,y_pred_best_test_epoch"]
-    for s in cell.subjects:
-        f = folds[s]
-        bte = (f.get("best_test_epoch") or {}).get("y_pred") or [None] * len(f["y_true"])
-        for sid, g, t, p, b in zip(f["sample_ids"], f["groups"], f["y_true"], f["y_pred"], bte):
-            lines.append(f"{s},{sid},{g},{cell.classes[t]},{cell.classes[p]},{'' if b is None else cell.classes[b]}")
-    return "\n".join(lines) + "\n"
+    import pandas as pd
+
+    return pd.DataFrame(_pooled_rows(cell, folds), columns=POOLED_COLUMNS).to_csv(index=False)
 
 
 def read_pooled_predictions(client, exp_id: str, run) -> "pd.DataFrame":
@@ -381,19 +419,16 @@ def read_pooled_predictions(client, exp_id: str, run) -> "pd.DataFrame":
     class indices (``y_true``, ``y_pred``, ``y_pred_best_test_epoch``, -1 where absent)."""
     import pandas as pd
 
+    from mlflow.exceptions import MlflowException
+
     classes = run.data.params.get("classes", "").split(",")
     index = {c: i for i, c in enumerate(classes)}
     try:
-        path = client.download_artifacts(run.info.run_id, POOLED)
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception:  # noqa: BLE001  (an older cell: no such artifact)
-        rows = []
-        for s, f in sorted(finished_folds(client, exp_id, run.data.tags[TAG_CELL]).items()):
-            bte = (f.get("best_test_epoch") or {}).get("y_pred") or [None] * len(f["y_true"])
-            for sid, g, t, p, b in zip(f["sample_ids"], f["groups"], f["y_true"], f["y_pred"], bte):
-                rows.append({"subject": s, "sample_id": sid, "group": g, "y_true": classes[t], "y_pred": classes[p],
-                             "y_pred_best_test_epoch": "" if b is None else classes[b]})
-        df = pd.DataFrame(rows)
+        df = pd.read_csv(client.download_artifacts(run.info.run_id, POOLED), dtype=str, keep_default_na=False)
+    except (MlflowException, OSError):  # a cell finished before the parent run kept its predictions
+        folds = finished_folds(client, exp_id, run.data.tags[TAG_CELL])
+        cell = SimpleNamespace(subjects=sorted(folds), classes=classes)
+        df = pd.DataFrame(_pooled_rows(cell, folds), columns=POOLED_COLUMNS)
     for col in ("y_true", "y_pred", "y_pred_best_test_epoch"):
         df[col] = df[col].map(lambda v: index.get(v, -1)).astype(int)
     return df

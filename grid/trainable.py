@@ -4,7 +4,7 @@ The trial trains with :func:`epir.train.train_fold` (a pack of folds of the same
 :func:`epir.pack.train_folds`, one batched model), reports its progress (``epoch``, ``loss``,
 ``train_acc``; every epoch, or every ``epochs // 100``-th for long recipes) through ``ray.tune.report``,
 and finishes with a report whose ``fold_json`` (a pack: ``pack_json``, a list) holds the test subject's
-predictions (:func:`fold_record`) and the curve; the driver logs that to MLflow. Trials never write to
+predictions and the curve (:class:`grid.records.FoldRecord` as JSON, with ``weights_path`` when saved); the driver logs that to MLflow. Trials never write to
 MLflow.
 """
 
@@ -13,6 +13,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+
+import ray
+import torch
+from ray import tune
+
+from epir.pack import train_folds
+from epir.presets import config_from_dict
+from epir.train import SoftmaxEnsemble, TrainRecipe, fit_all, train_fold
+
+from .records import FoldRecord
 
 FOLD_KEY = "fold_json"
 PACK_KEY = "pack_json"  # a pack's folds: a JSON list of fold records
@@ -43,34 +53,6 @@ def _maybe_fail(spec: str | None, subjects: list[str], marker_dir: str) -> None:
     raise InjectedFailure(f"injected failure for fold {subject} (--inject-failure {spec})")
 
 
-def fold_record(r, d, started: float, node: str = "") -> dict:
-    """The JSON-ready record of one finished fold, as the grid's child runs hold it (``fold.json``).
-
-    Args:
-        r: the :class:`epir.train.FoldResult`.
-        d: the fold's :class:`grid.data.ProtocolData` (sample ids and source datasets).
-        started: Unix time at which the fold started; node: where it ran.
-
-    Returns:
-        ``subject``, ``sample_ids``, ``groups``, ``y_true``, honest ``y_pred`` / ``probs`` (last epoch),
-        ``curve``, ``selected_epoch``, ``best_test_epoch`` (``epoch``, ``y_pred``, ``probs``, ``test_acc``,
-        ``peeks_at_test``: the test-subject-chosen epoch, kept apart), ``member_y_pred`` (each ensemble
-        member's predictions; None without an ensemble), timing, device and node.
-    """
-    b = r.best_test_epoch
-    return {
-        "subject": r.test_subject, "sample_ids": d.sample_ids[r.test_index].tolist(),
-        "groups": d.groups[r.test_index].tolist(), "y_true": r.y_true.tolist(), "y_pred": r.y_pred.tolist(),
-        "probs": r.probs.round(5).tolist(), "curve": r.curve, "selected_epoch": r.selected_epoch,
-        "epoch_selection": "last",
-        "best_test_epoch": {"epoch": b.epoch, "y_pred": b.y_pred.tolist(), "probs": b.probs.round(5).tolist(),
-                            "test_acc": [round(a, 5) for a in b.test_acc], "peeks_at_test": True},
-        "member_y_pred": r.member_probs.argmax(-1).tolist() if r.member_probs is not None and len(r.member_probs) > 1 else None,
-        "train_seconds": r.train_seconds, "device": r.device, "node": node, "started": started,
-        "finished": time.time(),
-    }
-
-
 def fold_trial(config: dict, data: dict) -> None:
     """Ray Tune function trainable: train and evaluate one fold.
 
@@ -87,13 +69,6 @@ def fold_trial(config: dict, data: dict) -> None:
     Raises:
         InjectedFailure: when told to fail; anything :func:`epir.train.train_fold` raises.
     """
-    import ray
-    import torch
-    from ray import tune
-
-    from epir.presets import config_from_dict
-    from epir.train import TrainRecipe, train_fold
-
     t = config["trial"]
     torch.set_num_threads(max(1, int(t["threads"])))
     subjects = t.get("subjects") or [t["subject"]]
@@ -101,28 +76,35 @@ def fold_trial(config: dict, data: dict) -> None:
     d = data[t["data_key"]]
     recipe = TrainRecipe(**t["recipe"])
     model_config = config_from_dict(t["model"])
-    started = time.time()
     every = max(1, recipe.epochs // REPORTS_PER_FOLD)  # Tune's per-report cost matters at 800 epochs
-    node = ray.get_runtime_context().get_node_id()
 
     def report(rec: dict) -> None:
         if rec["epoch"] % every == 0 and rec["epoch"] < recipe.epochs:
             tune.report(dict(rec))
 
-    weights = Path(t["model_dir"]) / f"{t['cell_id']}-{'final' if t['subject'] == FINAL else t['subject']}.pt"
     if t["subject"] == FINAL:  # the cell's model for new data: every subject, the cell's recipe
-        from epir.train import fit_all
-
-        model, curve = fit_all(model_config, recipe, d.flows, d.labels, on_epoch_end=report)
-        save_weights(model, weights)
-        final = {"path": str(weights), "curve": curve, "train_seconds": time.time() - started, "node": node,
-                 "samples": len(d.labels)}
-        tune.report({"epoch": curve[-1]["epoch"], "done": True, FINAL_KEY: json.dumps(final)})
+        final = _final_model(t, d, model_config, recipe, report)
+        tune.report({"epoch": final["curve"][-1]["epoch"], "done": True, FINAL_KEY: json.dumps(final)})
         return
-    keep = bool(t.get("keep_weights"))
-    if len(subjects) > 1:  # a pack: the folds trained as one batched model (epir.pack)
-        from epir.pack import train_folds
+    folds = _folds(t, subjects, d, model_config, recipe, report)
+    last = {"epoch": folds[0]["curve"][-1]["epoch"], "done": True}
+    tune.report({**last, PACK_KEY: json.dumps(folds)} if len(subjects) > 1 else {**last, FOLD_KEY: json.dumps(folds[0])})
 
+
+def _final_model(t: dict, d, model_config, recipe, report) -> dict:
+    """Train the cell's model on every subject and save its weights; the record the driver logs."""
+    started = time.time()
+    model, curve = fit_all(model_config, recipe, d.flows, d.labels, on_epoch_end=report)
+    weights = Path(t["model_dir"]) / f"{t['cell_id']}-final.pt"
+    save_weights(model, weights)
+    return {"path": str(weights), "curve": curve, "train_seconds": time.time() - started,
+            "node": _node(), "samples": len(d.labels)}
+
+
+def _folds(t: dict, subjects: list[str], d, model_config, recipe, report) -> list[dict]:
+    """Train one fold, or a pack of folds as one batched model; their records (weights saved on request)."""
+    started, keep = time.time(), bool(t.get("keep_weights"))
+    if len(subjects) > 1:  # a pack: the folds trained as one batched model (epir.pack)
         results = train_folds(d.flows, d.labels, d.subjects, subjects, model_config, recipe, keep_models=keep,
                               on_epoch_end=lambda s, rec: report(rec) if s == subjects[0] else None)
     else:
@@ -130,21 +112,21 @@ def fold_trial(config: dict, data: dict) -> None:
                               keep_models=keep)]
     folds = []
     for r in results:
-        fold = fold_record(r, d, started, node)
+        fold = FoldRecord.from_result(r, d, started, _node()).to_dict()
         if r.models:
-            from epir.train import SoftmaxEnsemble
-
-            path = weights.with_name(f"{t['cell_id']}-{r.test_subject}.pt")
+            path = Path(t["model_dir"]) / f"{t['cell_id']}-{r.test_subject}.pt"
             save_weights(r.models[0] if len(r.models) == 1 else SoftmaxEnsemble(r.models), path)
             fold["weights_path"] = str(path)
         folds.append(fold)
-    last = {"epoch": results[0].curve[-1]["epoch"], "done": True}
-    tune.report({**last, PACK_KEY: json.dumps(folds)} if len(subjects) > 1 else {**last, FOLD_KEY: json.dumps(folds[0])})
+    return folds
+
+
+def _node() -> str:
+    """The Ray node this trial runs on."""
+    return ray.get_runtime_context().get_node_id()
 
 
 def save_weights(model, path: Path) -> None:
     """A trained model's state dict (tensors only: loadable with ``torch.load(weights_only=True)``)."""
-    import torch
-
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)

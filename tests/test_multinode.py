@@ -39,7 +39,7 @@ def test_grid_spreads_over_two_workers_and_survives_losing_one(cluster, composit
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, str(REPO / "grid" / "run_all.py"), "--dataset", f"megc2019={composite_root}",
            "--presets", "epir", "--folds", str(FOLDS), "--profile", "cpu", "--experiment", "multinode",
-           "--gpus-per-trial", "0.5", "--max-failures", "3",
+           "--gpus-per-trial", "0.5", "--max-failures", "3", "--fold-pack", "1",  # one fold per trial, spread
            "--no-final-model", "--set", "warmup_epochs=0", "--set", "epochs=8", "--set", "dim=12",
            "--set", "dim_head=4", "--set", "depth=4",
            "--set", "integration_blocks=2"]
@@ -89,7 +89,7 @@ def test_a_fold_handed_the_actor_of_a_lost_node_is_run_again(cluster, composite_
     monkeypatch.setenv("RAY_ADDRESS", c.address)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = GridConfig(datasets=[DatasetSpec("megc2019", composite_root, protocols=["CDE"])], presets=["epir"],
-                     profile="cpu", experiment="lost-node", folds=6, max_failures=2, gpus_per_trial=0.5,
+                     profile="cpu", experiment="lost-node", folds=6, max_failures=2, gpus_per_trial=0.5, fold_pack=1,
                      overrides=dict(epochs=2, warmup_epochs=0, dim=12, dim_head=4, depth=4, integration_blocks=2),
                      final_model=False, work_dir=tmp_path / "work", results_dir=tmp_path / "results")
     log = []
@@ -103,5 +103,5 @@ def test_a_fold_handed_the_actor_of_a_lost_node_is_run_again(cluster, composite_
     assert lost, text
     assert "running them again" in text, text  # Tune ended the fold early; a further pass finished it
     assert not outcome.failures and len(folds) == 6, text
-    assert any(f["node"] != lost[0] for f in folds.values()), text  # the surviving worker finished the rest
+    assert any(f.node != lost[0] for f in folds.values()), text  # the surviving worker finished the rest
     assert outcome.cells[0].cell_id in outcome.scores, text

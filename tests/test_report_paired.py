@@ -12,6 +12,7 @@ from grid import tracking
 from grid.cells import build_cells
 from grid.config import GridConfig
 from grid.data import ProtocolData
+from grid.records import FoldRecord
 from grid.report import paired_lines, write_tables
 from grid.runner import finish_cell
 
@@ -25,17 +26,17 @@ def _data(n_subjects=20, per=5) -> ProtocolData:
                         np.array(["toy"] * n), ["negative", "positive", "surprise"], "unit")
 
 
-def _fold(d: ProtocolData, subject: str, acc: float, rng) -> dict:
+def _fold(d: ProtocolData, subject: str, acc: float, rng) -> FoldRecord:
     idx = np.flatnonzero(d.subjects == subject)
     y = d.labels[idx]
     pred = np.where(rng.random(len(y)) < acc, y, (y + 1) % 3)
     now = time.time()
-    return {"subject": subject, "sample_ids": d.sample_ids[idx].tolist(), "groups": d.groups[idx].tolist(),
+    return FoldRecord.from_dict({"subject": subject, "sample_ids": d.sample_ids[idx].tolist(), "groups": d.groups[idx].tolist(),
             "y_true": y.tolist(), "y_pred": pred.tolist(), "probs": np.eye(3)[pred].tolist(),
             "curve": [{"epoch": 1, "loss": 1.0, "train_acc": 0.5, "lr": 1e-3}], "selected_epoch": 1,
             "best_test_epoch": {"epoch": 1, "y_pred": pred.tolist(), "probs": np.eye(3)[pred].tolist(),
                                 "test_acc": [float(np.mean(pred == y))], "peeks_at_test": True},
-            "member_y_pred": None, "train_seconds": 1.0, "device": "cpu", "node": "", "started": now, "finished": now}
+            "member_y_pred": None, "train_seconds": 1.0, "device": "cpu", "node": "", "started": now, "finished": now})
 
 
 def test_table4_gives_each_rung_its_paired_difference_with_a_subject_bootstrap_ci(tmp_path, monkeypatch):
