@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from preprocess.adapters import manifest  # noqa: E402
 from preprocess.demo import DEMO_CLASSES, make_demo_dataset  # noqa: E402
-from preprocess.pipeline import FaceStage, PreprocessConfig, init_ray, build_dataset, flow_stage  # noqa: E402
+from preprocess.pipeline import FaceStage, PreprocessConfig, build_dataset, flow_stage  # noqa: E402
+from preprocess.runtime import init_ray  # noqa: E402
 
 
 class TimedFaceStage(FaceStage):

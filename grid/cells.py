@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from epir.metrics import score
-from epir.presets import config_from_dict
+from epir.presets import PRESETS, config_from_dict
 from epir.train import TrainRecipe
 
 from .config import PROFILE_CHOSEN_ON, GridConfig
@@ -109,8 +109,29 @@ def split_params(params: dict, model: dict, recipe: dict) -> tuple[dict, dict]:
             {**recipe, **{k: v for k, v in params.items() if k in recipe_fields}})
 
 
+def replay(group: dict, model: dict, recipe: dict, search_preset: str) -> tuple[dict, dict]:
+    """What a replayable choice (a choices file of format 2) trains for a cell: the stored model config and
+    recipe, exactly, whatever the profiles say today; for a cell of another preset of the family (``baseline``
+    from a search on ``epir``), the fields that tell the presets apart come from the cell's own preset unless
+    the search set them. The seed and the flow range are the cell's.
+
+    Args:
+        group: the choices file's entry of one group (``model``, ``recipe``, ``searched_model_fields``).
+        model, recipe: the cell's own settings (its preset, profile and overrides).
+        search_preset: the preset the search ran.
+    """
+    stored = dict(group["model"])
+    apart = (set(PRESETS[search_preset].model) | {k for p in PRESETS.values() if p.family == stored["family"]
+                                                   for k in p.model}) - set(group.get("searched_model_fields", []))
+    m = {**stored, **{k: model[k] for k in apart if k in model}}
+    r = {**group["recipe"], "seed": recipe["seed"], "flow_range": recipe["flow_range"]}
+    return m, r
+
+
 def fold_settings(choices: dict, data_key: str, subjects: list[str], model: dict, recipe: dict) -> dict[str, dict]:
-    """Per test subject, the settings a search chose for its validation group (``GridConfig.choices``).
+    """Per test subject, the settings a search chose for its validation group (``GridConfig.choices``): a
+    choices file of format 2 is replayed exactly (:func:`replay`); an earlier one resolves its base settings
+    from today's profile, as it did.
 
     Returns:
         subject -> ``{"model", "recipe", "choice": {"study", "group", "trial", "params", "validation_uf1"}}``.
@@ -126,7 +147,10 @@ def fold_settings(choices: dict, data_key: str, subjects: list[str], model: dict
             raise ValueError(f"subject {s} of {data_key} is in no validation group of search {choices['study']!r}")
         g = choices["subjects"][s]
         c = choices["groups"][str(g)]
-        m, r = split_params(c["params"], model, recipe)
+        if "model" in c:
+            m, r = replay(c, model, recipe, choices["preset"])
+        else:
+            m, r = split_params(c["params"], model, recipe)
         config_from_dict(m)  # validates
         TrainRecipe(**r)
         out[s] = {"model": m, "recipe": r, "choice": {"study": choices["study"], "group": g, "trial": c["trial"],

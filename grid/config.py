@@ -50,6 +50,8 @@ from epir.presets import FAMILIES, LADDER, PRESETS, config_from_dict, config_to_
 from epir.train import TrainRecipe
 
 PROTOCOLS = ("SDE", "CDE")
+Sampler = Literal["random", "qmc", "grid"]  # a search's candidate samplers (grid.search); none looks at a score
+SAMPLERS = get_args(Sampler)
 FORMATS = ("casme2", "samm", "smic", "casme3", "megc2019", "manifest")
 
 # Training profiles: model width and recipe overrides on top of each EPIR-ladder preset (EPIRConfig /

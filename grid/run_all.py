@@ -25,7 +25,8 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 from epir.presets import LADDER, PRESETS  # noqa: E402
-from grid.config import FORMATS, PROFILES, DatasetSpec, GridConfig, load_config, parse_overrides  # noqa: E402
+from grid.config import FORMATS, PROFILES, SAMPLERS, DatasetSpec, GridConfig, load_config, parse_overrides  # noqa: E402
+from preprocess.runtime import quiet_libraries  # noqa: E402
 
 EPILOG = f"""\
 datasets (--dataset FORMAT=ROOT[:PROTOCOLS], repeatable; or [[datasets]] in --config):
@@ -115,19 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "validation group without its labels (the honest test of a search)")
     s = p.add_argument_group(
         "search options", "python grid/run_all.py search --dataset FORMAT=ROOT:PROTOCOL [--presets epir] --space F=DIST ...\n"
-        "Subjects are dealt into --val-groups groups; a trial trains its configuration once per group (on the other "
-        "groups) and predicts that group. Candidates come from a sampler that never sees a score; each group's test "
-        "subjects get the candidate with the best validation UF1 on the OTHER groups, then an honest LOSO run tests "
-        "those choices.")
+        "Subjects are dealt into --val-groups groups; a trial trains its configuration once per PAIR of groups (on the "
+        "others) and predicts both. Candidates come from a sampler that never sees a score; group g's test subjects get "
+        "the candidate best on the other groups, each predicted by a model trained without g: no model behind g's "
+        "choice saw g. Then an honest LOSO run tests those choices, and the candidate best on all groups is trained on "
+        "all subjects and logged as the search's model (--no-final-model: not).")
     s.add_argument("--trials", type=int, default=20, help="Optuna trials the study should hold (default 20); a re-run "
                    "with the same study resumes it, a larger number extends it")
     s.add_argument("--space", action="append", default=[], metavar="FIELD=DIST",
                    help="a searched TrainRecipe or model field (repeatable): uniform:LO:HI, loguniform:LO:HI, int:LO:HI "
                    "or choice:A,B,... (default: alpha=uniform:0:0.8, temperature=loguniform:1:16, merge_k=int:0:2)")
-    s.add_argument("--val-groups", type=int, default=5, help="validation groups of subjects (default 5)")
-    s.add_argument("--sampler", default="random", choices=["random", "qmc", "grid"],
+    s.add_argument("--val-groups", type=int, default=5, help="validation groups of subjects (default 5, at least 3; "
+                   "k(k-1)/2 trainings per candidate)")
+    s.add_argument("--sampler", default="random", choices=list(SAMPLERS),
                    help="how Optuna draws candidates, never from scores (default random; grid: every combination "
-                   "of choice spaces)")
+                   "of choice spaces; why not TPE: docs/search.md)")
     s.add_argument("--fold-parallel", type=int, default=0, help="trainings of one trial at once (default: what fits)")
     s.add_argument("--concurrent-trials", type=int, default=1, help="Optuna trials at once (default 1)")
     s.add_argument("--study", help="Optuna study name (default DATASET-PROTOCOL-PRESET-PROFILE)")
@@ -141,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--manifest", type=Path, help="CSV with sample_id,onset_path,apex_path (paths relative to it)")
     q.add_argument("--out", type=Path, help="write the probabilities as CSV (default: print one line per pair)")
     q.add_argument("--precropped", action="store_true", help="the frames are tight face crops")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show every library's console output (Ray, Ray Tune, Ray Data, MLflow); by default only our "
+                   "progress lines and real problems")
     p.add_argument("--inject-failure", help=argparse.SUPPRESS)  # tests: SUBJECT or SUBJECT:once
     return p
 
@@ -235,6 +241,7 @@ def make_config(args) -> GridConfig:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: 0 when every fold finished, 1 when some failed, 2 for bad input."""
     args = build_parser().parse_args(argv)
+    quiet_libraries(args.verbose)  # before Ray or MLflow start
     from preprocess.adapters import DatasetError
 
     try:
@@ -336,7 +343,8 @@ def _search(args, cfg: GridConfig) -> int:
         space = parse_space(args.space or toml.get("space"))
         check_space(space, cfg.settings(cfg.presets[0], cfg.resolved_profile(False), 3)[0])  # before Ray starts
         scfg = SearchConfig(args.trials, space, args.val_groups, args.sampler, args.fold_parallel, args.concurrent_trials,
-                            args.study, args.optuna_storage, args.seed, not args.no_evaluate)
+                            args.study, args.optuna_storage, args.seed, not args.no_evaluate,
+                            final_model=args.final_model is not False)
         out = run_search(cfg, scfg, log=lambda m: print(m, flush=True))
     except (DatasetError, ValueError, FileNotFoundError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -346,7 +354,10 @@ def _search(args, cfg: GridConfig) -> int:
     if out.test:
         print(f"test subjects, each trained with its group's choice, reported once: UF1 {out.test['uf1']:.4f}  "
               f"UAR {out.test['uar']:.4f} (mean of {len(out.test['cells'])} seed(s))")
-    print(f"best on all groups (for NEW data only): {out.best} with validation UF1 {out.best_value:.4f} -> {out.best_path}")
+    print(f"best on all groups (for NEW data only): {out.best} with mean inner validation UF1 {out.best_value:.4f} "
+          f"-> {out.best_path}")
+    if out.model_uri:
+        print(f"final model (that candidate trained on all subjects; expected score: the test line above): {out.model_uri}")
     print(f"test the choices again: python grid/run_all.py --choices {out.choices_path} --presets {cfg.presets[0]} ...")
     return 0
 

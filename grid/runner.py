@@ -2,7 +2,7 @@
 Ray Tune trials, recorded in MLflow by the driver.
 
 Flow of :func:`run_grid`:
-1. connect to Ray (``preprocess.pipeline.init_ray``: ``RAY_ADDRESS``, or the cluster this node
+1. connect to Ray (``preprocess.runtime.init_ray``: ``RAY_ADDRESS``, or the cluster this node
    belongs to, else a local Ray);
 2. preprocess every configured dataset with the real pipeline (finished shards are reused);
 3. build the cells, open the MLflow store, create each cell's parent run, look up finished folds;
@@ -31,7 +31,7 @@ from .cells import Cell, build_cells, member_scores, pooled_scores
 from .config import GridConfig
 from .data import ProtocolData, load_protocol, preprocess, protocol_support
 from .records import FoldRecord
-from preprocess.pipeline import init_ray
+from preprocess.runtime import init_ray
 
 from .trainable import FINAL, FINAL_KEY, FOLD_KEY, PACK_KEY, fold_trial
 

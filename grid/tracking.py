@@ -218,6 +218,20 @@ def model_metadata(cell) -> dict:
             "output": "log-probabilities; softmax gives the class probabilities in 'classes' order"}
 
 
+def _load_final(cell, final: dict):
+    """The model a final-model training saved (``final["path"]``), built from the cell's config, in eval mode."""
+    import torch
+
+    from epir.presets import build_model, config_from_dict
+    from epir.train import SoftmaxEnsemble
+
+    config = config_from_dict(cell.model)
+    members = int(cell.recipe.get("ensemble", 1))
+    model = build_model(config) if members == 1 else SoftmaxEnsemble([build_model(config) for _ in range(members)])
+    model.load_state_dict(torch.load(final["path"], map_location="cpu", weights_only=True))
+    return model.eval()
+
+
 def log_final_model(client, exp_id: str, parent_id: str, cell, final: dict) -> str:
     """Log a cell's model trained on all its subjects as an MLflow model (``mlflow.pytorch``, exported
     with ``torch.export``: loading runs no pickle) in a child run of the cell, with its input/output
@@ -228,14 +242,8 @@ def log_final_model(client, exp_id: str, parent_id: str, cell, final: dict) -> s
     from mlflow.entities import Metric
     from mlflow.models import infer_signature
 
-    from epir.presets import build_model, config_from_dict
-    from epir.train import SoftmaxEnsemble
-
-    config = config_from_dict(cell.model)
-    members = int(cell.recipe.get("ensemble", 1))
-    model = build_model(config) if members == 1 else SoftmaxEnsemble([build_model(config) for _ in range(members)])
-    model.load_state_dict(torch.load(final["path"], map_location="cpu", weights_only=True))
-    model.eval()
+    model = _load_final(cell, final)
+    config = model.config
     x = torch.zeros(2, len(config.input_convention.channels), config.img_size, config.img_size)
     with torch.no_grad():
         signature = infer_signature(x.numpy(), model(x).numpy())
@@ -355,7 +363,7 @@ def log_cell(client, parent_id: str, cell, scores: dict, stats: dict, peek: dict
     import matplotlib.pyplot as plt
     from mlflow.entities import Metric
 
-    from preprocess.pipeline import package_versions
+    from preprocess.runtime import package_versions
 
     now = int(time.time() * 1000)
     metrics = score_metrics(scores, now)
@@ -457,3 +465,132 @@ def finished_cells(client, exp_id: str) -> list:
     runs = search_runs(client, exp_id, f"tags.`{TAG_KIND}` = 'cell' and attributes.status = 'FINISHED'")
     return sorted(runs, key=lambda r: r.info.end_time or 0, reverse=True)
 
+
+
+# --- searches (grid/search.py) ------------------------------------------------------------------
+
+def search_parent_run(client, exp_id: str, study: str, storage_url: str, data, preset: str, label: str,
+                      params: dict) -> str:
+    """The search's parent run (found again by its study name, or created with its settings as params)."""
+    from mlflow.entities import Param
+
+    found = search_runs(client, exp_id, f"tags.`{TAG_KIND}` = 'search' and tags.`epir.study` = '{study}'")
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=f"search {data.key} {preset}",
+                            tags={TAG_KIND: "search", "epir.study": study, "epir.optuna_storage": storage_url,
+                                  "epir.dataset": data.dataset, "epir.protocol": data.protocol, "epir.preset": preset,
+                                  "epir.profile": label, "epir.git_commit": git_commit()})
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+    return run.info.run_id
+
+
+def log_search_trial(client, exp_id: str, parent: str, study: str, trial_id: str, params: dict, result: dict) -> str:
+    """One search trial as a child run: its values as params, ``val_uf1`` (mean inner score), ``val_uf1_g<g>``,
+    ``val_uar`` and ``train_seconds`` as metrics, and its per-pair predictions as ``folds.json``."""
+    from mlflow.entities import Metric, Param
+
+    child = client.create_run(exp_id, run_name=f"trial {trial_id}", tags={
+        "mlflow.parentRunId": parent, TAG_KIND: "search_trial", "epir.study": study,
+        "epir.invalid": result.get("invalid", "")})
+    rid = child.info.run_id
+    now = int(time.time() * 1000)
+    keys = [k for k in result if k.startswith("val_u")] + ["train_seconds"]
+    client.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()],
+                     metrics=[Metric(k, float(result[k]), now, 0) for k in keys])
+    client.log_text(rid, result["folds_json"], "folds.json")
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def search_trials(client, exp_id: str, study: str, types: dict) -> list[dict]:
+    """The study's completed trials as MLflow holds them, numbered 1, 2, ... in the order they finished (the
+    log's ``[trial k/n]``): ``{"number", "params", "value", "folds", "run_id"}``; ``types`` maps each searched
+    field to a function that turns its param text back into the value the trial used."""
+    runs = search_runs(client, exp_id, f"tags.`{TAG_KIND}` = 'search_trial' and tags.`epir.study` = '{study}' "
+                                       "and attributes.status = 'FINISHED'")
+    out = []
+    for n, r in enumerate(sorted(runs, key=lambda r: r.info.start_time)):
+        folds = json.loads(Path(client.download_artifacts(r.info.run_id, "folds.json")).read_text())
+        params = {k: f(r.data.params[k]) for k, f in types.items() if k in r.data.params}
+        out.append({"number": n + 1, "params": params, "value": r.data.metrics.get("val_uf1", 0.0), "folds": folds,
+                    "run_id": r.info.run_id})
+    return out
+
+
+def log_search_result(client, parent: str, choices_path: Path, best_path: Path, best_value: float, trials: int,
+                      study, log=print) -> None:
+    """The search's choice files and figures on its parent run."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(parent, metrics=[Metric("best_val_uf1", float(best_value), now, trials),
+                                      Metric("trials_completed", float(trials), now, trials)])
+    client.log_text(parent, choices_path.read_text(), "choices.json")
+    client.log_text(parent, best_path.read_text(), "best.json")
+    log_study_figures(client, parent, study, log)
+
+
+def log_study_figures(client, run_id: str, study, log=print) -> None:
+    """Optuna's optimisation history and parameter importances (PED-ANOVA, no scikit-learn needed) as
+    figures of the search's parent run. They show the mean inner validation UF1 of all groups: a picture of
+    the search, not what any group's choice used."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ov
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for name, plot in (("optuna_history.png", lambda: ov.plot_optimization_history(study)),
+                           ("optuna_importances.png", lambda: ov.plot_param_importances(
+                               study, evaluator=optuna.importance.PedAnovaImportanceEvaluator()))):
+            try:
+                ax = plot()
+            except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. too few trials for importances
+                log(f"  no {name}: {e}")
+                continue
+            fig = ax.figure
+            fig.set_size_inches(8, 4.5)
+            fig.tight_layout()
+            client.log_figure(run_id, fig, name)
+            plt.close(fig)
+
+
+def log_search_test(client, parent: str, test: dict) -> None:
+    """The honest nested cell's scores on the search's parent run."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(parent, metrics=[Metric("test_uf1", test["uf1"], now, 0), Metric("test_uar", test["uar"], now, 0)])
+    client.set_tag(parent, "epir.test_cells", ",".join(test["cell_ids"]))
+
+
+def log_search_model(client, exp_id: str, parent: str, cell, final: dict, study: str, expected: dict) -> str:
+    """A search's final model (its best-on-all candidate trained on all subjects) as an MLflow model of the
+    search's parent run (its Models column), with :func:`model_metadata` plus the expected score (the
+    nested cell's honest UF1 / UAR) and the study. Returns the ``models:/`` URI (tag ``epir.model_uri``)."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    model = _load_final(cell, final)
+    x = torch.zeros(2, len(model.config.input_convention.channels), model.config.img_size, model.config.img_size)
+    with torch.no_grad():
+        signature = infer_signature(x.numpy(), model(x).numpy())
+    meta = {**model_metadata(cell), "search": study, **expected,
+            "expected_note": "the honest UF1 / UAR of the search's nested LOSO cell: the score of the whole tuning "
+                             "procedure; this model is that procedure refit on every subject"}
+    with mlflow.start_run(run_id=parent):
+        info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(), metadata=meta)
+    client.set_tag(parent, "epir.model_uri", info.model_uri)
+    return info.model_uri
+
+
+def finish_search(client, parent: str) -> None:
+    """Mark the search's parent run FINISHED."""
+    client.set_terminated(parent, "FINISHED")

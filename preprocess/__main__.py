@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .adapters import ADAPTERS, DatasetError, dataset_name
+from .runtime import quiet_libraries
 
 EPILOG = """\
 datasets and the --root each expects:
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-per-actor", type=float, help="GPU fraction per face actor (default: 1/workers when "
                    "the cluster has GPUs)")
     p.add_argument("--force", action="store_true", help="redo every shard even when finished")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's and Ray Data's own console output too (default: our progress and real problems)")
     return p
 
 
@@ -86,6 +89,7 @@ def prepare(args) -> tuple:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: 0 on success, 2 for a wrong root, bad options or no surviving sample."""
     args = build_parser().parse_args(argv)
+    quiet_libraries(args.verbose)  # before Ray starts
     from .pipeline import run
 
     try:

@@ -25,12 +25,10 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import shutil
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +39,7 @@ import pyarrow.parquet as pq
 from .adapters import REJECT_COLUMNS, AdapterResult, DatasetError, frame_number
 from .frames import FlowConfig, SampleError, crop_grey, face_box_from_detections, flow_features, read_frame
 from .megc2019 import FLOW_IMAGE_SCALE, read_flow_image
+from .runtime import init_ray, package_versions
 
 PIPELINE_VERSION = 1
 FLOW_CHANNELS = ["u", "v", "strain"]
@@ -85,17 +84,6 @@ class PreprocessConfig:
         """Short stable name of this configuration (precomputed flows depend on nothing here)."""
         d = {"precomputed": True, "v": PIPELINE_VERSION} if precomputed else {**dataclasses.asdict(self), "v": PIPELINE_VERSION}
         return ("precomputed-" if precomputed else "") + hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of Python and the packages that shape the shards (``absent`` when not installed)."""
-    out = {"python": platform.python_version()}
-    for pkg in ("epir-grid", "ray", "torch", "opencv-python-headless", "facenet-pytorch", "numpy", "pyarrow", "pandas"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
 
 
 # --- stages ---------------------------------------------------------------------------------------
@@ -302,82 +290,6 @@ def shard_names(adapted: AdapterResult, cfg: "PreprocessConfig", shard_size: int
     samples = present if present is not None else check_files(adapted.samples.reset_index(drop=True), precomputed)[0]
     groups = [samples.iloc[i : i + shard_size] for i in range(0, len(samples), shard_size)]
     return [f"{cfg.config_id(precomputed)}/shard-{gi:05d}-{_group_hash(g, adapted.classes)}" for gi, g in enumerate(groups)]
-
-
-def init_ray():
-    """Connect to ``RAY_ADDRESS``, or to the cluster of the node this runs on (``ray start`` writes
-    ``/tmp/ray/ray_current_cluster``, e.g. on the head after ``ray up``), else start a local Ray; quiet
-    Ray Data's console logs. Used by preprocessing and by the grid.
-
-    Returns:
-        the ``ray`` module, initialised.
-
-    Raises:
-        ConnectionError: no cluster at ``RAY_ADDRESS``, or one whose token authentication (Ray 2.59+)
-            refuses this client (the message says where the token goes).
-    """
-    import logging
-
-    # Ray's `uv run` hook would package the working tree and start every worker through uv (seconds
-    # each); the environment is already complete here and on a cluster installed by cluster.yaml.
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-
-    import ray
-    import ray.data  # configures Ray Data's logging on import
-
-    # Ray Data logs every execution at INFO on the console; our one line per shard is enough there.
-    # Its session log file keeps everything.
-    for h in logging.getLogger("ray.data").handlers:
-        if h.get_name() == "console":
-            h.setLevel(logging.WARNING)
-
-    if ray.is_initialized():
-        return ray
-    address = os.environ.get("RAY_ADDRESS")
-    if address is None and Path("/tmp/ray/ray_current_cluster").exists():
-        address = "auto"
-    kwargs = dict(log_to_driver=False, configure_logging=True, logging_level="WARNING")
-    try:
-        ray.init(address=address, **kwargs)
-    except ray.exceptions.AuthenticationError as e:
-        raise ConnectionError(
-            f"the Ray cluster at {address} uses token authentication and refused this client: put the "
-            "cluster's token in ~/.ray/auth_token (cluster.yaml copies yours to every node), or set "
-            f"RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH ({e})") from e
-    except ConnectionError:
-        if address != "auto":  # a stale address file: no cluster is running on this node after all
-            raise
-        ray.init(**kwargs)
-    return ray
-
-def build_dataset(samples: pd.DataFrame, cfg: PreprocessConfig, workers: int, precomputed: bool,
-                  gpu_per_actor: float | None = None, batch_size: int = 8, face_cls=None, flow_fn=None):
-    """The lazy Ray Dataset of one group: samples -> face stage (actor pool) -> flow stage.
-
-    Rows come out in the shard schema (``_to_table``), accepted and rejected alike (``status``).
-    ``face_cls`` / ``flow_fn`` replace :class:`FaceStage` / :func:`flow_stage` (the benchmark wraps
-    them with timers).
-    """
-    face_cls, flow_fn = face_cls or FaceStage, flow_fn or flow_stage
-    ray = init_ray()
-    # Enough blocks for every worker to have work: one block per chunk (a repartition would need an
-    # all-to-all task, which cannot get a CPU once the actor pool holds them).
-    plain = samples.astype(object).where(samples.notna(), None)
-    blocks = max(1, min(len(plain), max(4 * workers, -(-len(plain) // batch_size))))
-    bounds = np.linspace(0, len(plain), blocks + 1).astype(int)
-    ds = ray.data.from_pandas([plain.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
-    if precomputed:
-        return ds.map_batches(precomputed_stage, fn_kwargs=dict(cfg=dataclasses.asdict(cfg)), batch_format="pandas",
-                              batch_size=64)
-    gpus = ray.cluster_resources().get("GPU", 0) > 0
-    frac = gpu_per_actor if gpu_per_actor is not None else (1.0 / max(workers, 1) if gpus else 0.0)
-    ds = ds.map_batches(face_cls, fn_constructor_kwargs=dict(cfg=dataclasses.asdict(cfg), device="cuda" if gpus else "cpu"),
-                        batch_format="pandas", batch_size=batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=workers),
-                        num_cpus=FACE_CPUS, num_gpus=frac if gpus else 0)
-    return ds.map_batches(FlowStage, fn_constructor_kwargs=dict(cfg=dataclasses.asdict(cfg), fn=flow_fn),
-                          batch_format="pandas", batch_size=batch_size,
-                          compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=FLOW_CPUS)
 
 
 def run_group(samples: pd.DataFrame, cfg: PreprocessConfig, dest: Path, workers: int, precomputed: bool,

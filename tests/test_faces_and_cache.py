@@ -19,7 +19,8 @@ from preprocess.pipeline import FaceStage, PreprocessConfig, SampleError, read_s
 from .conftest import REPO
 
 # options that decide WHERE or HOW FAST, never WHAT a shard holds (the dataset's folder is its name)
-NOT_CONTENT = {"help", "dataset", "root", "out", "annotations", "name", "workers", "shard_size", "gpu_per_actor", "force"}
+NOT_CONTENT = {"help", "dataset", "root", "out", "annotations", "name", "workers", "shard_size", "gpu_per_actor", "force",
+               "verbose"}
 # for every other option, a value other than its default
 OTHER_VALUE = {"working_size": "96", "output_size": "32", "normalize": "none", "face_margin": "0.2",
                "min_face_prob": "0.8", "face_pad": "0.5", "precropped": None, "classes": "surprise,positive,negative"}

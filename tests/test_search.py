@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from grid.runner import check_fit
-from grid.search import Dist, SearchConfig, check_space, choose, group_fold, parse_space, validation_groups
+from grid.search import (Dist, SearchConfig, SearchPlan, best_on_all, check_space, choose, evaluate_candidate, group_fold,
+                         inner_scores, parse_space, validation_groups)
 from preprocess.demo import make_demo_dataset
 
 from .conftest import run_grid_cli
@@ -37,29 +38,78 @@ def test_validation_groups_spread_every_source_over_the_groups():
         validation_groups(["a", "b"], ["x", "x"], 3, 0)
 
 
-def _trial(number, params, preds):
-    """A completed trial whose predictions for each subject's single sample are given: subject -> (true, pred)."""
-    return {"number": number, "params": params, "folds": [{"subjects": list(preds), "y_true": [t for t, _ in preds.values()],
-                                                           "y_pred": [p for _, p in preds.values()]}]}
+def _nested(groups: dict, labels: dict, bias: int) -> list[dict]:
+    """A candidate's nested folds from a fake training whose predictions depend on its TRAINING labels: a held
+    sample's prediction is a hash of the sum of the training labels, the bias and its own index."""
+    plan = SearchPlan({}, {}, (), groups, 3, 1.0, 0.0, 1)
+
+    def train(helds):
+        out = []
+        for held in helds:
+            seen = sum(v for s, v in labels.items() if s not in held)
+            out.append({"subjects": held, "y_true": [labels[s] for s in held],
+                        "y_pred": [hash((seen, bias, i)) % 2 for i, _ in enumerate(held)], "train_seconds": 0.0})
+        return out
+
+    return evaluate_candidate(plan, train)
 
 
-def test_a_groups_choice_never_depends_on_its_own_labels():
-    groups = {"a": 0, "b": 0, "c": 1, "d": 1, "e": 2, "f": 2}
-    truth = {"a": 0, "b": 1, "c": 0, "d": 1, "e": 0, "f": 1}
-    good_on_12 = _trial(0, {"lr": 1}, {s: (t, t if groups[s] else 1 - t) for s, t in truth.items()})
-    good_on_0 = _trial(1, {"lr": 2}, {s: (t, t if groups[s] == 0 else 1 - t) for s, t in truth.items()})
-    c = choose([good_on_12, good_on_0], groups, 3)
-    # group 0 is scored on groups 1 and 2 only, where trial 0 is perfect: trial 1's perfection on group 0 is unseen
-    assert c[0]["trial"] == 0 and c[0]["validation_uf1"] == 1.0 and c[0]["subjects"] == ["a", "b"]
-    # groups 1 and 2 each see group 0, where trial 1 wins, and the other of them, where trial 0 wins: a tie
-    assert c[1]["trial"] == 0 and c[1]["runner_up"][0] == 1  # ties go to the earlier trial
-    # flip group 0's labels: its own choice cannot move
-    flipped = [_trial(t["number"], t["params"], {s: ((1 - tr if groups[s] == 0 else tr), p) for s, tr, p in
-                                                  zip(t["folds"][0]["subjects"], t["folds"][0]["y_true"], t["folds"][0]["y_pred"])})
-               for t in (good_on_12, good_on_0)]
-    assert choose(flipped, groups, 3)[0]["trial"] == c[0]["trial"]
+def test_no_model_behind_a_groups_choice_was_trained_on_the_group():
+    groups = {s: i // 4 for i, s in enumerate("abcdefghijkl")}  # 3 groups of 4
+    labels = {s: (i * 7 % 5) % 2 for i, s in enumerate("abcdefghijkl")}
+    trials = lambda lab: [{"number": n, "params": {"bias": n}, "folds": _nested(groups, lab, n)} for n in range(4)]
+    base = choose(trials(labels), groups, 3)
+    assert all(len(t["folds"]) == 3 and all(len(f["pair"]) == 2 for f in t["folds"]) for t in trials(labels))
+    moved_elsewhere = False
+    for g in range(3):
+        # every label of group g changed: as ground truth AND as training data of every model
+        changed = {s: (1 - v if groups[s] == g else v) for s, v in labels.items()}
+        again = choose(trials(changed), groups, 3)
+        assert again[g]["trial"] == base[g]["trial"] and again[g]["validation_uf1"] == base[g]["validation_uf1"]
+        moved_elsewhere |= any(again[h]["validation_uf1"] != base[h]["validation_uf1"] for h in range(3) if h != g)
+    assert moved_elsewhere  # the change reaches the other groups' scores: the test can fail
+    best, value = best_on_all(trials(labels), groups, 3)
+    assert value == pytest.approx(np.mean([inner_scores(best["folds"], groups, 3)[g] for g in range(3)]))
     with pytest.raises(ValueError, match="no valid"):
         choose([{"number": 0, "params": {}, "folds": []}], groups, 3)
+    with pytest.raises(ValueError, match="earlier design"):  # one held-out group per training: refused
+        choose([{"number": 0, "params": {}, "folds": [{"subjects": ["a"], "y_true": [0], "y_pred": [0]}]}], groups, 3)
+
+
+def test_a_choices_file_replays_its_stored_settings_whatever_the_profiles_say_later(monkeypatch):
+    from grid import config as grid_config
+    from grid.cells import build_cells
+    from grid.config import GridConfig
+    from grid.data import ProtocolData
+
+    n = 12
+    d = ProtocolData("toy/SDE", "toy", "SDE", "c1", np.zeros((n, 28, 28, 3), np.float32), np.arange(n) % 3,
+                     np.repeat(["a", "b", "c"], 4), np.array([f"x{i}" for i in range(n)]), np.array(["toy"] * n),
+                     ["x", "y", "z"], "unit")
+    cfg = GridConfig(presets=["epir"], profile="demo")
+    model, recipe, _ = cfg.settings("epir", "demo", 3)
+    stored = {"model": {**model, "dim": 24, "merge_k": 2}, "recipe": {**{k: v for k, v in recipe.items() if k != "seed"},
+                                                                       "lr": 3e-3, "flow_range": "unit"},
+              "searched_model_fields": ["merge_k"]}
+    choices = {"format": 2, "study": "toy-study", "dataset": "toy/SDE", "preset": "epir", "profile": "demo",
+               "subjects": {"a": 0, "b": 1, "c": 2},
+               "groups": {str(g): {"trial": 1, "params": {"merge_k": 2, "lr": 3e-3}, "validation_uf1": 0.5, **stored}
+                          for g in range(3)}}
+
+    def cells(presets):
+        c = GridConfig(presets=presets, profile="demo", choices=choices, seeds=[0])
+        return build_cells(c, {d.key: d}, "demo")
+
+    before = cells(["epir", "baseline"])
+    monkeypatch.setitem(grid_config.PROFILES, "demo", {**grid_config.PROFILES["demo"], "dim": 48, "lr": 9e-4})
+    after = cells(["epir", "baseline"])
+    assert [c.cell_id for c in before] == [c.cell_id for c in after]  # the same cells: nothing trains again
+    epir, baseline = after
+    assert epir.fold_model("a") == stored["model"] and epir.fold_recipe("a")["lr"] == 3e-3
+    assert epir.fold_recipe("a")["epochs"] == stored["recipe"]["epochs"]
+    # the baseline keeps its own components but trains what the search validated otherwise
+    assert (baseline.fold_model("a")["tokenizer"], baseline.fold_model("a")["itals"]) == ("linear", False)
+    assert baseline.fold_model("a")["dim"] == 24 and baseline.fold_model("a")["merge_k"] == 2  # merge_k was searched
 
 
 def test_a_validation_training_never_sees_the_subjects_it_predicts():
@@ -108,9 +158,9 @@ def test_search_on_a_manifest_dataset(tmp_path):
     manifest = make_demo_dataset(tmp_path / "lab", subjects=4, samples_per_class=2, seed=1)
     common = ["--dataset", f"manifest={manifest}:SDE", "--profile", "demo", "--set", "epochs=2", "--set", "dim=12",
               "--set", "dim_head=4", "--set", "depth=4", "--set", "integration_blocks=1", "--experiment", "lab-search"]
-    base = ["search", *common, "--val-groups", "2", "--space", "lr=loguniform:1e-3:1e-2",
+    base = ["search", *common, "--val-groups", "3", "--space", "lr=loguniform:1e-3:1e-2",
             "--space", "tokenizer=choice:spt,dnspt"]
-    first = run_grid_cli([*base, "--trials", "2", "--no-evaluate"], tmp_path)
+    first = run_grid_cli([*base, "--trials", "2", "--no-evaluate", "--no-final-model"], tmp_path)
     out = first.stdout + first.stderr
     assert first.returncode == 0, out[-4000:]
     assert "0 trials completed earlier, 2 to run" in out and "[trial 2/2]" in out, out[-3000:]
@@ -120,12 +170,14 @@ def test_search_on_a_manifest_dataset(tmp_path):
     assert second.returncode == 0, out[-4000:]
     assert "2 trials completed earlier, 1 to run" in out, out[-3000:]
     assert "test subjects, each trained with its group's choice, reported once: UF1" in out
+    out_search = out
     res = tmp_path / "results" / "lab-search"
     choices = json.loads((res / "demo_manifest-SDE-epir-demo.choices.json").read_text())
-    assert choices["trials_completed"] == 3 and set(choices["groups"]) == {"0", "1"}
-    assert sorted(choices["subjects"].values()) == [0, 0, 1, 1]
+    assert choices["trials_completed"] == 3 and set(choices["groups"]) == {"0", "1", "2"}
+    assert sorted(choices["subjects"].values()) == [0, 0, 1, 2] and choices["format"] == 2
     for c in choices["groups"].values():
         assert set(c["params"]) == {"lr", "tokenizer"} and 1e-3 <= c["params"]["lr"] <= 1e-2
+        assert c["recipe"]["lr"] == c["params"]["lr"] and c["model"]["tokenizer"] == c["params"]["tokenizer"]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -136,7 +188,8 @@ def test_search_on_a_manifest_dataset(tmp_path):
     assert len(parent) == 1 and len(trials) == 3
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent[0].info.run_id}
     for r in trials:
-        assert {"lr", "tokenizer"} <= set(r.data.params) and {"val_uf1", "val_uf1_g0", "val_uf1_g1"} <= set(r.data.metrics)
+        assert {"lr", "tokenizer"} <= set(r.data.params) and {"val_uf1", "val_uf1_g0", "val_uf1_g2"} <= set(r.data.metrics)
+        assert len(json.loads(open(client.download_artifacts(r.info.run_id, "folds.json")).read())) == 3  # 3 pairs
     assert "test_uf1" in parent[0].data.metrics and "best_val_uf1" in parent[0].data.metrics
     assert "optuna_history.png" in {a.path for a in client.list_artifacts(parent[0].info.run_id)}
     # every fold of the tested cell says which configuration it trained and why
@@ -159,6 +212,13 @@ def test_search_on_a_manifest_dataset(tmp_path):
     cell = pd.read_csv(res / "runs.csv", dtype=str).iloc[0]
     assert cell["lr"] == (str(lrs[0]) if len(lrs) == 1 else "/".join(f"{v:.3g}" for v in lrs) + " (per group)")
     assert cell["lr"] in (res / "table2_3_sde.md").read_text()
+    # the search ends with a model: its best-on-all candidate on every subject, which predict applies
+    uri = parent[0].data.tags["epir.model_uri"]
+    assert "final model (that candidate trained on all subjects" in out_search
+    frames = tmp_path / "lab" / "frames" / "demo01" / "demo01_pos_01"
+    pred = run_grid_cli(["predict", uri, "--onset", str(frames / "onset.png"), "--apex", str(frames / "apex.png")],
+                        tmp_path)
+    assert pred.returncode == 0 and "apex.png: " in pred.stdout and "positive" in pred.stdout, pred.stderr[-2000:]
     # the configuration chosen on every subject is refused on this dataset: it would peek
     peek = run_grid_cli([*common, "--presets", "epir", "--overrides", str(res / "demo_manifest-SDE-epir-demo.best.json")],
                         tmp_path)
