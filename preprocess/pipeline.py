@@ -292,6 +292,36 @@ def shard_names(adapted: AdapterResult, cfg: "PreprocessConfig", shard_size: int
     return [f"{cfg.config_id(precomputed)}/shard-{gi:05d}-{_group_hash(g, adapted.classes)}" for gi, g in enumerate(groups)]
 
 
+def build_dataset(samples: pd.DataFrame, cfg: PreprocessConfig, workers: int, precomputed: bool,
+                  gpu_per_actor: float | None = None, batch_size: int = 8, face_cls=None, flow_fn=None):
+    """The lazy Ray Dataset of one group: samples -> face stage (actor pool) -> flow stage.
+
+    Rows come out in the shard schema (``_to_table``), accepted and rejected alike (``status``).
+    ``face_cls`` / ``flow_fn`` replace :class:`FaceStage` / :func:`flow_stage` (the benchmark wraps
+    them with timers).
+    """
+    face_cls, flow_fn = face_cls or FaceStage, flow_fn or flow_stage
+    ray = init_ray()
+    # Enough blocks for every worker to have work: one block per chunk (a repartition would need an
+    # all-to-all task, which cannot get a CPU once the actor pool holds them).
+    plain = samples.astype(object).where(samples.notna(), None)
+    blocks = max(1, min(len(plain), max(4 * workers, -(-len(plain) // batch_size))))
+    bounds = np.linspace(0, len(plain), blocks + 1).astype(int)
+    ds = ray.data.from_pandas([plain.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
+    if precomputed:
+        return ds.map_batches(precomputed_stage, fn_kwargs=dict(cfg=dataclasses.asdict(cfg)), batch_format="pandas",
+                              batch_size=64)
+    gpus = ray.cluster_resources().get("GPU", 0) > 0
+    frac = gpu_per_actor if gpu_per_actor is not None else (1.0 / max(workers, 1) if gpus else 0.0)
+    ds = ds.map_batches(face_cls, fn_constructor_kwargs=dict(cfg=dataclasses.asdict(cfg), device="cuda" if gpus else "cpu"),
+                        batch_format="pandas", batch_size=batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=workers),
+                        num_cpus=FACE_CPUS, num_gpus=frac if gpus else 0)
+    return ds.map_batches(FlowStage, fn_constructor_kwargs=dict(cfg=dataclasses.asdict(cfg), fn=flow_fn),
+                          batch_format="pandas", batch_size=batch_size,
+                          compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=FLOW_CPUS)
+
+
 def run_group(samples: pd.DataFrame, cfg: PreprocessConfig, dest: Path, workers: int, precomputed: bool,
               gpu_per_actor: float | None = None, batch_size: int = 8) -> pd.DataFrame:
     """Run one group of samples through Ray Data and write its shard folder atomically.

@@ -119,3 +119,31 @@ def test_a_rejected_predict_pair_says_both_sizes_and_the_path(tmp_path):
     size, missing = table.set_index("sample_id").loc["p1"], table.set_index("sample_id").loc["p2"]
     assert size["reason"] == "size_mismatch" and "60x40 px" in size["detail"] and "50x30 px" in size["detail"]
     assert missing["reason"] == "missing_frame" and str(tmp_path / "no.png") in missing["detail"]
+
+
+def test_the_console_is_quiet_through_the_libraries_own_settings_unless_verbose():
+    import subprocess
+    import sys
+
+    probe = ("import json, logging, os, sys; from preprocess.runtime import quiet_libraries; quiet_libraries({v}); "
+             "print(json.dumps({{'env': {{k: os.environ.get(k) for k in ('RAY_BACKEND_LOG_LEVEL', 'RAY_AIR_NEW_OUTPUT', "
+             "'TUNE_WARN_THRESHOLD_S', 'MLFLOW_LOGGING_LEVEL')}}, 'levels': {{n: logging.getLogger(n).level for n in "
+             "('ray', 'ray.data', 'ray.tune', 'mlflow')}}}}))")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_BACKEND_LOG_LEVEL", "RAY_AIR_NEW_OUTPUT",
+                                                            "TUNE_WARN_THRESHOLD_S", "MLFLOW_LOGGING_LEVEL")}
+    import json
+
+    quiet = json.loads(subprocess.run([sys.executable, "-c", probe.format(v=False)], env=env, capture_output=True,
+                                      text=True, check=True).stdout)
+    # Ray's C++ core workers (the red core_worker.cc lines) only print FATAL; Tune's old quiet reporter; MLflow errors only
+    assert quiet["env"] == {"RAY_BACKEND_LOG_LEVEL": "fatal", "RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_THRESHOLD_S": "60",
+                            "MLFLOW_LOGGING_LEVEL": "ERROR"}
+    assert set(quiet["levels"].values()) == {40}
+    loud = json.loads(subprocess.run([sys.executable, "-c", probe.format(v=True)], env=env, capture_output=True,
+                                     text=True, check=True).stdout)
+    assert set(loud["env"].values()) == {None} and set(loud["levels"].values()) == {0}
+    mine = json.loads(subprocess.run([sys.executable, "-c", probe.format(v=False)],
+                                     env={**env, "RAY_BACKEND_LOG_LEVEL": "info"}, capture_output=True, text=True,
+                                     check=True).stdout)
+    assert mine["env"]["RAY_BACKEND_LOG_LEVEL"] == "info"  # a setting the user made is kept
+    assert build_parser().parse_args(["-v"]).verbose

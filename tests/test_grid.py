@@ -300,6 +300,8 @@ def test_fold_packs_log_every_fold_and_a_failed_pack_resumes_alone(tmp_path):
     assert res.returncode == 1 and "4 to train" not in out and "6 to train in 2 trial(s)" in out, out[-3000:]
     assert sorted(finished_fold_tags(tmp_path / "mlflow.db", "epir.fold")) == ["demo01", "demo02", "demo03", "demo04"]
     assert "FAILED  SDE demo epir | fold demo05+demo06" in out
+    for noise in ("Token authentication", "Configuration for experiment", "TensorBoard", "INFO mlflow", "core_worker.cc"):
+        assert noise not in out, noise  # the console shows our lines and real problems only (no --verbose)
     res = _run(args, tmp_path)
     out = res.stdout + res.stderr
     assert res.returncode == 0 and "4 finished earlier" in out and "2 to train in 1 trial(s)" in out, out[-3000:]
