@@ -173,7 +173,8 @@ class Cell:
         subjects: the test subjects of its folds; ``all_subjects``: how many the dataset has.
         fold_settings: for a cell of a search's choices (``GridConfig.choices``), each subject's own
             ``model``, ``recipe`` and ``choice`` (which configuration and why); None for a plain cell.
-        preprocess: how the cell's flows were made (:attr:`grid.data.ProtocolData.preprocess`).
+        preprocess: how the cell's flows were made (:attr:`grid.data.ProtocolData.preprocess`); flow: their
+            algorithm (``farneback``, ``tvl1``, or ``tvl1-published`` for the composite's flow images).
     """
 
     cell_id: str
@@ -193,6 +194,7 @@ class Cell:
     setting_id: str = ""
     fold_settings: dict | None = None
     preprocess: dict | None = None
+    flow: str = "farneback"
 
     def fold_model(self, subject: str) -> dict:
         """The model config the fold of ``subject`` trains."""
@@ -231,13 +233,13 @@ class Cell:
                 "epir.profile": self.profile, "epir.seed": str(self.seed), "epir.setting": self.setting_id, **search,
                 # the run's own metrics are the honest ones (last epoch); best_test_epoch.* metrics peek
                 "epir.epoch_selection": "last", "epir.peeks_at_test": "false", "epir.demo": str(self.demo).lower(),
-                "epir.folds": f"{len(self.subjects)}/{self.all_subjects}"}
+                "epir.folds": f"{len(self.subjects)}/{self.all_subjects}", "epir.flow": self.flow}
 
     def params(self) -> dict:
         """The full configuration as MLflow params: ``model.*``, ``recipe.*``, data and protocol."""
         return {**flat_params("model", self.model), **flat_params("recipe", self.recipe),
                 "dataset": self.dataset, "protocol": self.protocol, "preset": self.preset, "profile": self.profile,
-                "shards_config_id": self.config_id, "classes": ",".join(self.classes),
+                "shards_config_id": self.config_id, "flow": self.flow, "classes": ",".join(self.classes),
                 "folds": str(len(self.subjects)), "subjects_total": str(self.all_subjects)}
 
 
@@ -271,11 +273,12 @@ def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) ->
                                          for s, f in parts["folds"].items()}}
                     label = f"{label}, chosen by search {cfg.choices['study']}"
                 setting = cell_id({**parts, **no_seed})
-                name = f"{d.protocol} {d.dataset} {preset}" + (" searched" if per_fold else "") \
+                name = f"{d.protocol} {d.dataset}" + (f" [{d.flow}]" if key.endswith("/" + d.flow) else "") \
+                    + f" {preset}" + (" searched" if per_fold else "") \
                     + (f" seed {seed}" if cfg.seeds != [0] else "")
                 cells.append(Cell(cell_id(parts), name, d.dataset, d.protocol, preset, label, key, d.config_id,
                                   d.classes, model, recipe, chosen, len(subjects), cfg.demo, setting, per_fold,
-                                  d.preprocess))
+                                  d.preprocess, d.flow))
     return cells
 
 

@@ -14,6 +14,11 @@ overrides the file. With neither a file nor a ``--dataset`` flag the grid runs t
     root = "../shared/data/megc2019_composite"
     protocols = ["CDE"]               # SDE and/or CDE; default: what the dataset's labels allow
 
+    # [[datasets]]                    # the same raw data again, with TV-L1 flows: separate shards and cells
+    # format = "casme2"
+    # root = "/data/CASME2"
+    # flow = "tvl1"                   # farneback (default, EPIR's) or tvl1 (the published composite's)
+
     # [[datasets]]                    # a lab's own data
     # format = "manifest"
     # root = "mylab.csv"
@@ -46,8 +51,9 @@ from typing import Literal, get_args, get_origin
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from epir.presets import FAMILIES, LADDER, PRESETS, config_from_dict, config_to_dict, family_fields, make_config
+from epir.presets import FAMILIES, LADDER, PRESETS, config_to_dict, family_fields, make_config
 from epir.train import TrainRecipe
+from preprocess import FLOW_ALGORITHMS
 
 PROTOCOLS = ("SDE", "CDE")
 Sampler = Literal["random", "qmc", "grid"]  # a search's candidate samplers (grid.search); none looks at a score
@@ -87,7 +93,9 @@ class DatasetSpec:
         root: dataset root (for ``manifest``, the CSV file).
         name: output name (default: the format; a manifest's file stem).
         protocols: ``SDE``/``CDE``; empty = every protocol its labels allow.
-        options: extra adapter options (``annotations``, ``classes``, ``precropped``).
+        options: extra adapter options (``annotations``, ``classes``, ``precropped``) and ``flow`` (``farneback``, the
+            default, or ``tvl1``: the optical-flow algorithm of its preprocessing; a dataset configured twice with
+            two flows gives two shard sets and two sets of cells, named by the flow).
     """
 
     format: str
@@ -103,6 +111,11 @@ class DatasetSpec:
         bad = [p for p in self.protocols if p not in PROTOCOLS]
         if bad:
             raise ValueError(f"unknown protocol(s) {bad}; choose from {PROTOCOLS}")
+        if self.options.get("flow", "farneback") not in FLOW_ALGORITHMS:
+            raise ValueError(f"dataset {self.name or self.format}: flow must be one of {FLOW_ALGORITHMS}, "
+                             f"got {self.options['flow']!r}")
+        if self.format == "megc2019" and "flow" in self.options:
+            raise ValueError("the megc2019 composite is published as flow images (TV-L1): it has no flow option")
 
 
 @dataclass

@@ -15,6 +15,8 @@ import numpy as np
 
 from .config import DatasetSpec
 
+PUBLISHED_FLOW = "tvl1-published"  # precomputed flow images of the MEGC2019 composite (TV-L1, min-max per image)
+
 
 @dataclass
 class ProtocolData:
@@ -26,8 +28,10 @@ class ProtocolData:
         flows: (N, H, W, 3) float32 [u, v, strain]; labels: (N,) int64 in 0..C-1.
         subjects: (N,) subject strings (the LOSO folds); sample_ids: (N,); groups: (N,) source dataset.
         classes: class names in label order. flow_range: ``unit`` (min-max 0..1) or ``signed``.
-        preprocess: how the flows were made (the shards' ``config`` and ``precomputed``): what a model
+        preprocess: how the flows were made (the shards' ``config``, ``precomputed`` and ``flow``): what a model
             trained on them needs done to new onset/apex pairs.
+        flow: the flow algorithm (:func:`shard_flow`); a computed flow other than Farneback's names the data key
+            (``<dataset>/<protocol>/tvl1``), so that one raw dataset under two flows gives two sets of cells.
     """
 
     key: str
@@ -42,6 +46,7 @@ class ProtocolData:
     classes: list[str]
     flow_range: str
     preprocess: dict | None = None
+    flow: str = "farneback"
 
     @property
     def fold_subjects(self) -> list[str]:
@@ -58,15 +63,16 @@ def preprocess(spec: DatasetSpec, shards: Path, progress=print) -> Path:
         preprocess.adapters.DatasetError: wrong root, bad annotations, or no surviving sample.
     """
     from preprocess.adapters import ADAPTERS, DatasetError, dataset_name
-    from preprocess.pipeline import run
+    from preprocess.pipeline import PreprocessConfig, run
 
     if not spec.root.exists():
         raise DatasetError(f"dataset root {spec.root} does not exist")
     opts = dict(spec.options)
     annotations = opts.pop("annotations", None)
+    cfg = PreprocessConfig(flow=opts.pop("flow", "farneback"))  # the dataset's own flow options; the rest default
     adapted = ADAPTERS[spec.format](spec.root, Path(annotations) if annotations else None, **opts)
     name = dataset_name(spec.format, adapted, spec.name)
-    summary = run(adapted, name, shards, precomputed=spec.format == "megc2019", progress=progress)
+    summary = run(adapted, name, shards, cfg, precomputed=spec.format == "megc2019", progress=progress)
     progress(summary.render())
     return summary.out_dir
 
@@ -128,14 +134,27 @@ def load_protocol(folder: Path, protocol: str) -> ProtocolData:
         raise ValueError(f"{folder}: {protocol} needs at least two subjects for LOSO")
     name = manifest["dataset"]
     normalize = (manifest.get("config") or {}).get("normalize", "minmax")
+    flow = shard_flow(manifest)
     return ProtocolData(
-        key=f"{name}/{protocol}", dataset=name, protocol=protocol, config_id=manifest["config_id"],
+        key=f"{name}/{protocol}" + ("" if flow in ("farneback", PUBLISHED_FLOW) else f"/{flow}"), dataset=name,
+        protocol=protocol, config_id=manifest["config_id"],
         flows=np.ascontiguousarray(flows[keep]), labels=df[col].to_numpy(dtype=np.int64),
         subjects=df["subject"].astype(str).to_numpy(), sample_ids=df["sample_id"].astype(str).to_numpy(),
         groups=df["dataset"].astype(str).to_numpy(), classes=list(classes),
         flow_range="unit" if manifest.get("precomputed") or normalize == "minmax" else "signed",
-        preprocess={"config": manifest.get("config") or {}, "precomputed": bool(manifest.get("precomputed"))},
+        preprocess={"config": manifest.get("config") or {}, "precomputed": bool(manifest.get("precomputed")),
+                    "flow": manifest.get("flow") or {"algorithm": flow}},
+        flow=flow,
     )
+
+
+def shard_flow(manifest: dict) -> str:
+    """How a shard set's flows were made: ``farneback``, ``tvl1``, or :data:`PUBLISHED_FLOW` for precomputed flow
+    images (the MEGC2019 composite: TV-L1, min-max per image); shards written before the option existed are
+    Farneback's."""
+    if manifest.get("precomputed"):
+        return PUBLISHED_FLOW
+    return (manifest.get("config") or {}).get("flow", "farneback")
 
 
 def composite(parts: list[ProtocolData], name: str = "") -> ProtocolData:
@@ -155,12 +174,14 @@ def composite(parts: list[ProtocolData], name: str = "") -> ProtocolData:
         raise ValueError(f"a composite needs at least two CDE datasets, got {[p.key for p in parts]}")
     for p in parts:
         if p.protocol != "CDE" or p.classes != parts[0].classes or p.flow_range != parts[0].flow_range \
-                or p.flows.shape[1:] != parts[0].flows.shape[1:]:
-            raise ValueError(f"cannot pool {p.key} with {parts[0].key}: protocol, classes, flow range and flow shape "
-                             "must agree (preprocess them with the same options)")
+                or p.flows.shape[1:] != parts[0].flows.shape[1:] or p.flow != parts[0].flow:
+            raise ValueError(f"cannot pool {p.key} with {parts[0].key}: protocol, classes, flow algorithm, range and "
+                             "shape must agree (preprocess them with the same options)")
     name = name or "+".join(p.dataset for p in parts)
+    flow = parts[0].flow
     return ProtocolData(
-        key=f"{name}/CDE", dataset=name, protocol="CDE", config_id="+".join(p.config_id for p in parts),
+        key=f"{name}/CDE" + ("" if flow in ("farneback", PUBLISHED_FLOW) else f"/{flow}"), dataset=name, protocol="CDE",
+        config_id="+".join(p.config_id for p in parts), flow=flow,
         flows=np.concatenate([p.flows for p in parts]), labels=np.concatenate([p.labels for p in parts]),
         subjects=np.concatenate([np.char.add(f"{p.dataset}_", p.subjects.astype(str)) for p in parts]),
         sample_ids=np.concatenate([p.sample_ids for p in parts]), groups=np.concatenate([p.groups for p in parts]),

@@ -10,11 +10,13 @@ the classes, the input convention and how its training flows were made.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from preprocess.shards import PreprocessConfig
+from preprocess.stages import faces_and_flows
 
 REQUIRED = ["sample_id", "onset_path", "apex_path"]
 
@@ -59,38 +61,54 @@ def read_pairs(manifest: Path | None = None, onset: Path | None = None, apex: Pa
     return df
 
 
-def flows_for(pairs: pd.DataFrame, preprocess: dict, precropped: bool = False) -> tuple[np.ndarray, pd.DataFrame]:
+def flow_config(meta: dict, requested: str | None = None, allow_mismatch: bool = False) -> tuple[PreprocessConfig, str]:
+    """The preprocessing that makes new pairs' flows as the model's training flows were made, and a line that
+    says which.
+
+    Args:
+        meta: the model's metadata (its ``flow`` record, :func:`grid.tracking.flow_record`, or for models logged
+            before it, their ``preprocess``).
+        requested: ``--flow``; None follows the model.
+        allow_mismatch: ``--allow-flow-mismatch``: accept a ``--flow`` that contradicts the model's.
+
+    Raises:
+        ValueError: a requested flow that contradicts the model's, without ``allow_mismatch``.
+    """
+    from .tracking import flow_record
+
+    pre = meta.get("preprocess") or {}
+    rec = meta.get("flow") or flow_record(pre)
+    algorithm = requested or rec["algorithm"]
+    if algorithm != rec["algorithm"] and not allow_mismatch:
+        raise ValueError(f"the model was trained on {rec['algorithm']} flows ({rec['source']}); --flow {algorithm} would "
+                         "give it another input distribution: leave --flow out, or add --allow-flow-mismatch to insist")
+    if rec["source"] == "published":  # the composite's flow images: TV-L1, min-max per image, working size unpublished
+        cfg = PreprocessConfig(flow=algorithm)
+        line = (f"flows: {algorithm}, min-max per image, at our working size {cfg.working_size} px (the model trained on "
+                "the published MEGC2019 composite's TV-L1 flow images, whose working size and exact TV-L1 settings are "
+                "not published: the algorithm and the normalisation match, not every detail)")
+    else:
+        cfg = PreprocessConfig(**{**(pre.get("config") or {}), "flow": algorithm})
+        line = f"flows: {algorithm}, {cfg.normalize}, working size {cfg.working_size} px (as the model's training flows)"
+    if algorithm != rec["algorithm"]:
+        line += f"; NOT the model's {rec['algorithm']} (--allow-flow-mismatch)"
+    return cfg, line
+
+
+def flows_for(pairs: pd.DataFrame, cfg: PreprocessConfig, precropped: bool = False) -> tuple[np.ndarray, pd.DataFrame]:
     """[u, v, strain] flows of the pairs through the preprocessing stages (face, flow), in this process.
 
     Args:
         pairs: :func:`read_pairs`'s table.
-        preprocess: the model's training preprocessing (``{"config": PreprocessConfig fields, "precomputed"}``);
-            for a model trained on precomputed flow images, our default configuration.
+        cfg: the preprocessing configuration (:func:`flow_config`).
         precropped: the frames are tight face crops (the whole frame is the face).
 
     Returns:
         (flows (n_ok, H, W, 3) float32 of the accepted pairs, the pairs table with ``status``, ``reason``,
         ``detail`` columns).
     """
-    from preprocess.pipeline import FaceStage, PreprocessConfig, _flow_row, check_files
-
-    cfg = PreprocessConfig() if preprocess.get("precomputed") else PreprocessConfig(**preprocess.get("config", {}))
     batch = pairs.assign(subject=pairs.get("subject", "new"), precropped=precropped, onset_frame=None, apex_frame=None)
-    ok, absent = check_files(batch, precomputed=False)
-    out = batch.assign(status="rejected", reason="", detail="")
-    for r in absent.itertuples(index=False):
-        m = out["sample_id"] == r.sample_id
-        out.loc[m, ["reason", "detail"]] = [r.reason, r.detail]
-    flows = np.zeros((0, cfg.output_size, cfg.output_size, 3), np.float32)
-    if len(ok):
-        faced = FaceStage(dataclasses.asdict(cfg))(ok)
-        rows = [_flow_row(r, cfg.flow) for r in faced.to_dict("records")]
-        good = [r["flow"] is not None for r in rows]
-        flows = np.stack([np.asarray(r["flow"], np.float32).reshape(r["shape"]) for r in rows if r["flow"] is not None]) \
-            if any(good) else flows
-        for (sid, status, reason, detail) in zip(faced["sample_id"], faced["status"], faced["reason"], faced["detail"]):
-            out.loc[out["sample_id"] == sid, ["status", "reason", "detail"]] = [status, reason, detail]
-    return flows, out
+    return faces_and_flows(batch, cfg)
 
 
 def probabilities(model, meta: dict, flows: np.ndarray) -> np.ndarray:
@@ -109,20 +127,22 @@ def probabilities(model, meta: dict, flows: np.ndarray) -> np.ndarray:
 
 
 def run(uri: str, manifest: Path | None, onset: Path | None, apex: Path | None, out: Path | None,
-        precropped: bool = False, log=print) -> pd.DataFrame:
+        precropped: bool = False, log=print, flow: str | None = None, allow_flow_mismatch: bool = False) -> pd.DataFrame:
     """Classify new pairs with a logged model; write a CSV (``out``) or print one line per pair.
 
     Returns:
         The table: the pairs (a single ``--onset``/``--apex`` pair is named by its apex path), ``status``,
         ``reason`` and ``detail`` (what was wrong, e.g. both frame sizes or the missing path), ``predicted`` and
         ``p_<class>`` per class.
+
+    Raises:
+        ValueError: bad pairs, or a ``flow`` that contradicts the model's (:func:`flow_config`).
     """
     model, meta = load(uri)
     pairs = read_pairs(manifest, onset, apex)
-    if meta.get("preprocess", {}).get("precomputed"):
-        log("note: this model trained on published precomputed flow images (e.g. TV-L1); new pairs get our own "
-            "Farneback flows, which differ from those: expect a domain shift")
-    flows, table = flows_for(pairs, meta.get("preprocess", {}), precropped)
+    cfg, line = flow_config(meta, flow, allow_flow_mismatch)
+    log(line)
+    flows, table = flows_for(pairs, cfg, precropped)
     classes = meta["classes"]
     ok = (table["status"] == "ok").to_numpy()
     table["predicted"] = ""

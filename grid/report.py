@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from epir.presets import LADDER, PAPER_TABLE4, PRESETS
+from epir.presets import LADDER, PRESETS
 
 from . import tracking
 from .compare import METRICS, Paired, paired_difference
@@ -39,8 +39,9 @@ PAPER_CDE = {
 PAPER_SDE = {"samm": (0.8011, 0.8052), "casme2": (0.8712, 0.8466), "smic": (0.8025, 0.8213), "casme3": (0.6727, 0.6345)}
 CDE_GROUPS = [("full", "Full"), ("samm", "SAMM"), ("casme2", "CASME II"), ("smic", "SMIC")]
 PEEK = tracking.PEEK
-KEY = ["dataset", "protocol", "preset", "profile", "epoch_selection", "folds", "demo"]
-# rows that may be paired share these (and then their subjects and seeds, checked on the predictions)
+KEY = ["dataset", "protocol", "flow", "preset", "profile", "epoch_selection", "folds", "demo"]
+# rows that may be paired share these (and then their subjects and seeds, checked on the predictions); a
+# ladder's rungs share their flow too, and two flows of one raw dataset are compared rung by rung
 PAIR_KEY = ["dataset", "protocol", "profile", "epoch_selection", "folds", "demo"]
 PAIRED = "paired_comparisons"  # paired_comparisons.csv / .md in results/<experiment>/
 PAIRED_COLUMNS = ["dataset", "protocol", "row", "vs", "against", "metric", "difference", "ci_low", "ci_high",
@@ -57,7 +58,9 @@ def _label(row) -> str:
         marks.append("DEMO data")
     ens = row.get("ensemble", 1)
     ens = f", softmax ensemble of {int(ens)} seeds" if ens and not pd.isna(ens) and int(ens) > 1 else ""
-    return f"{row['preset']} (ours, {row['profile']}{ens})" + (f" [{'; '.join(marks)}]" if marks else "")
+    flow = row.get("flow", "farneback")
+    flow = "" if flow in ("farneback", "tvl1-published") or pd.isna(flow) else f", {flow} flow"
+    return f"{row['preset']} (ours, {row['profile']}{ens}{flow})" + (f" [{'; '.join(marks)}]" if marks else "")
 
 
 def _score_columns() -> list[str]:
@@ -113,6 +116,7 @@ def collect(client, exp_id: str) -> pd.DataFrame:
             continue
         folds, total = t.get("epir.folds", "0/0").split("/")
         row = dict(dataset=t["epir.dataset"], protocol=t["epir.protocol"], preset=t["epir.preset"],
+                   flow=t.get("epir.flow", "farneback"),
                    profile=t["epir.profile"], epoch_selection=t["epir.epoch_selection"],
                    peeks_at_test=t.get("epir.peeks_at_test") == "true", demo=t.get("epir.demo") == "true",
                    folds=int(folds), partial=int(folds) < int(total),
@@ -244,13 +248,19 @@ def compare(preds: Predictions, row_a, row_b) -> dict[str, Paired] | None:
 
 
 def ladder_pairs(df: pd.DataFrame) -> list[tuple[int, str, int]]:
-    """(row, "previous" | "baseline", the row it is compared with) for every row of ``df`` (aggregated rows):
-    each ladder rung against the rung before it (the nearest lower rung with a row) and against ``baseline``; a
-    peer against ``baseline``.
-    Rows are matched on :data:`PAIR_KEY`."""
+    """(row, "previous" | "baseline" | "farneback", the row it is compared with) for every row of ``df``
+    (aggregated rows): each ladder rung against the rung before it (the nearest lower rung with a row) and
+    against ``baseline``, a peer against ``baseline``, all of the same flow; and a row of another flow than
+    Farneback against the same preset's Farneback row of the same raw dataset. Rows are matched on
+    :data:`PAIR_KEY`."""
     out = []
     for i, r in df.iterrows():
-        same = df[(df[PAIR_KEY] == r[PAIR_KEY]).all(axis=1)]
+        alike = df[(df[PAIR_KEY] == r[PAIR_KEY]).all(axis=1)]
+        if r["flow"] not in ("farneback", "tvl1-published"):
+            hit = alike[(alike["flow"] == "farneback") & (alike["preset"] == r["preset"])]
+            if not hit.empty:
+                out.append((i, "farneback", hit.index[0]))
+        same = alike[alike["flow"] == r["flow"]]
         targets = []
         if r["preset"] in LADDER:  # the nearest lower rung that has a row (the one before, in a full ladder)
             lower = [p for p in LADDER[: LADDER.index(r["preset"])] if p in set(same["preset"])]
@@ -274,9 +284,11 @@ def paired_table(client, exp_id: str, cells: pd.DataFrame, df: pd.DataFrame) -> 
         result = compare(preds, a, b)
         if result is None:
             continue
+        flows = kind == "farneback"
         for m, p in result.items():
-            lines.append({"dataset": a["dataset"], "protocol": a["protocol"], "row": a["preset"], "vs": kind,
-                          "against": b["preset"], "metric": m.upper(), "difference": p.diff, "ci_low": p.ci_low,
+            lines.append({"dataset": a["dataset"], "protocol": a["protocol"],
+                          "row": a["preset"] + (f" [{a['flow']}]" if flows else ""), "vs": kind,
+                          "against": b["preset"] + (f" [{b['flow']}]" if flows else ""), "metric": m.upper(), "difference": p.diff, "ci_low": p.ci_low,
                           "ci_high": p.ci_high, "excludes_zero": p.excludes_zero, "seeds_agree": p.agree,
                           "seed_pairs": len(p.seeds), "subjects": p.subjects, "setting": a["setting"]})
         run_ids = cells.loc[cells["setting"] == a["setting"], "run_id"].tolist()
@@ -287,7 +299,7 @@ def paired_table(client, exp_id: str, cells: pd.DataFrame, df: pd.DataFrame) -> 
 def _paired_columns(pairs: pd.DataFrame, setting: str) -> dict:
     """Table 4's paired columns of one row: text for Markdown and numbers for CSV."""
     md, csv = {}, {}
-    for kind, title in (("previous", "vs rung before"), ("baseline", "vs baseline")):
+    for kind, title in (("previous", "vs rung before"), ("baseline", "vs baseline"), ("farneback", "vs Farneback flow")):
         for m in ("UF1", "UAR"):
             hit = pairs[(pairs["setting"] == setting) & (pairs["vs"] == kind) & (pairs["metric"] == m)] \
                 if not pairs.empty else pairs
@@ -381,8 +393,7 @@ def write_tables(client, exp_id: str, experiment: str, results_dir: Path) -> Pat
             t4[-1].update(paired["md"])
         pd.DataFrame(t4_csv).to_csv(out / "table4_ablation.csv", index=False)
         md = pd.DataFrame(t4)
-        if pairs.empty:
-            md = md.drop(columns=[c for c in md.columns if c.startswith("Δ")])
+        md = md.drop(columns=[c for c in md.columns if c.startswith("Δ") and not md[c].astype(bool).any()])
         (out / "table4_ablation.md").write_text(
             header + "## Table 4: ablation ladder (and peers), CDE Full, UF1 / UAR\n\n"
             "`published`: the paper's Table 4 for the ladder (EPIR, arXiv 2604.08106), the source's own figure for "

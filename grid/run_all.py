@@ -26,6 +26,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 from epir.presets import LADDER, PRESETS  # noqa: E402
 from grid.config import FORMATS, PROFILES, SAMPLERS, DatasetSpec, GridConfig, load_config, parse_overrides  # noqa: E402
+from preprocess import FLOW_ALGORITHMS  # noqa: E402
 from preprocess.runtime import quiet_libraries  # noqa: E402
 
 EPILOG = f"""\
@@ -144,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--manifest", type=Path, help="CSV with sample_id,onset_path,apex_path (paths relative to it)")
     q.add_argument("--out", type=Path, help="write the probabilities as CSV (default: print one line per pair)")
     q.add_argument("--precropped", action="store_true", help="the frames are tight face crops")
+    q.add_argument("--flow", choices=list(FLOW_ALGORITHMS),
+                   help="the flow algorithm for the new pairs (default: the model's own, which predict prints)")
+    q.add_argument("--allow-flow-mismatch", action="store_true",
+                   help="accept a --flow that contradicts the model's training flows (another input distribution)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show every library's console output (Ray, Ray Tune, Ray Data, MLflow); by default only our "
                    "progress lines and real problems")
@@ -258,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             print("error: predict needs a model: python grid/run_all.py predict MODEL_URI --onset F --apex F", file=sys.stderr)
             return 2
         try:
-            table = predict.run(args.target, args.manifest, args.onset, args.apex, args.out, args.precropped)
+            table = predict.run(args.target, args.manifest, args.onset, args.apex, args.out, args.precropped,
+                                flow=args.flow, allow_flow_mismatch=args.allow_flow_mismatch)
         except (ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

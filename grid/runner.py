@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 from ray.tune import Callback
 
-from epir.metrics import score
 from epir.presets import PRESETS
 
 from . import tracking

@@ -51,7 +51,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from epir.metrics import uar, uf1
-from epir.presets import PRESETS, config_from_dict, family_fields
+from epir.presets import config_from_dict, family_fields
 from epir.train import TrainRecipe, fit_all, predict, to_model_input
 
 from . import tracking

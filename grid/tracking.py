@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 
 from .records import FoldRecord
 
@@ -80,8 +81,9 @@ def log_dataset(client, run_id: str, cell) -> None:
     ``<dataset>/<protocol>``, its digest the shards' configuration id, its source the shards' key."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    ds = Dataset(name=f"{cell.dataset}/{cell.protocol}", digest=cell.config_id[-10:], source_type="local",
-                 source=json.dumps({"shards_config_id": cell.config_id, "data_key": cell.data_key}),
+    ds = Dataset(name=f"{cell.dataset}/{cell.protocol}" + ("" if cell.flow == "farneback" else f" ({cell.flow})"),
+                 digest=cell.config_id[-10:], source_type="local",
+                 source=json.dumps({"shards_config_id": cell.config_id, "data_key": cell.data_key, "flow": cell.flow}),
                  profile=json.dumps({"classes": cell.classes, "subjects": cell.all_subjects}))
     client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])])
 
@@ -109,7 +111,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-from .cells import flat_params  # noqa: E402  (re-exported: the form MLflow params take)
+from .cells import flat_params  # noqa: E402, F401  (re-exported: the form MLflow params take)
 
 
 def parent_run(client, exp_id: str, cell) -> str:
@@ -205,6 +207,18 @@ def final_model_uri(client, exp_id: str, cell_id: str) -> str | None:
     return runs[0].data.tags.get("epir.model_uri") if runs else None
 
 
+def flow_record(preprocess: dict) -> dict:
+    """How a model's training flows were made, for ``predict`` to make new pairs' flows the same way:
+    ``algorithm`` (``farneback`` / ``tvl1``), ``normalization`` (per image), ``working_size`` (None where not
+    published), ``source`` (``computed`` by our stages, or ``published`` flow images: the MEGC2019 composite
+    is TV-L1, min-max per image, at an unpublished working size)."""
+    if preprocess.get("precomputed"):
+        return {"algorithm": "tvl1", "normalization": "minmax", "working_size": None, "source": "published"}
+    cfg = preprocess.get("config") or {}
+    return {"algorithm": cfg.get("flow", "farneback"), "normalization": cfg.get("normalize", "minmax"),
+            "working_size": cfg.get("working_size"), "source": "computed"}
+
+
 def model_metadata(cell) -> dict:
     """What applying a cell's model to new data needs, stored in its MLmodel file: the classes, the model and
     recipe, the input convention the model reads, and how its training flows were made."""
@@ -214,6 +228,7 @@ def model_metadata(cell) -> dict:
     return {"classes": list(cell.classes), "model_config": cell.model, "recipe": cell.recipe,
             "input_convention": {"channels": list(conv.channels), "value_range": conv.value_range, "scale": conv.scale},
             "flow_range": cell.recipe["flow_range"], "preprocess": cell.preprocess or {}, "cell_id": cell.cell_id,
+            "flow": flow_record(cell.preprocess or {}),
             "dataset": cell.dataset, "protocol": cell.protocol, "preset": cell.preset,
             "output": "log-probabilities; softmax gives the class probabilities in 'classes' order"}
 
@@ -416,17 +431,13 @@ def pooled_predictions_csv(cell, folds: dict) -> str:
     """Every fold's predictions in one table (what paired comparisons resample, :mod:`grid.compare`):
     ``subject, sample_id, group, y_true, y_pred, y_pred_best_test_epoch`` (class names; the last column PEEKS,
     empty for folds without it)."""
-    import pandas as pd
-
     return pd.DataFrame(_pooled_rows(cell, folds), columns=POOLED_COLUMNS).to_csv(index=False)
 
 
-def read_pooled_predictions(client, exp_id: str, run) -> "pd.DataFrame":
+def read_pooled_predictions(client, exp_id: str, run) -> pd.DataFrame:
     """A finished cell's pooled predictions: its parent run's ``pooled_predictions.csv``, or, for cells logged
     before it existed, read back from its child runs. Columns as :func:`pooled_predictions_csv`, labels as
     class indices (``y_true``, ``y_pred``, ``y_pred_best_test_epoch``, -1 where absent)."""
-    import pandas as pd
-
     from mlflow.exceptions import MlflowException
 
     classes = run.data.params.get("classes", "").split(",")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .adapters import ADAPTERS, DatasetError, dataset_name
+from .frames import FLOW_ALGORITHMS
 from .runtime import quiet_libraries
 
 EPILOG = """\
@@ -42,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="output dataset name (default: the dataset format; a manifest's file stem)")
     p.add_argument("--workers", type=int, default=2, help="face actors and flow actors, one CPU each (default 2)")
     p.add_argument("--shard-size", type=int, default=512, help="samples per shard (default 512)")
-    p.add_argument("--working-size", type=int, default=128, help="face side for Farneback, px (default 128)")
+    p.add_argument("--flow", choices=list(FLOW_ALGORITHMS), default="farneback",
+                   help="optical flow onset -> apex: farneback (EPIR's, default) or tvl1 (TV-L1 from OpenCV's contrib "
+                   "module, as the published MEGC2019 composite; parameters in preprocess/frames.py TVL1_PARAMS)")
+    p.add_argument("--working-size", type=int, default=128, help="face side the flow is computed on, px (default 128)")
     p.add_argument("--output-size", type=int, default=28, help="stored flow side, px (default 28)")
     p.add_argument("--normalize", choices=["minmax", "none"], default="minmax",
                    help="per-sample per-channel scaling of u, v, strain (default minmax, as STSTNet/HTNet)")
@@ -73,7 +77,7 @@ def prepare(args) -> tuple:
     from .pipeline import PreprocessConfig
 
     cfg = PreprocessConfig(args.working_size, args.output_size, args.normalize, args.face_margin, args.min_face_prob,
-                           args.face_pad)
+                           args.face_pad, args.flow)
     if args.workers < 1 or args.shard_size < 1:
         raise ValueError("--workers and --shard-size must be >= 1")
     if not args.root.exists():

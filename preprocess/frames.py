@@ -14,14 +14,23 @@ face for lack of context: there the whole frame is the face box and MTCNN is not
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from . import FLOW_ALGORITHMS
+from .shards import FlowConfig
+
 # Farneback parameters used across MER code (PAPER.md): pyr_scale, levels, winsize, iterations,
 # poly_n, poly_sigma, flags.
 FARNEBACK_PARAMS = (0.5, 3, 15, 3, 5, 1.2, 0)
+# TV-L1 (Zach, Pock & Bischof 2007; Wedel et al. 2009) as OpenCV's contrib module implements it
+# (cv2.optflow.DualTVL1OpticalFlow), at OpenCV's defaults, set explicitly so that they are recorded: time
+# step tau, data weight lambda, tightness theta, pyramid scales, warps per scale, stopping epsilon, inner
+# and outer iterations, pyramid scale step, illumination weight gamma, median filter size. The MEGC2019
+# composite's published flows were made with TV-L1; their own parameters and working size are not published.
+TVL1_PARAMS = {"tau": 0.25, "lambda": 0.15, "theta": 0.3, "scales": 5, "warps": 5, "epsilon": 0.01,
+               "inner_iterations": 30, "outer_iterations": 10, "scale_step": 0.8, "gamma": 0.0, "median_filtering": 5}
 
 
 class SampleError(Exception):
@@ -101,6 +110,41 @@ def farneback_flow(onset: np.ndarray, apex: np.ndarray) -> np.ndarray:
     return cv2.calcOpticalFlowFarneback(onset, apex, None, *FARNEBACK_PARAMS)
 
 
+def tvl1_flow(onset: np.ndarray, apex: np.ndarray) -> np.ndarray:
+    """Dense optical flow onset -> apex by TV-L1 (OpenCV contrib ``DualTVL1OpticalFlow``, ``TVL1_PARAMS``).
+
+    Args:
+        onset, apex: (H, W) uint8 grey faces of the same size.
+
+    Returns:
+        (H, W, 2) float32 in pixels, the same convention as :func:`farneback_flow`.
+
+    Raises:
+        RuntimeError: OpenCV without its contrib modules (``opencv-contrib-python-headless`` provides them).
+    """
+    if not hasattr(cv2, "optflow"):
+        raise RuntimeError("TV-L1 needs OpenCV's contrib modules: install opencv-contrib-python-headless "
+                           "(it replaces opencv-python-headless)")
+    p = TVL1_PARAMS
+    t = cv2.optflow.DualTVL1OpticalFlow_create()
+    t.setTau(p["tau"]), t.setLambda(p["lambda"]), t.setTheta(p["theta"]), t.setScalesNumber(p["scales"])
+    t.setWarpingsNumber(p["warps"]), t.setEpsilon(p["epsilon"]), t.setInnerIterations(p["inner_iterations"])
+    t.setOuterIterations(p["outer_iterations"]), t.setScaleStep(p["scale_step"]), t.setGamma(p["gamma"])
+    t.setMedianFiltering(p["median_filtering"])
+    return t.calc(onset, apex, None)
+
+
+def optical_flow(onset: np.ndarray, apex: np.ndarray, algorithm: str = "farneback") -> np.ndarray:
+    """Onset -> apex flow (H, W, 2) by ``farneback`` (:func:`farneback_flow`) or ``tvl1`` (:func:`tvl1_flow`).
+
+    Raises:
+        ValueError: for another algorithm.
+    """
+    if algorithm not in FLOW_ALGORITHMS:
+        raise ValueError(f"flow algorithm must be one of {FLOW_ALGORITHMS}, got {algorithm!r}")
+    return farneback_flow(onset, apex) if algorithm == "farneback" else tvl1_flow(onset, apex)
+
+
 def optical_strain(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Optical strain magnitude, EPIR eq. (2): sqrt(u_x^2 + v_y^2 + 1/2 (u_y + v_x)^2).
 
@@ -118,29 +162,6 @@ def optical_strain(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.sqrt(du_dx**2 + dv_dy**2 + 0.5 * (du_dy + dv_dx) ** 2).astype(np.float32)
 
 
-@dataclass(frozen=True)
-class FlowConfig:
-    """Flow-stage settings (they name the shard folder, so changing one makes new shards).
-
-    Attributes:
-        working_size: side in pixels of the grey faces Farneback runs on (default 128).
-        output_size: side of the stored flow, the model input (default 28).
-        normalize: ``minmax`` scales each channel of each sample to 0..1 (as STSTNet/HTNet's published
-            flow images), storing the per-sample min and max; ``none`` keeps u, v in pixels of the
-            working-size face and strain unscaled.
-    """
-
-    working_size: int = 128
-    output_size: int = 28
-    normalize: str = "minmax"
-
-    def __post_init__(self):
-        if self.normalize not in ("minmax", "none"):
-            raise ValueError(f"normalize must be 'minmax' or 'none', got {self.normalize!r}")
-        if self.working_size < 16 or self.output_size < 4:
-            raise ValueError("working_size must be >= 16 and output_size >= 4")
-
-
 def flow_features(onset_face: np.ndarray, apex_face: np.ndarray, cfg: FlowConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Grey faces (working_size^2) -> model input [u, v, strain] (output_size, output_size, 3) float32.
 
@@ -149,7 +170,7 @@ def flow_features(onset_face: np.ndarray, apex_face: np.ndarray, cfg: FlowConfig
         un-normalised resized flow (with ``minmax`` the stored values are ``(x - min) / (max - min)``;
         a constant channel becomes 0).
     """
-    f = farneback_flow(onset_face, apex_face)
+    f = optical_flow(onset_face, apex_face, cfg.flow)
     u, v = f[..., 0], f[..., 1]
     s = optical_strain(u, v)
     stack = np.stack([u, v, s], axis=-1)

@@ -53,7 +53,7 @@ def is_verbose() -> bool:
 def package_versions() -> dict[str, str]:
     """Versions of Python and the packages that shape the shards (``absent`` when not installed)."""
     out = {"python": platform.python_version()}
-    for pkg in ("epir-grid", "ray", "torch", "opencv-python-headless", "facenet-pytorch", "numpy", "pyarrow", "pandas"):
+    for pkg in ("epir-grid", "ray", "torch", "opencv-contrib-python-headless", "facenet-pytorch", "numpy", "pyarrow", "pandas"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

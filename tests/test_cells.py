@@ -6,7 +6,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-import pytest
 
 import grid.cells as cells
 import grid.config as config

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import cv2
-import numpy as np
 import pytest
 
 from preprocess.__main__ import build_parser, prepare
@@ -22,7 +21,7 @@ from .conftest import REPO
 NOT_CONTENT = {"help", "dataset", "root", "out", "annotations", "name", "workers", "shard_size", "gpu_per_actor", "force",
                "verbose"}
 # for every other option, a value other than its default
-OTHER_VALUE = {"working_size": "96", "output_size": "32", "normalize": "none", "face_margin": "0.2",
+OTHER_VALUE = {"flow": "tvl1", "working_size": "96", "output_size": "32", "normalize": "none", "face_margin": "0.2",
                "min_face_prob": "0.8", "face_pad": "0.5", "precropped": None, "classes": "surprise,positive,negative"}
 
 
@@ -117,7 +116,8 @@ def test_the_flow_stage_recovers_the_demos_known_motion(capsys):
     assert mod.main(["--subjects", "1", "--samples", "2"]) == 0
     rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.split() and ln.split()[0] in
             ("negative", "positive", "surprise")]
-    assert len(rows) == 3
+    assert sorted((r[0], r[1]) for r in rows) == sorted((c, a) for c in ("negative", "positive", "surprise")
+                                                        for a in ("farneback", "tvl1"))  # both algorithms
     for r in rows:
-        angle, ratio = float(r[3]), float(r[7])
+        angle, ratio = float(r[4]), float(r[8])
         assert angle < 30 and 0.6 < ratio < 1.4, r  # the right direction and about the right size

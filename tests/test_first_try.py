@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -115,7 +114,7 @@ def test_a_rejected_predict_pair_says_both_sizes_and_the_path(tmp_path):
     cv2.imwrite(str(tmp_path / "ap.png"), np.zeros((30, 50, 3), np.uint8))
     pairs = pd.DataFrame([{"sample_id": "p1", "onset_path": str(tmp_path / "on.png"), "apex_path": str(tmp_path / "ap.png")},
                           {"sample_id": "p2", "onset_path": str(tmp_path / "on.png"), "apex_path": str(tmp_path / "no.png")}])
-    _, table = flows_for(pairs, {"precomputed": True}, precropped=True)
+    _, table = flows_for(pairs, PreprocessConfig(), precropped=True)
     size, missing = table.set_index("sample_id").loc["p1"], table.set_index("sample_id").loc["p2"]
     assert size["reason"] == "size_mismatch" and "60x40 px" in size["detail"] and "50x30 px" in size["detail"]
     assert missing["reason"] == "missing_frame" and str(tmp_path / "no.png") in missing["detail"]
