@@ -47,7 +47,7 @@ import dataclasses
 import json
 import re
 import tomllib
-from typing import Literal, get_args, get_origin
+from typing import Literal, get_args, get_origin, get_type_hints
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -270,8 +270,6 @@ class GridConfig:
 
 def field_types(presets: list[str]) -> dict[str, list]:
     """field name -> the types it has in TrainRecipe and in the chosen presets' model configs."""
-    from typing import get_type_hints
-
     out: dict[str, list] = {}
     classes = [TrainRecipe] + [FAMILIES[f][0] for f in sorted({PRESETS[p].family for p in presets})]
     for cls in classes:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from preprocess.shards import read_shards
+
 from .config import DatasetSpec
 
 PUBLISHED_FLOW = "tvl1-published"  # precomputed flow images of the MEGC2019 composite (TV-L1, min-max per image)
@@ -62,6 +64,7 @@ def preprocess(spec: DatasetSpec, shards: Path, progress=print) -> Path:
     Raises:
         preprocess.adapters.DatasetError: wrong root, bad annotations, or no surviving sample.
     """
+    # deferred: the stages need OpenCV and a face model, which a machine that only reads shards may lack
     from preprocess.adapters import ADAPTERS, DatasetError, dataset_name
     from preprocess.pipeline import PreprocessConfig, run
 
@@ -80,8 +83,6 @@ def preprocess(spec: DatasetSpec, shards: Path, progress=print) -> Path:
 def protocol_support(folder: Path) -> dict[str, str | None]:
     """For SDE and CDE: None when the preprocessed dataset's labels allow a LOSO cell under it, else why not
     (:func:`label_support` of its shards)."""
-    from preprocess.pipeline import read_shards
-
     df, _, manifest = read_shards(folder)
     return label_support(df, manifest["classes"])
 
@@ -121,8 +122,6 @@ def load_protocol(folder: Path, protocol: str) -> ProtocolData:
     Raises:
         ValueError: the dataset has no classes for the protocol, or fewer than two subjects.
     """
-    from preprocess.pipeline import read_shards
-
     df, flows, manifest = read_shards(folder)
     classes = manifest["classes"].get(protocol.lower()) or []
     if not classes:

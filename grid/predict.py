@@ -12,11 +12,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
+import torch
 
+from epir.inputs import InputConvention, convert, data_convention
+from epir.train import to_tensor
 from preprocess.shards import PreprocessConfig
 from preprocess.stages import faces_and_flows
+
+from .tracking import flow_record, tracking_uri
 
 REQUIRED = ["sample_id", "onset_path", "apex_path"]
 
@@ -28,10 +34,6 @@ def load(uri: str):
         mlflow.exceptions.MlflowException / OSError: the URI or folder holds no model.
         ValueError: the model carries no EPIR Grid metadata.
     """
-    import mlflow
-
-    from .tracking import tracking_uri
-
     mlflow.set_tracking_uri(tracking_uri())
     info = mlflow.models.get_model_info(uri)
     meta = info.metadata or {}
@@ -74,8 +76,6 @@ def flow_config(meta: dict, requested: str | None = None, allow_mismatch: bool =
     Raises:
         ValueError: a requested flow that contradicts the model's, without ``allow_mismatch``.
     """
-    from .tracking import flow_record
-
     pre = meta.get("preprocess") or {}
     rec = meta.get("flow") or flow_record(pre)
     algorithm = requested or rec["algorithm"]
@@ -114,11 +114,6 @@ def flows_for(pairs: pd.DataFrame, cfg: PreprocessConfig, precropped: bool = Fal
 def probabilities(model, meta: dict, flows: np.ndarray) -> np.ndarray:
     """(N, C) class probabilities of flows (N, H, W, 3) ``[u, v, strain]`` in the model's training range,
     converted to the model's input convention."""
-    import torch
-
-    from epir.inputs import InputConvention, convert, data_convention
-    from epir.train import to_tensor
-
     conv = meta["input_convention"]
     dst = InputConvention(tuple(conv["channels"]), conv["value_range"], conv["scale"])
     x = convert(to_tensor(flows), data_convention(meta["flow_range"]), dst)

@@ -172,6 +172,7 @@ def import_records(folder: Path, experiment: str, results_dir: Path, log=print) 
     Raises:
         as :func:`read_records`.
     """
+    # deferred: MLflow and Ray; the rest of this module runs where they are not installed (a GPU machine)
     from . import tracking
     from .report import write_tables
     from .runner import finish_cell

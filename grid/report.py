@@ -351,63 +351,77 @@ def write_tables(client, exp_id: str, experiment: str, results_dir: Path) -> Pat
         (out / f"{PAIRED}.md").write_text(f"# {experiment}: paired comparisons\n\n" + PAIRED_NOTE + "\n\n"
                                           + _md(pairs.drop(columns=["setting"])))
     header = f"# {experiment}\n\n"
-    cde = df[df["protocol"] == "CDE"]
+    cde, sde = df[df["protocol"] == "CDE"], df[df["protocol"] == "SDE"]
     if not cde.empty:
-        rows, csv_rows = [], []
-        for _, r in cde.iterrows():
-            row = {"dataset": r["dataset"], "method": _label(r), "seeds": r["seeds"]}
-            csv = dict(row)
-            for g, name in CDE_GROUPS:
-                suffix = "" if g == "full" else f"_{g}"
-                for k, label in (("uf1", "UF1"), ("uar", "UAR")):
-                    sd = r.get(f"{k}_sd") if g == "full" else np.nan
-                    row[f"{name} {label}"] = _fmt(r.get(f"{k}{suffix}"), sd)
-                    csv[f"{name} {label}"] = r.get(f"{k}{suffix}")
-            for k, label in (("uf1", "UF1"), ("uar", "UAR")):
-                row[f"Full {label} best test epoch (PEEKS)"] = _fmt(r.get(f"bte_{k}"), r.get(f"bte_{k}_sd"))
-                csv[f"Full {label} sd"] = r.get(f"{k}_sd")
-                csv[f"Full {label} best test epoch (PEEKS)"] = r.get(f"bte_{k}")
-            rows.append(row)
-            csv_rows.append(csv)
-        for method, vals in PAPER_CDE.items():
-            row = {"dataset": "MEGC2019 composite", "method": method, "seeds": ""}
-            for g, name in CDE_GROUPS:
-                row[f"{name} UF1"], row[f"{name} UAR"] = vals.get(g, (np.nan,) * 2)
-            rows.append(row)
-            csv_rows.append(dict(row))
-        pd.DataFrame(csv_rows).to_csv(out / "table1_cde.csv", index=False)
-        (out / "table1_cde.md").write_text(header + "## Table 1: composite dataset evaluation (CDE), UF1 / UAR\n\n"
-                                          + _md(pd.DataFrame(rows).fillna("")) + "\n" + _notes(cde))
-        t4, t4_csv = [], []
-        for _, r in cde.iterrows():
-            pub = PRESETS[r["preset"]].published if r["preset"] in PRESETS else None
-            paired = _paired_columns(pairs, r["setting"])
-            t4.append({"dataset": r["dataset"], "preset": r["preset"], "method": _label(r), "seeds": r["seeds"],
-                       "UF1": r["uf1"], "UF1 sd": r["uf1_sd"], "UAR": r["uar"], "UAR sd": r["uar_sd"],
-                       "UF1 best test epoch (PEEKS)": r["bte_uf1"], "UAR best test epoch (PEEKS)": r["bte_uar"],
-                       "gap UF1": r["gap_uf1"], "gap UAR": r["gap_uar"],
-                       "single members UF1 (mean ± sd)": _fmt(r["members_uf1_mean"], r["members_uf1_sd"]),
-                       "published UF1": pub[0] if pub else np.nan, "published UAR": pub[1] if pub else np.nan,
-                       "params (M)": r["params_M"], "MACs (M)": r["macs_M"]})
-            t4_csv.append({**t4[-1], **paired["csv"]})
-            t4[-1].update(paired["md"])
-        pd.DataFrame(t4_csv).to_csv(out / "table4_ablation.csv", index=False)
-        md = pd.DataFrame(t4)
-        md = md.drop(columns=[c for c in md.columns if c.startswith("Δ") and not md[c].astype(bool).any()])
-        (out / "table4_ablation.md").write_text(
-            header + "## Table 4: ablation ladder (and peers), CDE Full, UF1 / UAR\n\n"
-            "`published`: the paper's Table 4 for the ladder (EPIR, arXiv 2604.08106), the source's own figure for "
-            "a peer.\n\n" + _md(md) + "\n" + ("- " + PAIRED_NOTE + "\n" if not pairs.empty else "") + _notes(cde))
-    sde = df[df["protocol"] == "SDE"]
+        _table1(cde, out, header)
+        _table4(cde, pairs, out, header)
     if not sde.empty:
-        t2 = pd.DataFrame([{"dataset": r["dataset"], "method": _label(r), "seeds": r["seeds"],
-                            "UF1": r["uf1"], "UF1 sd": r["uf1_sd"], "UAR": r["uar"], "UAR sd": r["uar_sd"],
-                            "UF1 best test epoch (PEEKS)": r["bte_uf1"],
-                            "single members UF1 (mean ± sd)": _fmt(r["members_uf1_mean"], r["members_uf1_sd"]),
-                            "paper UF1": PAPER_SDE.get(r["dataset"], (np.nan,) * 2)[0],
-                            "paper UAR": PAPER_SDE.get(r["dataset"], (np.nan,) * 2)[1]}
-                           for _, r in sde.iterrows()])
-        t2.to_csv(out / "table2_3_sde.csv", index=False)
-        (out / "table2_3_sde.md").write_text(header + "## Tables 2 and 3: single dataset evaluation (SDE), UF1 / UAR\n\n"
-                                            + _md(t2) + "\n" + _notes(sde))
+        _tables23(sde, out, header)
     return out
+
+
+def _table1(cde: pd.DataFrame, out: Path, header: str) -> None:
+    """``table1_cde``: CDE Full, SAMM, CASME II, SMIC (UF1, UAR), the published figures beside."""
+    rows, csv_rows = [], []
+    for _, r in cde.iterrows():
+        row = {"dataset": r["dataset"], "method": _label(r), "seeds": r["seeds"]}
+        csv = dict(row)
+        for g, name in CDE_GROUPS:
+            suffix = "" if g == "full" else f"_{g}"
+            for k, label in (("uf1", "UF1"), ("uar", "UAR")):
+                sd = r.get(f"{k}_sd") if g == "full" else np.nan
+                row[f"{name} {label}"] = _fmt(r.get(f"{k}{suffix}"), sd)
+                csv[f"{name} {label}"] = r.get(f"{k}{suffix}")
+        for k, label in (("uf1", "UF1"), ("uar", "UAR")):
+            row[f"Full {label} best test epoch (PEEKS)"] = _fmt(r.get(f"bte_{k}"), r.get(f"bte_{k}_sd"))
+            csv[f"Full {label} sd"] = r.get(f"{k}_sd")
+            csv[f"Full {label} best test epoch (PEEKS)"] = r.get(f"bte_{k}")
+        rows.append(row)
+        csv_rows.append(csv)
+    for method, vals in PAPER_CDE.items():
+        row = {"dataset": "MEGC2019 composite", "method": method, "seeds": ""}
+        for g, name in CDE_GROUPS:
+            row[f"{name} UF1"], row[f"{name} UAR"] = vals.get(g, (np.nan,) * 2)
+        rows.append(row)
+        csv_rows.append(dict(row))
+    pd.DataFrame(csv_rows).to_csv(out / "table1_cde.csv", index=False)
+    (out / "table1_cde.md").write_text(header + "## Table 1: composite dataset evaluation (CDE), UF1 / UAR\n\n"
+                                      + _md(pd.DataFrame(rows).fillna("")) + "\n" + _notes(cde))
+
+
+def _table4(cde: pd.DataFrame, pairs: pd.DataFrame, out: Path, header: str) -> None:
+    """``table4_ablation``: the ladder and peers on CDE Full, with each row's paired differences."""
+    t4, t4_csv = [], []
+    for _, r in cde.iterrows():
+        pub = PRESETS[r["preset"]].published if r["preset"] in PRESETS else None
+        paired = _paired_columns(pairs, r["setting"])
+        t4.append({"dataset": r["dataset"], "preset": r["preset"], "method": _label(r), "seeds": r["seeds"],
+                   "UF1": r["uf1"], "UF1 sd": r["uf1_sd"], "UAR": r["uar"], "UAR sd": r["uar_sd"],
+                   "UF1 best test epoch (PEEKS)": r["bte_uf1"], "UAR best test epoch (PEEKS)": r["bte_uar"],
+                   "gap UF1": r["gap_uf1"], "gap UAR": r["gap_uar"],
+                   "single members UF1 (mean ± sd)": _fmt(r["members_uf1_mean"], r["members_uf1_sd"]),
+                   "published UF1": pub[0] if pub else np.nan, "published UAR": pub[1] if pub else np.nan,
+                   "params (M)": r["params_M"], "MACs (M)": r["macs_M"]})
+        t4_csv.append({**t4[-1], **paired["csv"]})
+        t4[-1].update(paired["md"])
+    pd.DataFrame(t4_csv).to_csv(out / "table4_ablation.csv", index=False)
+    md = pd.DataFrame(t4)
+    md = md.drop(columns=[c for c in md.columns if c.startswith("Δ") and not md[c].astype(bool).any()])
+    (out / "table4_ablation.md").write_text(
+        header + "## Table 4: ablation ladder (and peers), CDE Full, UF1 / UAR\n\n"
+        "`published`: the paper's Table 4 for the ladder (EPIR, arXiv 2604.08106), the source's own figure for "
+        "a peer.\n\n" + _md(md) + "\n" + ("- " + PAIRED_NOTE + "\n" if not pairs.empty else "") + _notes(cde))
+
+
+def _tables23(sde: pd.DataFrame, out: Path, header: str) -> None:
+    """``table2_3_sde``: SDE per dataset, the paper's figures beside."""
+    t2 = pd.DataFrame([{"dataset": r["dataset"], "method": _label(r), "seeds": r["seeds"],
+                        "UF1": r["uf1"], "UF1 sd": r["uf1_sd"], "UAR": r["uar"], "UAR sd": r["uar_sd"],
+                        "UF1 best test epoch (PEEKS)": r["bte_uf1"],
+                        "single members UF1 (mean ± sd)": _fmt(r["members_uf1_mean"], r["members_uf1_sd"]),
+                        "paper UF1": PAPER_SDE.get(r["dataset"], (np.nan,) * 2)[0],
+                        "paper UAR": PAPER_SDE.get(r["dataset"], (np.nan,) * 2)[1]}
+                       for _, r in sde.iterrows()])
+    t2.to_csv(out / "table2_3_sde.csv", index=False)
+    (out / "table2_3_sde.md").write_text(header + "## Tables 2 and 3: single dataset evaluation (SDE), UF1 / UAR\n\n"
+                                        + _md(t2) + "\n" + _notes(sde))

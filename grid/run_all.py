@@ -115,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--choices", type=Path, metavar="JSON",
                    help="a search's *.choices.json: each test subject's fold trains the configuration chosen for its "
                    "validation group without its labels (the honest test of a search)")
+    _search_options(p)
+    _predict_options(p)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show every library's console output (Ray, Ray Tune, Ray Data, MLflow); by default only our "
+                   "progress lines and real problems")
+    p.add_argument("--inject-failure", help=argparse.SUPPRESS)  # tests: SUBJECT or SUBJECT:once
+    return p
+
+
+def _search_options(p: argparse.ArgumentParser) -> None:
+    """The ``search`` command's options."""
     s = p.add_argument_group(
         "search options", "python grid/run_all.py search --dataset FORMAT=ROOT:PROTOCOL [--presets epir] --space F=DIST ...\n"
         "Subjects are dealt into --val-groups groups; a trial trains its configuration once per PAIR of groups (on the "
@@ -139,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sampler and validation-group seed (default 0)")
     s.add_argument("--no-evaluate", action="store_true",
                    help="skip the honest LOSO test of the choices at the end")
+
+
+def _predict_options(p: argparse.ArgumentParser) -> None:
+    """The ``predict`` command's options."""
     q = p.add_argument_group("predict options", "python grid/run_all.py predict MODEL (--onset F --apex F | --manifest CSV)")
     q.add_argument("--onset", type=Path, help="onset frame of one pair (bmp, jpg, png)")
     q.add_argument("--apex", type=Path, help="apex frame of the same pair")
@@ -149,11 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the flow algorithm for the new pairs (default: the model's own, which predict prints)")
     q.add_argument("--allow-flow-mismatch", action="store_true",
                    help="accept a --flow that contradicts the model's training flows (another input distribution)")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="show every library's console output (Ray, Ray Tune, Ray Data, MLflow); by default only our "
-                   "progress lines and real problems")
-    p.add_argument("--inject-failure", help=argparse.SUPPRESS)  # tests: SUBJECT or SUBJECT:once
-    return p
 
 
 def parse_dataset(text: str) -> DatasetSpec:
@@ -247,56 +257,68 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: 0 when every fold finished, 1 when some failed, 2 for bad input."""
     args = build_parser().parse_args(argv)
     quiet_libraries(args.verbose)  # before Ray or MLflow start
-    from preprocess.adapters import DatasetError
-
     try:
         cfg = make_config(args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print("\n".join(f"error: {line}" for line in str(e).splitlines()), file=sys.stderr)
         return 2
-    if args.command == "search":
-        return _search(args, cfg)
-    if args.command == "predict":
-        from grid import predict
+    commands = {"search": _search, "predict": _predict, "import": _import, "report": _report, "run": _run}
+    return commands[args.command](args, cfg)
 
-        if args.target is None:
-            print("error: predict needs a model: python grid/run_all.py predict MODEL_URI --onset F --apex F", file=sys.stderr)
-            return 2
-        try:
-            table = predict.run(args.target, args.manifest, args.onset, args.apex, args.out, args.precropped,
-                                flow=args.flow, allow_flow_mismatch=args.allow_flow_mismatch)
-        except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except Exception as e:  # noqa: BLE001 - MLflow's errors for a wrong URI
-            print(f"error: cannot load {args.target}: {e}", file=sys.stderr)
-            return 2
-        return 0 if (table["status"] == "ok").all() else 1
-    if args.command == "import":
-        from grid.records import import_records
 
-        if args.target is None:
-            print("error: import needs the records folder: python grid/run_all.py import FOLDER", file=sys.stderr)
-            return 2
-        try:
-            out = import_records(Path(args.target), cfg.experiment, cfg.results_dir)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0 if out["complete"] == out["cells"] else 1
-    if args.command == "report":
-        from grid import tracking
-        from grid.report import write_tables
+def _predict(args, cfg: GridConfig) -> int:
+    """``predict MODEL``: classify new onset/apex pairs with a logged model."""
+    from grid import predict  # deferred: MLflow and the face model only for this command
 
-        client, exp_id = tracking.setup(cfg.experiment, create=False)
-        if exp_id is None:
-            print(f"error: no MLflow experiment '{cfg.experiment}' in {tracking.tracking_uri()}", file=sys.stderr)
-            return 2
-        out = write_tables(client, exp_id, cfg.experiment, cfg.results_dir)
-        print(f"tables written to {out}" if out else f"no finished cell in experiment '{cfg.experiment}'")
-        _print_paired(out)
-        return 0
-    from grid.runner import run_grid, summary_table
+    if args.target is None:
+        print("error: predict needs a model: python grid/run_all.py predict MODEL_URI --onset F --apex F", file=sys.stderr)
+        return 2
+    try:
+        table = predict.run(args.target, args.manifest, args.onset, args.apex, args.out, args.precropped,
+                            flow=args.flow, allow_flow_mismatch=args.allow_flow_mismatch)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - MLflow's errors for a wrong URI
+        print(f"error: cannot load {args.target}: {e}", file=sys.stderr)
+        return 2
+    return 0 if (table["status"] == "ok").all() else 1
+
+
+def _import(args, cfg: GridConfig) -> int:
+    """``import RECORDS``: log a GPU machine's fold records as the grid would have."""
+    from grid.records import import_records  # deferred: MLflow only for this command
+
+    if args.target is None:
+        print("error: import needs the records folder: python grid/run_all.py import FOLDER", file=sys.stderr)
+        return 2
+    try:
+        out = import_records(Path(args.target), cfg.experiment, cfg.results_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if out["complete"] == out["cells"] else 1
+
+
+def _report(args, cfg: GridConfig) -> int:
+    """``report``: rewrite results/<experiment>/ from MLflow alone."""
+    from grid import tracking  # deferred: MLflow only for this command
+    from grid.report import write_tables
+
+    client, exp_id = tracking.setup(cfg.experiment, create=False)
+    if exp_id is None:
+        print(f"error: no MLflow experiment '{cfg.experiment}' in {tracking.tracking_uri()}", file=sys.stderr)
+        return 2
+    out = write_tables(client, exp_id, cfg.experiment, cfg.results_dir)
+    print(f"tables written to {out}" if out else f"no finished cell in experiment '{cfg.experiment}'")
+    _print_paired(out)
+    return 0
+
+
+def _run(args, cfg: GridConfig) -> int:
+    """``run`` (the default): train what is missing, write the tables, print the summary."""
+    from grid.runner import run_grid, summary_table  # deferred: Ray only for the commands that train
+    from preprocess.adapters import DatasetError
 
     if cfg.demo:
         print("=" * 78)

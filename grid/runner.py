@@ -21,17 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from ray import tune
 from ray.tune import Callback
 
-from epir.presets import PRESETS
+from epir.complexity import measure
+from epir.pack import check_packable
+from epir.presets import PRESETS, build_model, config_from_dict
+from epir.train import TrainRecipe
+from preprocess.adapters import DatasetError
+from preprocess.demo import make_demo_dataset
+from preprocess.runtime import init_ray
 
 from . import tracking
 from .cells import Cell, build_cells, member_scores, pooled_scores
-from .config import GridConfig
-from .data import ProtocolData, load_protocol, preprocess, protocol_support
+from .config import DatasetSpec, GridConfig
+from .data import ProtocolData, composite, load_protocol, preprocess, protocol_support
 from .records import FoldRecord
-from preprocess.runtime import init_ray
-
 from .trainable import FINAL, FINAL_KEY, FOLD_KEY, PACK_KEY, fold_trial
 
 # The demo dataset's size: 6 pseudo-subjects x 3 classes x 3 samples = 54 samples, 6 LOSO folds.
@@ -75,9 +80,6 @@ def check_fit(resources_per_node: list[dict], bundles: list[dict]) -> None:
 
 def _cell_stats(cell: Cell, folds: dict[str, dict]) -> dict:
     fs = [folds[s] for s in cell.subjects]
-    from epir.complexity import measure
-    from epir.presets import build_model, config_from_dict
-
     c = measure(build_model(config_from_dict(cell.fold_model(cell.subjects[0]))))  # a search's cell: its first fold's
     stats = {"folds": len(fs), "train_seconds_sum": sum(f.train_seconds for f in fs),
              "wall_seconds": max(f.finished for f in fs) - min(f.started for f in fs),
@@ -181,10 +183,6 @@ def finish_cell(client, parent_id: str, cell: Cell, folds: dict, log=print) -> d
 
 def prepare_data(cfg: GridConfig, log=print) -> dict[str, ProtocolData]:
     """Preprocess the configured datasets (or generate the demo) and load each protocol's arrays."""
-    from preprocess.demo import make_demo_dataset
-
-    from .config import DatasetSpec
-
     shards = (cfg.work_dir / "shards").resolve()
     specs = cfg.datasets
     if cfg.demo:
@@ -215,8 +213,6 @@ def prepare_data(cfg: GridConfig, log=print) -> dict[str, ProtocolData]:
             log(f"  {d.key}: {len(d.labels)} samples, {len(set(d.subjects))} subjects; classes (label order, samples): "
                 + ", ".join(f"{c} {n}" for c, n in zip(d.classes, counts)))
     if cfg.cde_composite:
-        from .data import composite
-
         parts = [d for d in data.values() if d.protocol == "CDE"]
         d = composite(parts)
         data = {k: v for k, v in data.items() if v.protocol != "CDE"} | {d.key: d}
@@ -265,10 +261,6 @@ def plan_trials(cfg: GridConfig, cells: list[Cell], done: dict, has_gpu: bool, c
     """The trials of the folds not yet finished: a fold each, or packs of folds of one cell that train the same
     settings (``cfg.fold_pack``; 0 = a cell's folds in one pack on a GPU, one fold per trial on a CPU; models
     that cannot pack, such as ``ststnet``, always one per trial). A pack's ``subject`` names its folds."""
-    from epir.pack import check_packable
-    from epir.presets import config_from_dict
-    from epir.train import TrainRecipe
-
     out = []
     for c in cells:
         todo = [s for s in c.subjects if s not in done[c.cell_id]]
@@ -360,8 +352,6 @@ def check_roots(cfg: GridConfig) -> None:
     Raises:
         preprocess.adapters.DatasetError: naming every missing root.
     """
-    from preprocess.adapters import DatasetError
-
     missing = [f"{d.format}={d.root}" for d in cfg.datasets if not Path(d.root).exists()]
     if missing:
         raise DatasetError(f"dataset root(s) not found: {', '.join(missing)}")
@@ -420,8 +410,6 @@ def _tune(cfg: GridConfig, pending: list[dict], data: dict, gpus: float, progres
         ``(errored, interrupted)``: ``(cell_id, subject) -> (attempts, last error line)`` of the folds
         that ended in error, and True when the run was stopped before its end (Ctrl-C).
     """
-    from ray import tune
-
     progress.errored = {}
 
     trainable = tune.with_resources(tune.with_parameters(fold_trial, data=data),

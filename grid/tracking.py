@@ -14,15 +14,30 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import matplotlib
+import mlflow
 import numpy as np
 import pandas as pd
+import torch
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from epir.presets import build_model, config_from_dict
+from epir.train import SoftmaxEnsemble
+from preprocess.runtime import package_versions
 
 from .records import FoldRecord
+
+matplotlib.use("Agg")  # figures are files; before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
 
 TAG_KIND, TAG_CELL, TAG_FOLD = "epir.kind", "epir.cell_id", "epir.fold"
 
@@ -41,9 +56,6 @@ def setup(experiment: str, create: bool = True):
     Returns:
         (MlflowClient, experiment id).
     """
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per fold read back is noise
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -79,8 +91,6 @@ def source_tags(entry_point: str = "grid/run_all.py") -> dict:
 def log_dataset(client, run_id: str, cell) -> None:
     """The cell's data as an MLflow dataset input (the runs table's Dataset column): named
     ``<dataset>/<protocol>``, its digest the shards' configuration id, its source the shards' key."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
     ds = Dataset(name=f"{cell.dataset}/{cell.protocol}" + ("" if cell.flow == "farneback" else f" ({cell.flow})"),
                  digest=cell.config_id[-10:], source_type="local",
                  source=json.dumps({"shards_config_id": cell.config_id, "data_key": cell.data_key, "flow": cell.flow}),
@@ -119,8 +129,6 @@ def parent_run(client, exp_id: str, cell) -> str:
     found = search_runs(client, exp_id, f"tags.`{TAG_KIND}` = 'cell' and tags.`{TAG_CELL}` = '{cell.cell_id}'")
     if found:
         return found[0].info.run_id
-    from mlflow.entities import Param
-
     tags = {TAG_KIND: "cell", TAG_CELL: cell.cell_id, "mlflow.runName": cell.name, **cell.tags(), **source_tags()}
     run = client.create_run(exp_id, tags=tags, run_name=cell.name)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in cell.params().items()])
@@ -155,8 +163,6 @@ def _predictions_csv(cell, fold: FoldRecord, y_pred, probs) -> str:
 
 def _fold_metrics(fold: FoldRecord, now: int) -> list:
     """A fold's MLflow metrics: the curve as histories, the test scores, and the peeking ones beside them."""
-    from mlflow.entities import Metric
-
     metrics = [Metric(k, float(rec[k]), now, int(rec["epoch"])) for rec in fold.curve for k in rec if k != "epoch"]
     metrics += [Metric("test_accuracy", fold.accuracy, now, 0), Metric("test_samples", float(len(fold.y_true)), now, 0),
                 Metric("train_seconds", float(fold.train_seconds), now, 0),
@@ -177,8 +183,6 @@ def log_fold(client, exp_id: str, parent_id: str, cell, fold: FoldRecord) -> str
     ``best_test_epoch.epoch``, ``best_test_epoch.test_accuracy``, the history
     ``best_test_epoch.test_acc_by_epoch`` (the test subject's accuracy after each epoch) and
     ``predictions_best_test_epoch.csv``."""
-    from mlflow.entities import Param
-
     tags = {"mlflow.parentRunId": parent_id, TAG_KIND: "fold", TAG_CELL: cell.cell_id, TAG_FOLD: fold.subject,
             "epir.node": str(fold.node), "epir.device": str(fold.device), **cell.tags(), **source_tags()}
     rid = client.create_run(exp_id, tags=tags, run_name=f"{cell.name} | {fold.subject}").info.run_id
@@ -222,8 +226,6 @@ def flow_record(preprocess: dict) -> dict:
 def model_metadata(cell) -> dict:
     """What applying a cell's model to new data needs, stored in its MLmodel file: the classes, the model and
     recipe, the input convention the model reads, and how its training flows were made."""
-    from epir.presets import config_from_dict
-
     conv = config_from_dict(cell.model).input_convention
     return {"classes": list(cell.classes), "model_config": cell.model, "recipe": cell.recipe,
             "input_convention": {"channels": list(conv.channels), "value_range": conv.value_range, "scale": conv.scale},
@@ -235,11 +237,6 @@ def model_metadata(cell) -> dict:
 
 def _load_final(cell, final: dict):
     """The model a final-model training saved (``final["path"]``), built from the cell's config, in eval mode."""
-    import torch
-
-    from epir.presets import build_model, config_from_dict
-    from epir.train import SoftmaxEnsemble
-
     config = config_from_dict(cell.model)
     members = int(cell.recipe.get("ensemble", 1))
     model = build_model(config) if members == 1 else SoftmaxEnsemble([build_model(config) for _ in range(members)])
@@ -252,11 +249,6 @@ def log_final_model(client, exp_id: str, parent_id: str, cell, final: dict) -> s
     with ``torch.export``: loading runs no pickle) in a child run of the cell, with its input/output
     signature, an input example and :func:`model_metadata`; the input standardisation is inside the
     weights (buffers). Returns the model's ``models:/`` URI, also set as the tag ``epir.model_uri``."""
-    import mlflow
-    import torch
-    from mlflow.entities import Metric
-    from mlflow.models import infer_signature
-
     model = _load_final(cell, final)
     config = model.config
     x = torch.zeros(2, len(config.input_convention.channels), config.img_size, config.img_size)
@@ -273,8 +265,6 @@ def log_final_model(client, exp_id: str, parent_id: str, cell, final: dict) -> s
     with mlflow.start_run(run_id=rid):
         info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(),
                                         metadata=model_metadata(cell))
-    from mlflow.entities import LoggedModelOutput
-
     client.set_tag(rid, "epir.model_uri", info.model_uri)
     client.set_tag(parent_id, "epir.model_uri", info.model_uri)
     client.log_outputs(parent_id, models=[LoggedModelOutput(info.model_id, 0)])  # the cell's Models column
@@ -283,11 +273,6 @@ def log_final_model(client, exp_id: str, parent_id: str, cell, final: dict) -> s
 
 def confusion_figure(confusion: list[list[int]], classes: list[str], title: str):
     """A matplotlib figure of a confusion matrix (rows: true class, columns: predicted), counts and row %."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cm = np.asarray(confusion, dtype=float)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(classes), 1.2 + 1.0 * len(classes)))
@@ -309,11 +294,6 @@ def learning_curve_figure(folds: list[FoldRecord], title: str):
     """A matplotlib figure of a cell's TRAINING curves: mean and min..max band over its folds of the training
     loss, the training accuracy and the learning rate per epoch. No test-subject curve: a figure to choose an
     epoch count from must not show the test subjects (:func:`peek_figure` holds theirs, labelled)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = min(len(f.curve) for f in folds)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     x = np.arange(1, epochs + 1)
@@ -334,11 +314,6 @@ def peek_figure(folds: list[FoldRecord], title: str):
     """The test subjects' accuracy after every epoch, pooled over the folds (each fold weighted by its test
     samples): what the best-test-epoch result is chosen from. It PEEKS; its title says so. None when a fold
     has no per-epoch test scores."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not all(f.best_test_epoch for f in folds):
         return None
     epochs = min(len(f.best_test_epoch.test_acc) for f in folds)
@@ -357,8 +332,6 @@ def peek_figure(folds: list[FoldRecord], title: str):
 def score_metrics(scores: dict, now: int, prefix: str = "") -> list:
     """MLflow metrics of pooled scores: ``uf1``, ``uar``, ``accuracy`` overall and ``uf1_<group>`` ... per
     source dataset, each name behind ``prefix`` (``best_test_epoch.`` for the peeking result)."""
-    from mlflow.entities import Metric
-
     out = []
     for group, s in scores.items():
         suffix = "" if group == "all" else f"_{group}"
@@ -375,11 +348,6 @@ def log_cell(client, parent_id: str, cell, scores: dict, stats: dict, peek: dict
     ``best_test_epoch.*`` (with ``best_test_epoch.gap_uf1`` / ``gap_uar``, how much choosing the epoch on
     the test subject adds) and into ``scores_best_test_epoch.json``; it never replaces the honest ones.
     With ``folds`` (subject -> fold record), ``learning_curves.png`` shows the folds' training curves."""
-    import matplotlib.pyplot as plt
-    from mlflow.entities import Metric
-
-    from preprocess.runtime import package_versions
-
     now = int(time.time() * 1000)
     metrics = score_metrics(scores, now)
     metrics += [Metric(k, float(v), now, 0) for k, v in stats.items()]
@@ -438,8 +406,6 @@ def read_pooled_predictions(client, exp_id: str, run) -> pd.DataFrame:
     """A finished cell's pooled predictions: its parent run's ``pooled_predictions.csv``, or, for cells logged
     before it existed, read back from its child runs. Columns as :func:`pooled_predictions_csv`, labels as
     class indices (``y_true``, ``y_pred``, ``y_pred_best_test_epoch``, -1 where absent)."""
-    from mlflow.exceptions import MlflowException
-
     classes = run.data.params.get("classes", "").split(",")
     index = {c: i for i, c in enumerate(classes)}
     try:
@@ -457,8 +423,6 @@ def log_comparison(client, run_ids: list[str], name: str, against: str, paired: 
     """A paired comparison (:class:`grid.compare.Paired` per metric) on the parent runs of the row compared:
     metrics ``paired.<name>.<metric>_diff`` / ``_ci_low`` / ``_ci_high`` / ``_seeds_agree`` and a tag
     ``paired.<name>`` that says against which preset and how."""
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     metrics = []
     for m, p in paired.items():
@@ -483,8 +447,6 @@ def finished_cells(client, exp_id: str) -> list:
 def search_parent_run(client, exp_id: str, study: str, storage_url: str, data, preset: str, label: str,
                       params: dict) -> str:
     """The search's parent run (found again by its study name, or created with its settings as params)."""
-    from mlflow.entities import Param
-
     found = search_runs(client, exp_id, f"tags.`{TAG_KIND}` = 'search' and tags.`epir.study` = '{study}'")
     if found:
         return found[0].info.run_id
@@ -499,8 +461,6 @@ def search_parent_run(client, exp_id: str, study: str, storage_url: str, data, p
 def log_search_trial(client, exp_id: str, parent: str, study: str, trial_id: str, params: dict, result: dict) -> str:
     """One search trial as a child run: its values as params, ``val_uf1`` (mean inner score), ``val_uf1_g<g>``,
     ``val_uar`` and ``train_seconds`` as metrics, and its per-pair predictions as ``folds.json``."""
-    from mlflow.entities import Metric, Param
-
     child = client.create_run(exp_id, run_name=f"trial {trial_id}", tags={
         "mlflow.parentRunId": parent, TAG_KIND: "search_trial", "epir.study": study,
         "epir.invalid": result.get("invalid", "")})
@@ -532,8 +492,6 @@ def search_trials(client, exp_id: str, study: str, types: dict) -> list[dict]:
 def log_search_result(client, parent: str, choices_path: Path, best_path: Path, best_value: float, trials: int,
                       study, log=print) -> None:
     """The search's choice files and figures on its parent run."""
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     client.log_batch(parent, metrics=[Metric("best_val_uf1", float(best_value), now, trials),
                                       Metric("trials_completed", float(trials), now, trials)])
@@ -546,13 +504,7 @@ def log_study_figures(client, run_id: str, study, log=print) -> None:
     """Optuna's optimisation history and parameter importances (PED-ANOVA, no scikit-learn needed) as
     figures of the search's parent run. They show the mean inner validation UF1 of all groups: a picture of
     the search, not what any group's choice used."""
-    import warnings
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
+    import optuna  # deferred: the search's alone
     from optuna.visualization import matplotlib as ov
 
     with warnings.catch_warnings():
@@ -574,8 +526,6 @@ def log_study_figures(client, run_id: str, study, log=print) -> None:
 
 def log_search_test(client, parent: str, test: dict) -> None:
     """The honest nested cell's scores on the search's parent run."""
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     client.log_batch(parent, metrics=[Metric("test_uf1", test["uf1"], now, 0), Metric("test_uar", test["uar"], now, 0)])
     client.set_tag(parent, "epir.test_cells", ",".join(test["cell_ids"]))
@@ -585,10 +535,6 @@ def log_search_model(client, exp_id: str, parent: str, cell, final: dict, study:
     """A search's final model (its best-on-all candidate trained on all subjects) as an MLflow model of the
     search's parent run (its Models column), with :func:`model_metadata` plus the expected score (the
     nested cell's honest UF1 / UAR) and the study. Returns the ``models:/`` URI (tag ``epir.model_uri``)."""
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
-
     model = _load_final(cell, final)
     x = torch.zeros(2, len(model.config.input_convention.channels), model.config.img_size, model.config.img_size)
     with torch.no_grad():

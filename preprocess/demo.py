@@ -161,6 +161,28 @@ RAW_EMOTIONS = {
 }
 
 
+def _raw_clip(root: Path, dataset: str, s: int, ci: int, k: int, label: str, numbers: tuple[int, int, int]
+              ) -> tuple[Path, list[str], dict | None]:
+    """One clip of a raw layout: its folder, its frame file names (onset, apex, offset) and its annotation
+    sheet row (None for SMIC, whose folders are its labels)."""
+    onset_no, apex_no, offset_no = numbers
+    emotion = RAW_EMOTIONS[dataset][label]
+    if dataset == "casme2":
+        subject, clip = f"sub{s + 1:02d}", f"EP{ci + 1:02d}_{k + 1:02d}"
+        row = dict(Subject=s + 1, Filename=clip, OnsetFrame=onset_no, ApexFrame=apex_no, OffsetFrame=offset_no,
+                   **{"Action Units": "4", "Estimated Emotion": emotion})
+        return root / "CASME2_RAW_selected" / subject / clip, [f"img{n}.jpg" for n in numbers], row
+    if dataset == "samm":
+        subject, clip = f"{s + 101:03d}", f"{s + 101:03d}_{ci + 1}_{k + 1}"
+        row = dict(Subject=s + 101, Filename=clip, **{"Onset Frame": onset_no, "Apex Frame": apex_no,
+                                                      "Offset Frame": offset_no, "Action Units": "4",
+                                                      "Estimated Emotion": emotion})
+        return root / "SAMM" / subject / clip, [f"{subject}_{n:05d}.jpg" for n in numbers], row
+    subject = f"s{s + 1}"
+    clip = f"{subject}_{label[:2]}_{k + 1:02d}"
+    return root / "HS" / subject / "micro" / label / clip, [f"image{n}.bmp" for n in numbers], None
+
+
 def make_raw_layouts(out: str | Path, subjects: int = 2, samples_per_class: int = 1, seed: int = 0) -> dict[str, Path]:
     """Write small CASME II, SAMM and SMIC-HS roots in their released layouts, with their annotation
     sheets, from the demo's pseudo-subjects and motions; the adapters read them as the real releases.
@@ -195,27 +217,10 @@ def make_raw_layouts(out: str | Path, subjects: int = 2, samples_per_class: int 
             view, vpts = _subject_view(img, pts, rng)
             for ci, label in enumerate(DEMO_CLASSES):
                 for k in range(samples_per_class):
-                    onset_no, apex_no, offset_no = 100 + 10 * k, 103 + 10 * k, 106 + 10 * k
-                    numbers = (onset_no, apex_no, offset_no)
-                    emotion = RAW_EMOTIONS[dataset][label]
-                    if dataset == "casme2":
-                        subject, clip = f"sub{s + 1:02d}", f"EP{ci + 1:02d}_{k + 1:02d}"
-                        folder = roots[dataset] / "CASME2_RAW_selected" / subject / clip
-                        names = [f"img{n}.jpg" for n in numbers]
-                        sheets["casme2"].append(dict(Subject=s + 1, Filename=clip, OnsetFrame=onset_no, ApexFrame=apex_no,
-                                                     OffsetFrame=offset_no, **{"Action Units": "4", "Estimated Emotion": emotion}))
-                    elif dataset == "samm":
-                        subject, clip = f"{s + 101:03d}", f"{s + 101:03d}_{ci + 1}_{k + 1}"
-                        folder = roots[dataset] / "SAMM" / subject / clip
-                        names = [f"{subject}_{n:05d}.jpg" for n in numbers]
-                        sheets["samm"].append(dict(Subject=s + 101, Filename=clip, **{
-                            "Onset Frame": onset_no, "Apex Frame": apex_no, "Offset Frame": offset_no,
-                            "Action Units": "4", "Estimated Emotion": emotion}))
-                    else:
-                        subject = f"s{s + 1}"
-                        clip = f"{subject}_{label[:2]}_{k + 1:02d}"
-                        folder = roots[dataset] / "HS" / subject / "micro" / label / clip
-                        names = [f"image{n}.bmp" for n in numbers]
+                    numbers = (100 + 10 * k, 103 + 10 * k, 106 + 10 * k)  # onset, apex, offset
+                    folder, names, row = _raw_clip(roots[dataset], dataset, s, ci, k, label, numbers)
+                    if row is not None:
+                        sheets[dataset].append(row)
                     folder.mkdir(parents=True, exist_ok=True)
                     for name, frame in zip(names, frames(view, vpts, label)):
                         cv2.imwrite(str(folder / name), frame)

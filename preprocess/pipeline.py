@@ -168,13 +168,40 @@ def run(adapted: AdapterResult, dataset_name: str, out: Path, cfg: PreprocessCon
         rej = pd.concat([adapted.rejects.reindex(columns=REJECT_COLUMNS), absent], ignore_index=True)
         raise DatasetError(f"no sample of {dataset_name} survived; reasons: {rej['reason'].value_counts().to_dict()} "
                            f"(first: {rej.iloc[0]['detail'] if len(rej) else '-'}); nothing was run")
-    out_dir = Path(out) / dataset_name / cfg.config_id(precomputed)
+    out_dir = _output_folder(Path(out) / dataset_name / cfg.config_id(precomputed), force)
+    stage, written, reused = _run_shards(adapted, samples, cfg, out_dir, workers, shard_size, precomputed,
+                                         gpu_per_actor, progress)
+    rej = pd.concat([adapted.rejects.reindex(columns=REJECT_COLUMNS), absent, stage], ignore_index=True)
+    rej.to_csv(out_dir / "rejects.csv", index=False)
+    stage_keys = set(zip(stage["subject"].astype(str), stage["sample_id"].astype(str)))
+    accepted = samples[[(str(s), str(i)) not in stage_keys for s, i in zip(samples["subject"], samples["sample_id"])]]
+    if accepted.empty:
+        reasons = rej["reason"].value_counts().to_dict()
+        hint = (f"; the frames may be tight face crops: try --precropped (the whole frame is the face) or a larger "
+                f"--face-pad (now {cfg.face_pad:g})" if reasons.get("no_face", 0) > len(rej) / 2 else "")
+        raise DatasetError(f"no sample of {dataset_name} survived preprocessing; reasons: {reasons} "
+                           f"(see {out_dir / 'rejects.csv'}){hint}")
+    summary = _summary(dataset_name, out_dir, accepted, rej, written, reused, time.perf_counter() - start, cfg)
+    _write_manifest(out_dir, summary, adapted, cfg, precomputed)
+    return summary
+
+
+def _output_folder(out_dir: Path, force: bool) -> Path:
+    """The dataset's output folder, made ready: emptied with ``force``, stale staging folders and the
+    manifest (rewritten at the end) removed."""
     if force and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".staging-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    (out_dir / "manifest.json").unlink(missing_ok=True)  # rewritten at the end
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    return out_dir
+
+
+def _run_shards(adapted: AdapterResult, samples: pd.DataFrame, cfg: PreprocessConfig, out_dir: Path, workers: int,
+                shard_size: int, precomputed: bool, gpu_per_actor: float | None, progress) -> tuple[pd.DataFrame, int, int]:
+    """Every shard not finished earlier (:func:`run_group`), the others reused; shards of an earlier sample
+    list removed. Returns (the stages' rejects, shards written, shards reused)."""
     groups = [samples.iloc[i : i + shard_size] for i in range(0, len(samples), shard_size)]
     wanted, reused, written = set(), 0, 0
     stage_rejects: list[pd.DataFrame] = []  # samples the stages rejected (the adapter's come on top)
@@ -196,17 +223,12 @@ def run(adapted: AdapterResult, dataset_name: str, out: Path, cfg: PreprocessCon
             shutil.rmtree(old)
     stage = pd.concat([r.reindex(columns=REJECT_COLUMNS) for r in stage_rejects] or [pd.DataFrame(columns=REJECT_COLUMNS)],
                       ignore_index=True)
-    rej = pd.concat([adapted.rejects.reindex(columns=REJECT_COLUMNS), absent, stage], ignore_index=True)
-    rej.to_csv(out_dir / "rejects.csv", index=False)
-    stage_keys = set(zip(stage["subject"].astype(str), stage["sample_id"].astype(str)))
-    accepted = samples[[(str(s), str(i)) not in stage_keys for s, i in zip(samples["subject"], samples["sample_id"])]]
-    n_ok = len(accepted)
-    if n_ok == 0:
-        reasons = rej["reason"].value_counts().to_dict()
-        hint = (f"; the frames may be tight face crops: try --precropped (the whole frame is the face) or a larger "
-                f"--face-pad (now {cfg.face_pad:g})" if reasons.get("no_face", 0) > len(rej) / 2 else "")
-        raise DatasetError(f"no sample of {dataset_name} survived preprocessing; reasons: {reasons} "
-                           f"(see {out_dir / 'rejects.csv'}){hint}")
+    return stage, written, reused
+
+
+def _summary(dataset_name: str, out_dir: Path, accepted: pd.DataFrame, rej: pd.DataFrame, written: int, reused: int,
+             seconds: float, cfg: PreprocessConfig) -> RunSummary:
+    """What a run did: counts, label counts, repairs, face sources."""
     labels = {
         "SDE": accepted["sde_class"].dropna().value_counts().sort_index().to_dict(),
         "CDE": accepted["cde_class"].dropna().value_counts().sort_index().to_dict(),
@@ -214,17 +236,20 @@ def run(adapted: AdapterResult, dataset_name: str, out: Path, cfg: PreprocessCon
     repaired = accepted["note"][accepted["note"] != ""].str.split(" -> ").str[0].str.replace(r"\d+", "N", regex=True)
     sources = pd.concat([pq.read_table(f, columns=["face_source"]).to_pandas() for f in sorted(out_dir.glob("shard-*/*.parquet"))]
                         or [pd.DataFrame(columns=["face_source"])])["face_source"].value_counts().to_dict()
-    summary = RunSummary(dataset_name, out_dir, n_ok, len(rej), rej["reason"].value_counts().to_dict(),
-                         repaired.value_counts().to_dict(), labels, written, reused, time.perf_counter() - start, rej,
-                         sources, cfg.face_pad)
+    return RunSummary(dataset_name, out_dir, len(accepted), len(rej), rej["reason"].value_counts().to_dict(),
+                      repaired.value_counts().to_dict(), labels, written, reused, seconds, rej, sources, cfg.face_pad)
+
+
+def _write_manifest(out_dir: Path, summary: RunSummary, adapted: AdapterResult, cfg: PreprocessConfig,
+                    precomputed: bool) -> None:
+    """``manifest.json``, written last and renamed into place: it marks a complete dataset."""
     manifest = {
         **shard_meta(dataclasses.asdict(cfg), precomputed),
-        "dataset": dataset_name, "config_id": cfg.config_id(precomputed), "classes": adapted.classes,
-        "accepted": n_ok, "rejected": len(rej), "reject_reasons": summary.reasons, "repaired": summary.repaired,
-        "face_sources": sources,
-        "labels": labels, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dataset": summary.dataset, "config_id": cfg.config_id(precomputed), "classes": adapted.classes,
+        "accepted": summary.accepted, "rejected": summary.rejected, "reject_reasons": summary.reasons,
+        "repaired": summary.repaired, "face_sources": summary.face_sources, "labels": summary.labels,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     tmp = out_dir / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, default=str))
     os.replace(tmp, out_dir / "manifest.json")
-    return summary

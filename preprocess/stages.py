@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -31,8 +32,7 @@ class FaceStage:
     """
 
     def __init__(self, cfg: dict, device: str = "cpu"):
-        import cv2
-        import torch
+        import torch  # deferred: in the actor's process, which alone runs the face model
         from facenet_pytorch import MTCNN  # its weights ship inside the wheel
 
         torch.set_num_threads(1)  # one core per actor: the pool scales by actors
@@ -67,7 +67,7 @@ class FaceStage:
                     status="ok", reason="", detail="")
 
     def _detect(self, img: np.ndarray):
-        from PIL import Image
+        from PIL import Image  # deferred: with the face model, in the actor
 
         boxes, probs = self.mtcnn.detect(Image.fromarray(img))
         return None if boxes is None else boxes[np.asarray(probs, dtype=float) >= self.cfg.min_face_prob]
@@ -80,8 +80,6 @@ class FaceStage:
         Raises:
             SampleError("no_face"): no face either way.
         """
-        import cv2
-
         h, w = onset.shape[:2]
         boxes = self._detect(onset)
         if boxes is not None and len(boxes):
@@ -132,8 +130,6 @@ def shard_meta(cfg: dict, precomputed: bool) -> dict:
 
 def flow_stage(batch: pd.DataFrame, cfg: dict) -> pa.Table:
     """Grey faces -> [u, v, strain] (output_size^2 x 3) float32 in the shard schema; drops the face images."""
-    import cv2
-
     cv2.setNumThreads(1)
     c = PreprocessConfig(**cfg)
     rows = [flow_row(r, c.flow_config) for r in batch.to_dict("records")]

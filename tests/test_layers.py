@@ -1,0 +1,69 @@
+"""The layout: no import cycle in grid/, the pure layers import without Ray, MLflow, Optuna or pydantic, and
+no function in grid/, preprocess/ or epir/train.py runs over 60 lines."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+from .conftest import REPO
+
+PURE = ["epir.model", "epir.train", "epir.pack", "epir.metrics", "grid.cells", "grid.config", "grid.data",
+        "grid.records", "grid.compare", "preprocess.shards"]
+
+
+def _module_imports(path) -> set[str]:
+    """The grid modules a grid module imports at module level (deferred imports inside functions excluded)."""
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                out.add(node.module.split(".")[0])
+            elif node.level == 1:
+                out.update(a.name for a in node.names)
+            elif node.module and node.module.startswith("grid."):
+                out.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("grid."))
+    return out
+
+
+def test_grid_has_no_import_cycle():
+    mods = {p.stem: p for p in (REPO / "grid").glob("*.py") if p.stem != "__init__"}
+    graph = {m: _module_imports(p) & set(mods) for m, p in mods.items()}
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        if state.get(m) == 1:
+            raise AssertionError("import cycle: " + " -> ".join(path + [m]))
+        if state.get(m) == 2:
+            return
+        state[m] = 1
+        for n in sorted(graph[m]):
+            visit(n, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        visit(m, [])
+    assert graph["cells"] <= {"config", "data"} and "runner" not in graph["records"]
+
+
+def test_the_pure_layers_and_the_gpu_path_import_without_ray_mlflow_optuna_or_pydantic():
+    code = ("import sys\nfor m in ('ray', 'mlflow', 'optuna', 'pydantic'):\n    sys.modules[m] = None\n"
+            f"import importlib\nfor m in {PURE!r}:\n    importlib.import_module(m)\n"
+            "import runpy\nrunpy.run_path('benchmarks/gpu_ladder.py', run_name='gpu_ladder')\n"
+            "print('imported')")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "imported" in res.stdout, res.stderr[-3000:]
+
+
+def test_no_function_runs_over_sixty_lines():
+    files = [*(REPO / "grid").glob("*.py"), *(REPO / "preprocess").glob("*.py"), REPO / "epir" / "train.py",
+             REPO / "epir" / "pack.py"]
+    long = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{f.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
