@@ -278,10 +278,11 @@ def ladder_pairs(df: pd.DataFrame) -> list[tuple[int, str, int]]:
 def paired_table(client, exp_id: str, cells: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
     """The paired comparisons of the ladder's rows (:func:`ladder_pairs`), one line per pair and metric, and
     each logged on the parent runs of the row compared (``paired.vs_<kind>.<metric>_*``)."""
-    preds, lines = Predictions(client, exp_id, cells), []
+    preds, lines, done = Predictions(client, exp_id, cells), [], {}
     for i, kind, j in ladder_pairs(df):
         a, b = df.loc[i], df.loc[j]
-        result = compare(preds, a, b)
+        result = done[(i, j)] if (i, j) in done else compare(preds, a, b)  # "before" may be the baseline itself
+        done[(i, j)] = result
         if result is None:
             continue
         flows = kind == "farneback"
@@ -329,7 +330,7 @@ def paired_lines(results: Path) -> list[str]:
     path = Path(results) / f"{PAIRED}.csv"
     if not path.is_file():
         return []
-    pairs = pd.read_csv(path)
+    pairs = pd.read_csv(path).drop_duplicates(["dataset", "protocol", "row", "against", "metric"])
     return [f"{r['row']:>9} - {r['against']:<9} {r['metric']}: {r['difference']:+.4f} "
             f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]{' *' if r['excludes_zero'] else '  '} "
             f"{r['seeds_agree']}/{r['seed_pairs']} seeds agree  ({r['dataset']}/{r['protocol']})"

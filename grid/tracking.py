@@ -72,13 +72,31 @@ def setup(experiment: str, create: bool = True):
             client.restore_experiment(exp_id)
     # MLflow 3's UI opens an experiment of unknown kind on its GenAI overview; these are model training runs
     client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
+    save_view(client, exp_id)
     return client, exp_id
 
 
+VIEW = "cells"  # the runs-table view every experiment carries (mlflow.sharedViewState.cells)
+VIEW_STATE = {
+    "searchFilter": f"tags.`{TAG_KIND}` = 'cell'", "orderByKey": "metrics.`uf1`", "orderByAsc": False,
+    "selectedColumns": ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`", "metrics.`uf1`",
+                        "metrics.`uar`", "metrics.`best_test_epoch.uf1`", "tags.`epir.preset`", "tags.`epir.seed`",
+                        "tags.`epir.folds`"],
+}
+
+
+def save_view(client, exp_id: str) -> None:
+    """Save the runs-table view of the cells as MLflow's shared view state (the experiment tag
+    ``mlflow.sharedViewState.cells``, which the UI's "share view" writes and ``?viewStateShareKey=`` reads):
+    only the cells, best UF1 first, with the UF1, UAR and best-test-epoch UF1 (PEEKS) columns shown beside
+    the Source, Models and Dataset columns."""
+    client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{VIEW}", json.dumps(VIEW_STATE))
+
+
 def runs_url(exp_id: str, host: str = "http://127.0.0.1:5000") -> str:
-    """The MLflow UI address of an experiment's runs table, cells only, best UF1 first."""
-    return (f"{host}/#/experiments/{exp_id}/runs?searchFilter=tags.%60epir.kind%60%20%3D%20%27cell%27"
-            f"&orderByKey=metrics.%60uf1%60&orderByAsc=false")
+    """The MLflow UI address of an experiment's runs table in the saved view (:func:`save_view`): the cells,
+    best UF1 first, their scores as columns."""
+    return f"{host}/#/experiments/{exp_id}/runs?viewStateShareKey={VIEW}"
 
 
 def source_tags(entry_point: str = "grid/run_all.py") -> dict:
@@ -246,9 +264,10 @@ def _load_final(cell, final: dict):
 
 def log_final_model(client, exp_id: str, parent_id: str, cell, final: dict) -> str:
     """Log a cell's model trained on all its subjects as an MLflow model (``mlflow.pytorch``, exported
-    with ``torch.export``: loading runs no pickle) in a child run of the cell, with its input/output
-    signature, an input example and :func:`model_metadata`; the input standardisation is inside the
-    weights (buffers). Returns the model's ``models:/`` URI, also set as the tag ``epir.model_uri``."""
+    with ``torch.export``: loading runs no pickle) whose source is the cell's parent run (its Models column),
+    with its input/output signature, an input example and :func:`model_metadata`, and a final-model child
+    run holding its training curve; the input standardisation is inside the weights (buffers). Returns the
+    model's ``models:/`` URI, also set as the tag ``epir.model_uri`` of both runs."""
     model = _load_final(cell, final)
     config = model.config
     x = torch.zeros(2, len(config.input_convention.channels), config.img_size, config.img_size)
@@ -262,12 +281,13 @@ def log_final_model(client, exp_id: str, parent_id: str, cell, final: dict) -> s
     metrics = [Metric(k, float(rec[k]), now, int(rec["epoch"])) for rec in final["curve"] for k in rec if k != "epoch"]
     for i in range(0, len(metrics), 900):
         client.log_batch(rid, metrics=metrics[i : i + 900])
-    with mlflow.start_run(run_id=rid):
-        info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(),
-                                        metadata=model_metadata(cell))
+    # the model's source is the cell's parent run, so that the cell's row shows it in the runs table's Models
+    # column (which lists the logged models whose source run a row is); the child run keeps its training curve
+    info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(),
+                                    metadata=model_metadata(cell), run_id=parent_id)
+    client.log_outputs(rid, models=[LoggedModelOutput(info.model_id, 0)])
     client.set_tag(rid, "epir.model_uri", info.model_uri)
     client.set_tag(parent_id, "epir.model_uri", info.model_uri)
-    client.log_outputs(parent_id, models=[LoggedModelOutput(info.model_id, 0)])  # the cell's Models column
     return info.model_uri
 
 
@@ -542,8 +562,8 @@ def log_search_model(client, exp_id: str, parent: str, cell, final: dict, study:
     meta = {**model_metadata(cell), "search": study, **expected,
             "expected_note": "the honest UF1 / UAR of the search's nested LOSO cell: the score of the whole tuning "
                              "procedure; this model is that procedure refit on every subject"}
-    with mlflow.start_run(run_id=parent):
-        info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(), metadata=meta)
+    info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(), metadata=meta,
+                                    run_id=parent)  # the parent row's Models column
     client.set_tag(parent, "epir.model_uri", info.model_uri)
     return info.model_uri
 
