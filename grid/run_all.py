@@ -338,6 +338,11 @@ def _run(args, cfg: GridConfig) -> int:
     _print_paired(outcome.results_dir)
     if outcome.results_dir:
         print(f"tables: {outcome.results_dir}/")
+    if outcome.experiment_id:
+        from grid.tracking import runs_url, tracking_uri
+
+        print(f"MLflow: {tracking_uri()}; its UI (mlflow ui --backend-store-uri ... --host 127.0.0.1 --port 5000) opens "
+              f"the cells with their scores at {runs_url(outcome.experiment_id)}")
     for f in outcome.failures:
         print(f"FAILED  {f['cell']}: {f['error']}")
     if outcome.failures:

@@ -55,6 +55,7 @@ class GridOutcome:
     wall_seconds: float = 0.0
     train_seconds: float = 0.0
     results_dir: Path | None = None
+    experiment_id: str | None = None
 
 
 def check_fit(resources_per_node: list[dict], bundles: list[dict]) -> None:
@@ -322,6 +323,7 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
     failed = run_passes(pending, lambda folds, budget: _tune(cfg, folds, data, res.gpus, progress, budget),
                         cfg.max_failures, log) if pending else {}
     outcome = GridOutcome(cells, trained=progress.finished_now, reused=reused, train_seconds=progress.train_seconds,
+                          experiment_id=exp_id,
                           failures=[{"cell": f"{by_id[c].name} | fold {s}", "cell_id": c, "subject": s, "error": err}
                                     for (c, s), (_, err) in failed.items()])
     _close(outcome, done)

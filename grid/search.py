@@ -461,10 +461,48 @@ class _TrialLogger(tune.Callback):
         self.log(f"  FAILED search trial {trial.trial_id}: {trial.error_file}")
 
 
+def planned_candidates(scfg: SearchConfig, n: int) -> list[dict]:
+    """The first ``n`` candidates the search's sampler draws in an uninterrupted run: the same distributions as
+    Ray Tune's ``OptunaSearch`` builds, asked of a fresh sampler of the same seed, one trial after another."""
+    space = OptunaSearch.convert_search_space({k: v.tune() for k, v in scfg.space.items()})
+    plan = optuna.create_study(sampler=_sampler(scfg))
+    out = []
+    for _ in range(n):
+        t = plan.ask(fixed_distributions=space)
+        out.append(t.params)
+        plan.tell(t, 0.0)
+    return out
+
+
+def replay_interrupted(study, scfg: SearchConfig, log=print) -> int:
+    """A random-sampler study resumed after an interruption would draw its sampler's sequence again from the
+    start (Optuna's ``RandomSampler`` keeps its generator in memory), repeating candidates; instead, the
+    candidates an uninterrupted run would have drawn next are enqueued (``study.enqueue_trial``), so that a
+    resumed search tries what the uninterrupted one would have. Returns how many were enqueued (0 for a new
+    study, another sampler, or completed trials that do not follow the seeded sequence, which is said)."""
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    if scfg.sampler != "random" or not complete or waiting:
+        return 0
+    planned = planned_candidates(scfg, scfg.trials)
+    if [t.params for t in sorted(complete, key=lambda t: t.number)] != planned[:len(complete)]:
+        log("  the study's trials do not follow its sampler's seeded sequence: resuming draws anew")
+        return 0
+    for p in planned[len(complete):]:
+        study.enqueue_trial(p)
+    return len(planned) - len(complete)
+
+
 def _run_trials(s: _Setup, client, exp_id: str, parent: str, remaining: int, log) -> int:
     """The trials the study still lacks, as Ray Tune trials with Optuna's sampler; returns how many ran."""
     if not remaining:
         return 0
+    try:
+        study = optuna.load_study(study_name=s.study, storage=optuna.storages.RDBStorage(s.storage_url))
+        if replay_interrupted(study, s.scfg, log):
+            log(f"  resuming: the next {remaining} candidates are those an uninterrupted run would have drawn")
+    except KeyError:  # a new study
+        pass
     searcher = OptunaSearch(metric="val_uf1", mode="max", study_name=s.study, seed=s.scfg.seed,
                             storage=optuna.storages.RDBStorage(s.storage_url), sampler=_sampler(s.scfg))
     trainable = tune.with_resources(tune.with_parameters(search_trial, data=s.data, plan=s.plan),

@@ -283,6 +283,7 @@ def log_final_model(client, exp_id: str, parent_id: str, cell, final: dict) -> s
         client.log_batch(rid, metrics=metrics[i : i + 900])
     # the model's source is the cell's parent run, so that the cell's row shows it in the runs table's Models
     # column (which lists the logged models whose source run a row is); the child run keeps its training curve
+    mlflow.set_experiment(experiment_id=exp_id)  # a logged model without an active run joins the active experiment
     info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(),
                                     metadata=model_metadata(cell), run_id=parent_id)
     client.log_outputs(rid, models=[LoggedModelOutput(info.model_id, 0)])
@@ -562,6 +563,7 @@ def log_search_model(client, exp_id: str, parent: str, cell, final: dict, study:
     meta = {**model_metadata(cell), "search": study, **expected,
             "expected_note": "the honest UF1 / UAR of the search's nested LOSO cell: the score of the whole tuning "
                              "procedure; this model is that procedure refit on every subject"}
+    mlflow.set_experiment(experiment_id=exp_id)  # a logged model without an active run joins the active experiment
     info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(), metadata=meta,
                                     run_id=parent)  # the parent row's Models column
     client.set_tag(parent, "epir.model_uri", info.model_uri)

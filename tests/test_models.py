@@ -34,6 +34,10 @@ def test_demo_final_model_fold_weights_and_predict(tmp_path):
     model_uri = parent.data.tags["epir.model_uri"]
     assert final.data.tags["mlflow.parentRunId"] == parent.info.run_id and model_uri.startswith("models:/")
     assert [m.model_id for m in parent.outputs.model_outputs] == [model_uri.split("/")[-1]]  # its Models column
+    logged = client.get_logged_model(model_uri.split("/")[-1])  # the column lists the models a row is the source of
+    assert logged.source_run_id == parent.info.run_id and logged.experiment_id == exp.experiment_id
+    view = json.loads(exp.tags["mlflow.sharedViewState.cells"])  # the view the printed address opens
+    assert view["orderByKey"] == "metrics.`uf1`" and {"metrics.`uf1`", "metrics.`uar`"} <= set(view["selectedColumns"])
     assert parent.data.tags["mlflow.source.name"] == "grid/run_all.py" and parent.inputs.dataset_inputs
     assert parent.inputs.dataset_inputs[0].dataset.name == "demo/SDE"
     assert "learning_curves.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}

@@ -223,3 +223,31 @@ def test_search_on_a_manifest_dataset(tmp_path):
     peek = run_grid_cli([*common, "--presets", "epir", "--overrides", str(res / "demo_manifest-SDE-epir-demo.best.json")],
                         tmp_path)
     assert peek.returncode == 2 and "would peek" in peek.stderr, peek.stderr[-2000:]
+
+
+def test_a_resumed_random_search_draws_what_an_uninterrupted_one_would_have():
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from grid.search import planned_candidates, replay_interrupted
+
+    scfg = SearchConfig(trials=6, space=parse_space(["lr=loguniform:1e-4:1e-2", "depth=int:2:4",
+                                                     "tokenizer=choice:spt,dnspt"]), seed=3)
+    space = OptunaSearch.convert_search_space({k: v.tune() for k, v in scfg.space.items()})
+    whole = planned_candidates(scfg, 6)
+    assert len({str(p) for p in whole}) == 6
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(2):  # two trials, then the process stops
+        t = study.ask(fixed_distributions=space)
+        study.tell(t, 0.5)
+    resumed = optuna.load_study(study_name=study.study_name, storage=study._storage,
+                                sampler=optuna.samplers.RandomSampler(seed=3))
+    assert replay_interrupted(resumed, scfg) == 4
+    rest = []
+    for _ in range(4):
+        t = resumed.ask(fixed_distributions=space)
+        rest.append(t.params)
+        resumed.tell(t, 0.5)
+    assert [t.params for t in study.trials[:2]] + rest == whole
+    fresh = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    assert fresh.ask(fixed_distributions=space).params == whole[0]  # without the replay: trial 1 again
