@@ -13,7 +13,9 @@ import pytest
 
 from preprocess.__main__ import build_parser, prepare
 from preprocess.demo import make_demo_dataset
-from preprocess.pipeline import FaceStage, PreprocessConfig, SampleError, read_shards, shard_names
+from preprocess.frames import SampleError
+from preprocess.shards import PreprocessConfig, read_shards, shard_names
+from preprocess.stages import FaceStage
 
 from .conftest import REPO
 
