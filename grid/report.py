@@ -56,6 +56,8 @@ def _label(row) -> str:
         marks.append(f"PARTIAL: {row['folds']} folds")
     if row["demo"]:
         marks.append("DEMO data")
+    if isinstance(row.get("beside"), str) and row["beside"]:
+        marks.append(f"from {row['beside']}, not paired")
     ens = row.get("ensemble", 1)
     ens = f", softmax ensemble of {int(ens)} seeds" if ens and not pd.isna(ens) and int(ens) > 1 else ""
     flow = row.get("flow", "farneback")
@@ -337,16 +339,51 @@ def paired_lines(results: Path) -> list[str]:
             for _, r in pairs.iterrows()]
 
 
-def write_tables(client, exp_id: str, experiment: str, results_dir: Path) -> Path | None:
-    """Write the tables of an experiment's finished cells; returns the folder, or None when none finished."""
+def read_beside(path: Path, presets: list[str] | None = None) -> pd.DataFrame:
+    """Rows of another experiment's ``runs.csv`` (one line per cell and seed, as :func:`write_tables` writes it) to
+    show beside this experiment's rows: scored as they were, labelled with their folder, never paired (their
+    predictions are not read).
+
+    Args:
+        path: a ``results/<experiment>/runs.csv`` file.
+        presets: keep only these presets (default: every row).
+
+    Raises:
+        ValueError: the file is missing or lacks a column the tables need, or a preset asked for has no row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--beside: no runs.csv at {path}")
+    rows = pd.read_csv(path)
+    if "flow" not in rows:  # written before TV-L1: every computed flow was Farneback's
+        rows["flow"] = "farneback"
+    missing = [c for c in KEY + ["seed", "setting", "run_id", "uf1", "uar"] if c not in rows]
+    if missing:
+        raise ValueError(f"--beside: {path} lacks the column(s) {', '.join(missing)}; is it a runs.csv of results/?")
+    if presets:
+        absent = [p for p in presets if p not in set(rows["preset"])]
+        if absent:
+            raise ValueError(f"--beside: {path} has no row of preset(s) {', '.join(absent)} "
+                             f"(it has {', '.join(sorted(set(rows['preset'])))})")
+        rows = rows[rows["preset"].isin(presets)]
+    return rows.assign(setting="beside:" + rows["setting"].astype(str), beside=path.parent.name,
+                       end_time=pd.Timestamp(0))
+
+
+def write_tables(client, exp_id: str, experiment: str, results_dir: Path, beside: list[pd.DataFrame] = ()) -> Path | None:
+    """Write the tables of an experiment's finished cells; returns the folder, or None when none finished.
+
+    ``beside``: rows of other experiments (:func:`read_beside`) added to the tables (not to ``runs.csv``, never paired).
+    """
     cells = collect(client, exp_id)
     if cells.empty:
         return None
     out = Path(results_dir) / experiment
     out.mkdir(parents=True, exist_ok=True)
     _order(cells).drop(columns=["end_time"]).to_csv(out / "runs.csv", index=False)
-    df = _order(aggregate(cells)).reset_index(drop=True)
-    pairs = paired_table(client, exp_id, cells, df)
+    own = aggregate(cells)
+    pairs = paired_table(client, exp_id, cells, _order(own).reset_index(drop=True))
+    df = _order(pd.concat([own, *(aggregate(b) for b in beside)], ignore_index=True)).reset_index(drop=True)
     pairs.drop(columns=["setting"], errors="ignore").to_csv(out / f"{PAIRED}.csv", index=False)
     if not pairs.empty:
         (out / f"{PAIRED}.md").write_text(f"# {experiment}: paired comparisons\n\n" + PAIRED_NOTE + "\n\n"

@@ -5,6 +5,7 @@ in MLflow, with paper-style tables in results/.
     python grid/run_all.py --dataset megc2019=../shared/data/megc2019_composite --presets epir,baseline
     python grid/run_all.py --config grid.toml               # datasets, presets, profile, overrides
     python grid/run_all.py report --experiment epir-grid    # rewrite results/ from MLflow only
+    python grid/run_all.py report --experiment megc2019-ladder --beside results/megc2019-cde/runs.csv:ststnet
     python grid/run_all.py search --dataset manifest=mylab.csv:SDE --trials 30   # strict search, see 'search'
     python grid/run_all.py import out/ladder --experiment megc2019-cde-paper   # folds benchmarks/gpu_ladder.py ran
 """
@@ -109,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-fold-models", action="store_true", help="log each fold's trained weights in its child run")
     p.add_argument("--work-dir", type=Path, help="shards, demo data, Ray Tune results (default work_dirs)")
     p.add_argument("--results", type=Path, help="tables folder (default results)")
+    p.add_argument("--beside", action="append", default=[], metavar="RUNS_CSV[:PRESETS]",
+                   help="report: rows of another experiment's results/<experiment>/runs.csv (only PRESETS, "
+                        "comma-separated, if given) shown beside this experiment's, labelled and never paired "
+                        "(repeatable); e.g. results/megc2019-cde/runs.csv:ststnet")
     p.add_argument("--overrides", type=Path, metavar="JSON",
                    help="TrainRecipe / model fields from a JSON file, e.g. a search's *.best.json (for OTHER data than "
                    "the search's: it is refused on the dataset it was chosen on)")
@@ -303,13 +308,19 @@ def _import(args, cfg: GridConfig) -> int:
 def _report(args, cfg: GridConfig) -> int:
     """``report``: rewrite results/<experiment>/ from MLflow alone."""
     from grid import tracking  # deferred: MLflow only for this command
-    from grid.report import write_tables
+    from grid.report import read_beside, write_tables
 
+    try:
+        beside = [read_beside(Path(path), presets.split(",") if presets else None)
+                  for path, _, presets in (b.partition(":") for b in args.beside)]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     client, exp_id = tracking.setup(cfg.experiment, create=False)
     if exp_id is None:
         print(f"error: no MLflow experiment '{cfg.experiment}' in {tracking.tracking_uri()}", file=sys.stderr)
         return 2
-    out = write_tables(client, exp_id, cfg.experiment, cfg.results_dir)
+    out = write_tables(client, exp_id, cfg.experiment, cfg.results_dir, beside)
     print(f"tables written to {out}" if out else f"no finished cell in experiment '{cfg.experiment}'")
     _print_paired(out)
     return 0

@@ -13,7 +13,7 @@ from grid.cells import build_cells
 from grid.config import GridConfig
 from grid.data import ProtocolData
 from grid.records import FoldRecord
-from grid.report import paired_lines, write_tables
+from grid.report import paired_lines, read_beside, write_tables
 from grid.runner import finish_cell
 
 
@@ -70,3 +70,13 @@ def test_table4_gives_each_rung_its_paired_difference_with_a_subject_bootstrap_c
     assert "minus baseline" in epir_run.data.tags["paired.vs_baseline"]
     lines = paired_lines(out)
     assert any(ln.strip().startswith("epir - baseline  UF1") for ln in lines), lines
+    # rows of another experiment's runs.csv stand beside, labelled and never paired
+    beside = read_beside(out / "runs.csv", ["epir"])
+    again = write_tables(client, exp_id, "beside", tmp_path / "results", [beside])
+    t4b = pd.read_csv(again / "table4_ablation.csv")
+    other = t4b[t4b["method"].str.contains(r"\[from paired, not paired\]", regex=True)]
+    assert len(other) == 1 and other["preset"].iloc[0] == "epir" and pd.isna(other["ΔUF1 vs baseline"].iloc[0])
+    assert other["UF1"].iloc[0] == pytest.approx(t4.loc["epir", "UF1"])
+    assert len(pd.read_csv(again / "runs.csv")) == len(cells)  # runs.csv: this experiment's cells only
+    with pytest.raises(ValueError, match="no row of preset"):
+        read_beside(out / "runs.csv", ["ststnet"])
