@@ -189,7 +189,7 @@ def test_tables_pool_seeds_and_keep_the_best_test_epoch_apart():
 
     from grid.report import aggregate
 
-    base = dict(dataset="megc2019", protocol="CDE", preset="epir", profile="cpu", epoch_selection="last",
+    base = dict(dataset="megc2019", protocol="CDE", flow="farneback", preset="epir", profile="cpu", epoch_selection="last",
                 folds=68, demo=False, setting="s1", wall_minutes=1.0, train_minutes=2.0)
     scores = {"uf1": [0.6, 0.7, 0.8], "uar": [0.5, 0.6, 0.7], "bte_uf1": [0.8, 0.9, 0.9], "bte_uar": [0.7, 0.8, 0.8]}
     rows = [{**base, "seed": i, "end_time": pd.Timestamp(2026, 1, 1 + i), **{k: v[i] for k, v in scores.items()}}

@@ -74,7 +74,7 @@ def test_demo_final_model_fold_weights_and_predict(tmp_path):
     assert got["predicted"][0] in meta["classes"] and got["status"][0] == "ok"
     # a pair whose frame is missing is reported, not guessed
     bad = run_grid_cli(["predict", model_uri, "--onset", str(tmp_path / "no.png"), "--apex", sample["apex_path"]], tmp_path)
-    assert bad.returncode == 1 and "REJECTED (missing_frame)" in bad.stdout, bad.stdout[-2000:]
+    assert bad.returncode == 1 and "REJECTED (missing_frame: " in bad.stdout and "no.png)" in bad.stdout, bad.stdout[-2000:]
     with pytest.raises(ValueError, match="either"):
         from grid.predict import read_pairs
 

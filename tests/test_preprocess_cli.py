@@ -138,5 +138,5 @@ def test_clear_failure_for_a_wrong_root_or_no_survivor(ray_local, tmp_path, caps
     assert "neither CASME2_RAW_selected" in capsys.readouterr().err
     man = tmp_path / "m.csv"
     pd.DataFrame([dict(subject="a", sample_id="1", onset_path="x.png", apex_path="y.png", label="positive")]).to_csv(man, index=False)
-    assert main(["--dataset", "manifest", "--root", str(man), "--out", str(tmp_path / "o")]) == 2
+    assert main(["--dataset", "manifest", "--root", str(man), "--out", str(tmp_path / "o"), "--classes", "positive"]) == 2
     assert "no sample of m survived" in capsys.readouterr().err
