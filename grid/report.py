@@ -26,6 +26,7 @@ import pandas as pd
 from epir.presets import LADDER, PRESETS
 
 from . import tracking
+from .data import PUBLISHED_FLOW
 from .compare import METRICS, Paired, paired_difference
 
 # EPIR Table 1 (CDE) and Tables 2/3 (SDE), UF1 / UAR (../shared/PAPER.md), and honest peer figures.
@@ -39,6 +40,7 @@ PAPER_CDE = {
 PAPER_SDE = {"samm": (0.8011, 0.8052), "casme2": (0.8712, 0.8466), "smic": (0.8025, 0.8213), "casme3": (0.6727, 0.6345)}
 CDE_GROUPS = [("full", "Full"), ("samm", "SAMM"), ("casme2", "CASME II"), ("smic", "SMIC")]
 PEEK = tracking.PEEK
+UNNAMED_FLOWS = ("farneback", PUBLISHED_FLOW)  # flows a row's label does not name; other flows pair against Farneback
 KEY = ["dataset", "protocol", "flow", "preset", "profile", "epoch_selection", "folds", "demo"]
 # rows that may be paired share these (and then their subjects and seeds, checked on the predictions); a
 # ladder's rungs share their flow too, and two flows of one raw dataset are compared rung by rung
@@ -61,7 +63,7 @@ def _label(row) -> str:
     ens = row.get("ensemble", 1)
     ens = f", softmax ensemble of {int(ens)} seeds" if ens and not pd.isna(ens) and int(ens) > 1 else ""
     flow = row.get("flow", "farneback")
-    flow = "" if flow in ("farneback", "tvl1-published") or pd.isna(flow) else f", {flow} flow"
+    flow = "" if flow in UNNAMED_FLOWS or pd.isna(flow) else f", {flow} flow"
     return f"{row['preset']} (ours, {row['profile']}{ens}{flow})" + (f" [{'; '.join(marks)}]" if marks else "")
 
 
@@ -258,7 +260,7 @@ def ladder_pairs(df: pd.DataFrame) -> list[tuple[int, str, int]]:
     out = []
     for i, r in df.iterrows():
         alike = df[(df[PAIR_KEY] == r[PAIR_KEY]).all(axis=1)]
-        if r["flow"] not in ("farneback", "tvl1-published"):
+        if r["flow"] not in UNNAMED_FLOWS:
             hit = alike[(alike["flow"] == "farneback") & (alike["preset"] == r["preset"])]
             if not hit.empty:
                 out.append((i, "farneback", hit.index[0]))
