@@ -18,6 +18,7 @@ from preprocess.shards import read_shards
 from .config import DatasetSpec
 
 PUBLISHED_FLOW = "tvl1-published"  # precomputed flow images of the MEGC2019 composite (TV-L1, min-max per image)
+UNNAMED_FLOWS = ("farneback", PUBLISHED_FLOW)  # flows that a protocol key and a table label leave unnamed
 
 
 @dataclass
@@ -135,7 +136,7 @@ def load_protocol(folder: Path, protocol: str) -> ProtocolData:
     normalize = (manifest.get("config") or {}).get("normalize", "minmax")
     flow = shard_flow(manifest)
     return ProtocolData(
-        key=f"{name}/{protocol}" + ("" if flow in ("farneback", PUBLISHED_FLOW) else f"/{flow}"), dataset=name,
+        key=f"{name}/{protocol}" + ("" if flow in UNNAMED_FLOWS else f"/{flow}"), dataset=name,
         protocol=protocol, config_id=manifest["config_id"],
         flows=np.ascontiguousarray(flows[keep]), labels=df[col].to_numpy(dtype=np.int64),
         subjects=df["subject"].astype(str).to_numpy(), sample_ids=df["sample_id"].astype(str).to_numpy(),
@@ -179,7 +180,7 @@ def composite(parts: list[ProtocolData], name: str = "") -> ProtocolData:
     name = name or "+".join(p.dataset for p in parts)
     flow = parts[0].flow
     return ProtocolData(
-        key=f"{name}/CDE" + ("" if flow in ("farneback", PUBLISHED_FLOW) else f"/{flow}"), dataset=name, protocol="CDE",
+        key=f"{name}/CDE" + ("" if flow in UNNAMED_FLOWS else f"/{flow}"), dataset=name, protocol="CDE",
         config_id="+".join(p.config_id for p in parts), flow=flow,
         flows=np.concatenate([p.flows for p in parts]), labels=np.concatenate([p.labels for p in parts]),
         subjects=np.concatenate([np.char.add(f"{p.dataset}_", p.subjects.astype(str)) for p in parts]),

@@ -26,7 +26,7 @@ import pandas as pd
 from epir.presets import LADDER, PRESETS
 
 from . import tracking
-from .data import PUBLISHED_FLOW
+from .data import UNNAMED_FLOWS
 from .compare import METRICS, Paired, paired_difference
 
 # EPIR Table 1 (CDE) and Tables 2/3 (SDE), UF1 / UAR (../shared/PAPER.md), and honest peer figures.
@@ -40,7 +40,6 @@ PAPER_CDE = {
 PAPER_SDE = {"samm": (0.8011, 0.8052), "casme2": (0.8712, 0.8466), "smic": (0.8025, 0.8213), "casme3": (0.6727, 0.6345)}
 CDE_GROUPS = [("full", "Full"), ("samm", "SAMM"), ("casme2", "CASME II"), ("smic", "SMIC")]
 PEEK = tracking.PEEK
-UNNAMED_FLOWS = ("farneback", PUBLISHED_FLOW)  # flows a row's label does not name; other flows pair against Farneback
 KEY = ["dataset", "protocol", "flow", "preset", "profile", "epoch_selection", "folds", "demo"]
 # rows that may be paired share these (and then their subjects and seeds, checked on the predictions); a
 # ladder's rungs share their flow too, and two flows of one raw dataset are compared rung by rung
