@@ -47,6 +47,10 @@ PAIR_KEY = ["dataset", "protocol", "profile", "epoch_selection", "folds", "demo"
 PAIRED = "paired_comparisons"  # paired_comparisons.csv / .md in results/<experiment>/
 PAIRED_COLUMNS = ["dataset", "protocol", "row", "vs", "against", "metric", "difference", "ci_low", "ci_high",
                   "excludes_zero", "seeds_agree", "seed_pairs", "subjects", "setting"]
+# results/<experiment>/predictions/<cell_id>.csv: each cell's pooled predictions WITHOUT the true labels (those
+# belong to the dataset's licence holders), so that a later report pairs with the cell after its store is gone
+KEPT = "predictions"
+KEPT_COLUMNS = ["subject", "sample_id", "group", "y_pred", "y_pred_best_test_epoch"]
 
 
 def _label(row) -> str:
@@ -58,7 +62,9 @@ def _label(row) -> str:
     if row["demo"]:
         marks.append("DEMO data")
     if isinstance(row.get("beside"), str) and row["beside"]:
-        marks.append(f"from {row['beside']}, not paired")
+        pairable = row.get("pairable")
+        paired = isinstance(pairable, (bool, np.bool_)) and bool(pairable)
+        marks.append(f"from {row['beside']}" + ("" if paired else ", not paired"))
     ens = row.get("ensemble", 1)
     ens = f", softmax ensemble of {int(ens)} seeds" if ens and not pd.isna(ens) and int(ens) > 1 else ""
     flow = row.get("flow", "farneback")
@@ -222,31 +228,82 @@ def _notes(df: pd.DataFrame) -> str:
 
 
 class Predictions:
-    """Reads (once) the pooled predictions of every seed of a table row, by setting id."""
+    """Reads (once) the pooled predictions of every seed of a table row, by setting id: an own row's from its
+    MLflow parent runs, a row beside (:func:`read_beside`) from its kept files (:data:`KEPT`), whose true labels
+    are this experiment's own for the same samples (a row beside with no own row of its dataset and protocol,
+    or with a sample or class the own rows lack, cannot be paired)."""
 
-    def __init__(self, client, exp_id: str, cells: pd.DataFrame):
+    def __init__(self, client, exp_id: str, cells: pd.DataFrame, beside: pd.DataFrame | None = None):
         self.client, self.exp_id, self.cells, self._cache = client, exp_id, cells, {}
+        self.beside = beside if beside is not None else pd.DataFrame(columns=["setting"])
 
-    def of(self, setting: str) -> tuple[dict[int, pd.DataFrame], int]:
-        """seed -> predictions of the row's cells, and the class count."""
+    def of(self, setting: str) -> tuple[dict[int, pd.DataFrame], list[str]]:
+        """seed -> predictions of the row's cells (class indices), and the class names; ``({}, [])`` for a
+        row that cannot be read (then :func:`grid.compare.paired_difference` pairs nothing)."""
         if setting not in self._cache:
-            runs = self.cells[self.cells["setting"] == setting]
-            preds, classes = {}, 0
-            for _, c in runs.iterrows():
-                run = self.client.get_run(c["run_id"])
-                preds[int(c["seed"])] = tracking.read_pooled_predictions(self.client, self.exp_id, run)
-                classes = len(run.data.params.get("classes", "").split(","))
-            self._cache[setting] = (preds, classes)
+            self._cache[setting] = self._beside(setting) if setting.startswith("beside:") else self._own(setting)
         return self._cache[setting]
+
+    def _own(self, setting: str) -> tuple[dict[int, pd.DataFrame], list[str]]:
+        preds, classes = {}, []
+        for _, c in self.cells[self.cells["setting"] == setting].iterrows():
+            run = self.client.get_run(c["run_id"])
+            preds[int(c["seed"])] = tracking.read_pooled_predictions(self.client, self.exp_id, run)
+            classes = run.data.params.get("classes", "").split(",")
+        return preds, classes
+
+    def _truth(self, dataset: str, protocol: str) -> tuple[pd.Series, list[str]] | None:
+        """sample id -> true class index, from an own cell of the same dataset and protocol."""
+        own = self.cells[(self.cells["dataset"] == dataset) & (self.cells["protocol"] == protocol)]
+        if own.empty:
+            return None
+        preds, classes = self.of(own["setting"].iloc[0])
+        first = next(iter(preds.values()))
+        return first.set_index("sample_id")["y_true"], classes
+
+    def _beside(self, setting: str) -> tuple[dict[int, pd.DataFrame], list[str]]:
+        rows = self.beside[self.beside["setting"] == setting]
+        if rows.empty or not rows["pairable"].all():
+            return {}, []
+        truth = self._truth(rows["dataset"].iloc[0], rows["protocol"].iloc[0])
+        if truth is None:
+            return {}, []
+        y_true, classes = truth
+        index = {c: i for i, c in enumerate(classes)}
+        preds = {}
+        for _, r in rows.iterrows():
+            df = pd.read_csv(r["predictions"], dtype=str, keep_default_na=False)
+            if not set(df["sample_id"]) <= set(y_true.index) or not set(df["y_pred"]) <= set(index):
+                return {}, []
+            df["y_true"] = df["sample_id"].map(y_true).astype(int)
+            for col in ("y_pred", "y_pred_best_test_epoch"):
+                df[col] = df[col].map(lambda v: index.get(v, -1)).astype(int)
+            preds[int(r["seed"])] = df
+        return preds, classes
+
+
+def keep_predictions(preds: Predictions, cells: pd.DataFrame, out: Path) -> None:
+    """Write every own cell's pooled predictions to ``out/predictions/<cell_id>.csv`` (:data:`KEPT_COLUMNS`:
+    class names, no true labels), the files :func:`read_beside` pairs with later."""
+    folder = Path(out) / KEPT
+    folder.mkdir(parents=True, exist_ok=True)
+    for _, c in cells.iterrows():
+        seeds, classes = preds.of(c["setting"])
+        df = seeds[int(c["seed"])].copy()
+        for col in ("y_pred", "y_pred_best_test_epoch"):
+            df[col] = df[col].map(lambda i: classes[i] if 0 <= i < len(classes) else "")
+        df[KEPT_COLUMNS].to_csv(folder / f"{c['cell_id']}.csv", index=False)
 
 
 def compare(preds: Predictions, row_a, row_b) -> dict[str, Paired] | None:
     """Row A minus row B, paired (:mod:`grid.compare`), for UF1 and UAR; None when they cannot be paired."""
     if any(row_a[k] != row_b[k] for k in PAIR_KEY) or row_a["setting"] == row_b["setting"]:
         return None
-    a, c = preds.of(row_a["setting"])
-    b, _ = preds.of(row_b["setting"])
-    out = {m: paired_difference(a, b, c, m) for m in METRICS}
+    a, classes = preds.of(row_a["setting"])
+    b, classes_b = preds.of(row_b["setting"])
+    if classes != classes_b:
+        return None
+    out = {m: paired_difference(a, b, len(classes), m) for m in METRICS}
     return None if any(v is None for v in out.values()) else out
 
 
@@ -255,8 +312,11 @@ def ladder_pairs(df: pd.DataFrame) -> list[tuple[int, str, int]]:
     (aggregated rows): each ladder rung against the rung before it (the nearest lower rung with a row) and
     against ``baseline``, a peer against ``baseline``, all of the same flow; and a row of another flow than
     Farneback against the same preset's Farneback row of the same raw dataset. Rows are matched on
-    :data:`PAIR_KEY`."""
+    :data:`PAIR_KEY`; where a preset has an own row and a row beside (:func:`read_beside`), the own row is the
+    one compared with."""
     out = []
+    if "beside" in df:  # own rows first, so that each match below takes the own row of a preset
+        df = df.iloc[np.argsort(df["beside"].notna().to_numpy(), kind="stable")]
     for i, r in df.iterrows():
         alike = df[(df[PAIR_KEY] == r[PAIR_KEY]).all(axis=1)]
         if r["flow"] not in UNNAMED_FLOWS:
@@ -278,10 +338,11 @@ def ladder_pairs(df: pd.DataFrame) -> list[tuple[int, str, int]]:
     return out
 
 
-def paired_table(client, exp_id: str, cells: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
-    """The paired comparisons of the ladder's rows (:func:`ladder_pairs`), one line per pair and metric, and
-    each logged on the parent runs of the row compared (``paired.vs_<kind>.<metric>_*``)."""
-    preds, lines, done = Predictions(client, exp_id, cells), [], {}
+def paired_table(preds: Predictions, cells: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+    """The paired comparisons of the ladder's rows (:func:`ladder_pairs`; rows beside with kept predictions
+    too), one line per pair and metric, each logged on the parent runs of the row compared, when it is an own
+    row (``paired.vs_<kind>.<metric>_*``)."""
+    lines, done = [], {}
     for i, kind, j in ladder_pairs(df):
         a, b = df.loc[i], df.loc[j]
         result = done[(i, j)] if (i, j) in done else compare(preds, a, b)  # "before" may be the baseline itself
@@ -289,14 +350,16 @@ def paired_table(client, exp_id: str, cells: pd.DataFrame, df: pd.DataFrame) -> 
         if result is None:
             continue
         flows = kind == "farneback"
+        name = {k: r["preset"] + (f" [{r['flow']}]" if flows else "")
+                + (f" [from {r['beside']}]" if isinstance(r.get("beside"), str) else "") for k, r in (("a", a), ("b", b))}
         for m, p in result.items():
-            lines.append({"dataset": a["dataset"], "protocol": a["protocol"],
-                          "row": a["preset"] + (f" [{a['flow']}]" if flows else ""), "vs": kind,
-                          "against": b["preset"] + (f" [{b['flow']}]" if flows else ""), "metric": m.upper(), "difference": p.diff, "ci_low": p.ci_low,
+            lines.append({"dataset": a["dataset"], "protocol": a["protocol"], "row": name["a"], "vs": kind,
+                          "against": name["b"], "metric": m.upper(), "difference": p.diff, "ci_low": p.ci_low,
                           "ci_high": p.ci_high, "excludes_zero": p.excludes_zero, "seeds_agree": p.agree,
                           "seed_pairs": len(p.seeds), "subjects": p.subjects, "setting": a["setting"]})
         run_ids = cells.loc[cells["setting"] == a["setting"], "run_id"].tolist()
-        tracking.log_comparison(client, run_ids, f"vs_{kind}", b["preset"], result)
+        if run_ids:
+            tracking.log_comparison(preds.client, run_ids, f"vs_{kind}", name["b"], result)
     return pd.DataFrame(lines, columns=PAIRED_COLUMNS)
 
 
@@ -342,8 +405,10 @@ def paired_lines(results: Path) -> list[str]:
 
 def read_beside(path: Path, presets: list[str] | None = None) -> pd.DataFrame:
     """Rows of another experiment's ``runs.csv`` (one line per cell and seed, as :func:`write_tables` writes it) to
-    show beside this experiment's rows: scored as they were, labelled with their folder, never paired (their
-    predictions are not read).
+    show beside this experiment's rows: scored as they were, labelled with their folder. A row whose every
+    seed's predictions were kept beside the file (``predictions/<cell_id>.csv``, :func:`keep_predictions`) is
+    ``pairable``: it is paired like an own row, with this experiment's true labels for the same samples
+    (:class:`Predictions`); any other row is labelled ``not paired``.
 
     Args:
         path: a ``results/<experiment>/runs.csv`` file.
@@ -367,6 +432,9 @@ def read_beside(path: Path, presets: list[str] | None = None) -> pd.DataFrame:
             raise ValueError(f"--beside: {path} has no row of preset(s) {', '.join(absent)} "
                              f"(it has {', '.join(sorted(set(rows['preset'])))})")
         rows = rows[rows["preset"].isin(presets)]
+    kept = [path.parent / KEPT / f"{c}.csv" for c in rows.get("cell_id", pd.Series("", index=rows.index)).astype(str)]
+    rows = rows.assign(predictions=[str(k) if k.is_file() else "" for k in kept])
+    rows["pairable"] = rows.groupby("setting")["predictions"].transform(lambda v: bool(v.astype(bool).all()))
     return rows.assign(setting="beside:" + rows["setting"].astype(str), beside=path.parent.name,
                        end_time=pd.Timestamp(0))
 
@@ -374,7 +442,8 @@ def read_beside(path: Path, presets: list[str] | None = None) -> pd.DataFrame:
 def write_tables(client, exp_id: str, experiment: str, results_dir: Path, beside: list[pd.DataFrame] = ()) -> Path | None:
     """Write the tables of an experiment's finished cells; returns the folder, or None when none finished.
 
-    ``beside``: rows of other experiments (:func:`read_beside`) added to the tables (not to ``runs.csv``, never paired).
+    ``beside``: rows of other experiments (:func:`read_beside`) added to the tables (not to ``runs.csv``), paired
+    where their predictions were kept. Every own cell's predictions are kept in ``predictions/`` (no true labels).
     """
     cells = collect(client, exp_id)
     if cells.empty:
@@ -382,9 +451,10 @@ def write_tables(client, exp_id: str, experiment: str, results_dir: Path, beside
     out = Path(results_dir) / experiment
     out.mkdir(parents=True, exist_ok=True)
     _order(cells).drop(columns=["end_time"]).to_csv(out / "runs.csv", index=False)
-    own = aggregate(cells)
-    pairs = paired_table(client, exp_id, cells, _order(own).reset_index(drop=True))
-    df = _order(pd.concat([own, *(aggregate(b) for b in beside)], ignore_index=True)).reset_index(drop=True)
+    preds = Predictions(client, exp_id, cells, pd.concat(beside, ignore_index=True) if len(beside) else None)
+    keep_predictions(preds, cells, out)
+    df = _order(pd.concat([aggregate(cells), *(aggregate(b) for b in beside)], ignore_index=True)).reset_index(drop=True)
+    pairs = paired_table(preds, cells, df)
     pairs.drop(columns=["setting"], errors="ignore").to_csv(out / f"{PAIRED}.csv", index=False)
     if not pairs.empty:
         (out / f"{PAIRED}.md").write_text(f"# {experiment}: paired comparisons\n\n" + PAIRED_NOTE + "\n\n"

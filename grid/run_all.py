@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, help="tables folder (default results)")
     p.add_argument("--beside", action="append", default=[], metavar="RUNS_CSV[:PRESETS]",
                    help="report: rows of another experiment's results/<experiment>/runs.csv (only PRESETS, "
-                        "comma-separated, if given) shown beside this experiment's, labelled and never paired "
-                        "(repeatable); e.g. results/megc2019-cde/runs.csv:ststnet")
+                        "comma-separated, if given) shown beside this experiment's, labelled; paired like this "
+                        "experiment's rows where their predictions/ files were kept beside the runs.csv, else "
+                        "'not paired' (repeatable); e.g. results/megc2019-cde/runs.csv:ststnet")
     p.add_argument("--overrides", type=Path, metavar="JSON",
                    help="TrainRecipe / model fields from a JSON file, e.g. a search's *.best.json (for OTHER data than "
                    "the search's: it is refused on the dataset it was chosen on)")

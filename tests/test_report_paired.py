@@ -40,6 +40,19 @@ def _fold(d: ProtocolData, subject: str, acc: float, rng) -> FoldRecord:
             "member_y_pred": None, "train_seconds": 1.0, "device": "cpu", "node": "", "started": now, "finished": now})
 
 
+ACC = {"baseline": 0.4, "+dtsm": 0.42, "epir": 0.9}  # epir far better; +dtsm about baseline
+
+
+def _log_cells(client, exp_id, cells, d: ProtocolData) -> None:
+    for c in cells:
+        rng = np.random.default_rng([zlib.crc32(c.preset.encode()), c.seed])  # hash() of a str varies by process
+        parent = tracking.parent_run(client, exp_id, c)
+        folds = {s: _fold(d, s, ACC[c.preset], rng) for s in c.subjects}
+        for f in folds.values():
+            tracking.log_fold(client, exp_id, parent, c, f)
+        finish_cell(client, parent, c, folds, log=lambda m: None)
+
+
 def test_table4_gives_each_rung_its_paired_difference_with_a_subject_bootstrap_ci(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.chdir(tmp_path)
@@ -47,14 +60,7 @@ def test_table4_gives_each_rung_its_paired_difference_with_a_subject_bootstrap_c
     cfg = GridConfig(presets=["baseline", "+dtsm", "epir"], seeds=[0, 1], profile="demo")
     cells = build_cells(cfg, {d.key: d}, "demo")
     client, exp_id = tracking.setup("paired")
-    acc = {"baseline": 0.4, "+dtsm": 0.42, "epir": 0.9}  # epir far better; +dtsm about baseline
-    for c in cells:
-        rng = np.random.default_rng([zlib.crc32(c.preset.encode()), c.seed])  # hash() of a str varies by process
-        parent = tracking.parent_run(client, exp_id, c)
-        folds = {s: _fold(d, s, acc[c.preset], rng) for s in c.subjects}
-        for f in folds.values():
-            tracking.log_fold(client, exp_id, parent, c, f)
-        finish_cell(client, parent, c, folds, log=lambda m: None)
+    _log_cells(client, exp_id, cells, d)
     out = write_tables(client, exp_id, "paired", tmp_path / "results")
     t4 = pd.read_csv(out / "table4_ablation.csv").set_index("preset")
     assert t4.loc["epir", "ΔUF1 vs baseline CI low"] > 0.2  # a large gain: the interval excludes 0
@@ -71,13 +77,35 @@ def test_table4_gives_each_rung_its_paired_difference_with_a_subject_bootstrap_c
     assert "minus baseline" in epir_run.data.tags["paired.vs_baseline"]
     lines = paired_lines(out)
     assert any(ln.strip().startswith("epir - baseline  UF1") for ln in lines), lines
-    # rows of another experiment's runs.csv stand beside, labelled and never paired
-    beside = read_beside(out / "runs.csv", ["epir"])
-    again = write_tables(client, exp_id, "beside", tmp_path / "results", [beside])
-    t4b = pd.read_csv(again / "table4_ablation.csv")
-    other = t4b[t4b["method"].str.contains(r"\[from paired, not paired\]", regex=True)]
-    assert len(other) == 1 and other["preset"].iloc[0] == "epir" and pd.isna(other["ΔUF1 vs baseline"].iloc[0])
-    assert other["UF1"].iloc[0] == pytest.approx(t4.loc["epir", "UF1"])
-    assert len(pd.read_csv(again / "runs.csv")) == len(cells)  # runs.csv: this experiment's cells only
+    # every cell's predictions are kept in results/, without the true labels
+    kept = sorted((out / "predictions").glob("*.csv"))
+    assert {k.stem for k in kept} == {c.cell_id for c in cells}
+    one = pd.read_csv(kept[0], dtype=str)
+    assert "y_true" not in one and set(one["y_pred"]) <= set(d.classes) and len(one) == len(d.labels)
+
+    # the store is gone but results/ stayed: a new experiment that trained only epir pairs it with the kept
+    # baseline and +dtsm rows, to the same figures as when all three were in one store
+    top = [c for c in cells if c.preset == "epir"]
+    client2, exp2 = tracking.setup("top")
+    _log_cells(client2, exp2, top, d)
+    lower = read_beside(out / "runs.csv", ["baseline", "+dtsm"])
+    again = write_tables(client2, exp2, "top", tmp_path / "results", [lower])
+    t4b = pd.read_csv(again / "table4_ablation.csv").set_index("preset")
+    for col in ("ΔUF1 vs baseline", "ΔUF1 vs baseline CI low", "ΔUAR vs rung before CI high"):
+        assert t4b.loc["epir", col] == pytest.approx(t4.loc["epir", col]), col
+    assert t4b.loc["+dtsm", "ΔUF1 vs baseline"] == pytest.approx(t4.loc["+dtsm", "ΔUF1 vs baseline"])  # two rows beside
+    assert "[from paired]" in t4b.loc["baseline", "method"] and "not paired" not in t4b.loc["baseline", "method"]
+    assert len(pd.read_csv(again / "runs.csv")) == len(top)  # runs.csv: this experiment's cells only
+    assert "baseline [from paired]" in set(pd.read_csv(again / "paired_comparisons.csv")["against"])
+
+    # a row beside without its kept predictions stands beside, labelled and not paired
+    for k in kept:
+        if k.stem in {c.cell_id for c in cells if c.preset == "baseline"}:
+            k.unlink()
+    third = write_tables(client2, exp2, "top", tmp_path / "results", [read_beside(out / "runs.csv", ["baseline"])])
+    t4c = pd.read_csv(third / "table4_ablation.csv").set_index("preset")
+    assert "[from paired, not paired]" in t4c.loc["baseline", "method"]
+    assert pd.isna(t4c.loc["epir", "ΔUF1 vs baseline"])
+    assert t4c.loc["baseline", "UF1"] == pytest.approx(t4.loc["baseline", "UF1"])
     with pytest.raises(ValueError, match="no row of preset"):
         read_beside(out / "runs.csv", ["ststnet"])
