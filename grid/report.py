@@ -295,9 +295,10 @@ def keep_predictions(preds: Predictions, cells: pd.DataFrame, out: Path) -> None
         df[KEPT_COLUMNS].to_csv(folder / f"{c['cell_id']}.csv", index=False)
 
 
-def compare(preds: Predictions, row_a, row_b) -> dict[str, Paired] | None:
-    """Row A minus row B, paired (:mod:`grid.compare`), for UF1 and UAR; None when they cannot be paired."""
-    if any(row_a[k] != row_b[k] for k in PAIR_KEY) or row_a["setting"] == row_b["setting"]:
+def compare(preds: Predictions, row_a, row_b, key: list[str] = PAIR_KEY) -> dict[str, Paired] | None:
+    """Row A minus row B, paired (:mod:`grid.compare`), for UF1 and UAR; None when they cannot be paired
+    (they differ in a column of ``key``, or in their subjects, seeds or samples)."""
+    if any(row_a[k] != row_b[k] for k in key) or row_a["setting"] == row_b["setting"]:
         return None
     a, classes = preds.of(row_a["setting"])
     b, classes_b = preds.of(row_b["setting"])
@@ -338,19 +339,60 @@ def ladder_pairs(df: pd.DataFrame) -> list[tuple[int, str, int]]:
     return out
 
 
-def paired_table(preds: Predictions, cells: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+def asked_pairs(df: pd.DataFrame, asked: list[tuple[str, str]]) -> list[tuple[int, str, int]]:
+    """``(row, "asked", row)`` for each pair of setting ids asked for (``report --pair A:B``; a row beside is
+    found by its own experiment's setting id too, an own row first).
+
+    Raises:
+        ValueError: a setting id that no row of ``df`` has (the message lists the rows' ids).
+    """
+    out = []
+    for pair in asked:
+        idx = []
+        for setting in pair:
+            hit = df.index[df["setting"] == setting].tolist() + df.index[df["setting"] == f"beside:{setting}"].tolist()
+            if not hit:
+                have = "; ".join(f"{str(r['setting']).removeprefix('beside:')} = {r['preset']} ({r['profile']})"
+                                 for _, r in df.iterrows())
+                raise ValueError(f"--pair: no row has the setting id {setting!r} (runs.csv's 'setting' column); "
+                                 f"the rows: {have}")
+            idx.append(hit[0])
+        out.append((idx[0], "asked", idx[1]))
+    return out
+
+
+def paired_table(preds: Predictions, cells: pd.DataFrame, df: pd.DataFrame,
+                 asked: list[tuple[str, str]] = ()) -> pd.DataFrame:
     """The paired comparisons of the ladder's rows (:func:`ladder_pairs`; rows beside with kept predictions
-    too), one line per pair and metric, each logged on the parent runs of the row compared, when it is an own
-    row (``paired.vs_<kind>.<metric>_*``)."""
+    too) and of the pairs asked for (:func:`asked_pairs`: any two rows of one dataset, protocol, epoch
+    selection and folds, e.g. two search designs, whose profiles differ), one line per pair and metric, each
+    logged on the parent runs of the row compared, when it is an own row (``paired.vs_<kind>.<metric>_*``).
+
+    Raises:
+        ValueError: as :func:`asked_pairs`; or a pair asked for that cannot be paired (other subjects, seeds
+            or samples, or no kept predictions).
+    """
     lines, done = [], {}
-    for i, kind, j in ladder_pairs(df):
+    relaxed = [k for k in PAIR_KEY if k != "profile"]
+    for i, kind, j in ladder_pairs(df) + asked_pairs(df, list(asked)):
         a, b = df.loc[i], df.loc[j]
-        result = done[(i, j)] if (i, j) in done else compare(preds, a, b)  # "before" may be the baseline itself
+        if kind == "asked":
+            result = compare(preds, a, b, relaxed)
+            if result is None:
+                raise ValueError(f"--pair {str(a['setting']).removeprefix('beside:')}:"
+                                 f"{str(b['setting']).removeprefix('beside:')}: {a['preset']} ({a['profile']}) and "
+                                 f"{b['preset']} ({b['profile']}) cannot be paired: they need the same dataset, "
+                                 "protocol, epoch selection, folds, subjects, samples and at least one seed, and "
+                                 "a row beside needs its predictions/ files")
+        else:
+            result = done[(i, j)] if (i, j) in done else compare(preds, a, b)  # "before" may be the baseline itself
         done[(i, j)] = result
         if result is None:
             continue
         flows = kind == "farneback"
+        flows = flows or (kind == "asked" and a["flow"] != b["flow"])
         name = {k: r["preset"] + (f" [{r['flow']}]" if flows else "")
+                + (f" ({r['profile']})" if kind == "asked" else "")
                 + (f" [from {r['beside']}]" if isinstance(r.get("beside"), str) else "") for k, r in (("a", a), ("b", b))}
         for m, p in result.items():
             lines.append({"dataset": a["dataset"], "protocol": a["protocol"], "row": name["a"], "vs": kind,
@@ -439,22 +481,27 @@ def read_beside(path: Path, presets: list[str] | None = None) -> pd.DataFrame:
                        end_time=pd.Timestamp(0))
 
 
-def write_tables(client, exp_id: str, experiment: str, results_dir: Path, beside: list[pd.DataFrame] = ()) -> Path | None:
+def write_tables(client, exp_id: str, experiment: str, results_dir: Path, beside: list[pd.DataFrame] = (),
+                 asked: list[tuple[str, str]] = ()) -> Path | None:
     """Write the tables of an experiment's finished cells; returns the folder, or None when none finished.
 
     ``beside``: rows of other experiments (:func:`read_beside`) added to the tables (not to ``runs.csv``), paired
     where their predictions were kept. Every own cell's predictions are kept in ``predictions/`` (no true labels).
+    ``asked``: pairs of setting ids to compare too (:func:`paired_table`), in ``paired_comparisons``.
+
+    Raises:
+        ValueError: a pair asked for names no row or cannot be paired (raised before any file is written).
     """
     cells = collect(client, exp_id)
     if cells.empty:
         return None
+    preds = Predictions(client, exp_id, cells, pd.concat(beside, ignore_index=True) if len(beside) else None)
+    df = _order(pd.concat([aggregate(cells), *(aggregate(b) for b in beside)], ignore_index=True)).reset_index(drop=True)
+    pairs = paired_table(preds, cells, df, asked)
     out = Path(results_dir) / experiment
     out.mkdir(parents=True, exist_ok=True)
     _order(cells).drop(columns=["end_time"]).to_csv(out / "runs.csv", index=False)
-    preds = Predictions(client, exp_id, cells, pd.concat(beside, ignore_index=True) if len(beside) else None)
     keep_predictions(preds, cells, out)
-    df = _order(pd.concat([aggregate(cells), *(aggregate(b) for b in beside)], ignore_index=True)).reset_index(drop=True)
-    pairs = paired_table(preds, cells, df)
     pairs.drop(columns=["setting"], errors="ignore").to_csv(out / f"{PAIRED}.csv", index=False)
     if not pairs.empty:
         (out / f"{PAIRED}.md").write_text(f"# {experiment}: paired comparisons\n\n" + PAIRED_NOTE + "\n\n"

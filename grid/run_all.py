@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "comma-separated, if given) shown beside this experiment's, labelled; paired like this "
                         "experiment's rows where their predictions/ files were kept beside the runs.csv, else "
                         "'not paired' (repeatable); e.g. results/megc2019-cde/runs.csv:ststnet")
+    p.add_argument("--pair", action="append", default=[], type=_setting_pair, metavar="SETTING_A:SETTING_B",
+                   help="report: also compare these two rows, paired (A minus B, subject bootstrap CI), e.g. two "
+                        "search designs' cells; SETTING = a row's 'setting' id in runs.csv (this experiment's or a "
+                        "--beside file's); written to paired_comparisons (repeatable)")
     p.add_argument("--overrides", type=Path, metavar="JSON",
                    help="TrainRecipe / model fields from a JSON file, e.g. a search's *.best.json (for OTHER data than "
                    "the search's: it is refused on the dataset it was chosen on)")
@@ -268,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError) as e:
         print("\n".join(f"error: {line}" for line in str(e).splitlines()), file=sys.stderr)
         return 2
+    report_only = [flag for flag, given in (("--beside", args.beside), ("--pair", args.pair)) if given]
+    if report_only and args.command != "report":
+        print(f"error: {' and '.join(report_only)} only work with the report command "
+              f"(python grid/run_all.py report --experiment {cfg.experiment} ...)", file=sys.stderr)
+        return 2
     commands = {"search": _search, "predict": _predict, "import": _import, "report": _report, "run": _run}
     return commands[args.command](args, cfg)
 
@@ -306,6 +315,14 @@ def _import(args, cfg: GridConfig) -> int:
     return 0 if out["complete"] == out["cells"] else 1
 
 
+def _setting_pair(text: str) -> tuple[str, str]:
+    """``--pair A:B`` -> ``("A", "B")``; argparse refuses anything else."""
+    a, sep, b = text.partition(":")
+    if not sep or not a or not b or ":" in b:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SETTING_A:SETTING_B (two setting ids of runs.csv)")
+    return a, b
+
+
 def _report(args, cfg: GridConfig) -> int:
     """``report``: rewrite results/<experiment>/ from MLflow alone."""
     from grid import tracking  # deferred: MLflow only for this command
@@ -321,7 +338,11 @@ def _report(args, cfg: GridConfig) -> int:
     if exp_id is None:
         print(f"error: no MLflow experiment '{cfg.experiment}' in {tracking.tracking_uri()}", file=sys.stderr)
         return 2
-    out = write_tables(client, exp_id, cfg.experiment, cfg.results_dir, beside)
+    try:
+        out = write_tables(client, exp_id, cfg.experiment, cfg.results_dir, beside, args.pair)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"tables written to {out}" if out else f"no finished cell in experiment '{cfg.experiment}'")
     _print_paired(out)
     return 0

@@ -43,11 +43,11 @@ def _fold(d: ProtocolData, subject: str, acc: float, rng) -> FoldRecord:
 ACC = {"baseline": 0.4, "+dtsm": 0.42, "epir": 0.9}  # epir far better; +dtsm about baseline
 
 
-def _log_cells(client, exp_id, cells, d: ProtocolData) -> None:
+def _log_cells(client, exp_id, cells, d: ProtocolData, acc: dict = ACC) -> None:
     for c in cells:
         rng = np.random.default_rng([zlib.crc32(c.preset.encode()), c.seed])  # hash() of a str varies by process
         parent = tracking.parent_run(client, exp_id, c)
-        folds = {s: _fold(d, s, ACC[c.preset], rng) for s in c.subjects}
+        folds = {s: _fold(d, s, acc[c.preset], rng) for s in c.subjects}
         for f in folds.values():
             tracking.log_fold(client, exp_id, parent, c, f)
         finish_cell(client, parent, c, folds, log=lambda m: None)
@@ -109,3 +109,26 @@ def test_table4_gives_each_rung_its_paired_difference_with_a_subject_bootstrap_c
     assert t4c.loc["baseline", "UF1"] == pytest.approx(t4.loc["baseline", "UF1"])
     with pytest.raises(ValueError, match="no row of preset"):
         read_beside(out / "runs.csv", ["ststnet"])
+
+    # any two rows, e.g. one preset under two profiles (two search designs), paired when asked for: here the
+    # cpu-profile epir is much worse than the demo one, on the same subjects and seeds
+    worse = build_cells(GridConfig(presets=["epir"], seeds=[0, 1], profile="cpu"), {d.key: d}, "cpu")
+    _log_cells(client2, exp2, worse, d, {"epir": 0.45})
+    a, b = worse[0].setting_id, top[0].setting_id
+    asked = write_tables(client2, exp2, "top", tmp_path / "results", asked=[(a, b)])
+    pc = pd.read_csv(asked / "paired_comparisons.csv")
+    hit = pc[(pc["vs"] == "asked") & (pc["metric"] == "UF1")]
+    assert len(hit) == 1 and hit["ci_high"].iloc[0] < -0.2 and hit["seed_pairs"].iloc[0] == 2, pc
+    assert "(cpu)" in hit["row"].iloc[0] and "(demo)" in hit["against"].iloc[0]
+    with pytest.raises(ValueError, match="no row has the setting id 'nope'"):
+        write_tables(client2, exp2, "top", tmp_path / "results", asked=[(a, "nope")])
+
+
+def test_beside_and_pair_are_refused_outside_report_and_a_bad_pair_by_argparse(capsys):
+    from grid.run_all import main
+
+    assert main(["run", "--pair", "a:b"]) == 2
+    assert "--pair only work with the report command" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["report", "--pair", "just-one"])
+    assert "is not SETTING_A:SETTING_B" in capsys.readouterr().err
