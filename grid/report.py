@@ -18,6 +18,7 @@ demo are labelled in every row and title they touch.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +49,15 @@ PAIRED = "paired_comparisons"  # paired_comparisons.csv / .md in results/<experi
 PAIRED_COLUMNS = ["dataset", "protocol", "row", "vs", "against", "metric", "difference", "ci_low", "ci_high",
                   "excludes_zero", "seeds_agree", "seed_pairs", "subjects", "setting"]
 # results/<experiment>/predictions/<cell_id>.csv: each cell's pooled predictions WITHOUT the true labels (those
-# belong to the dataset's licence holders), so that a later report pairs with the cell after its store is gone
+# belong to the dataset's licence holders), so that a later report pairs with the cell after its store is gone.
+# Samples are named by a hash of their id: some datasets' sample names spell the label (SMIC's s03_ne_01).
 KEPT = "predictions"
-KEPT_COLUMNS = ["subject", "sample_id", "group", "y_pred", "y_pred_best_test_epoch"]
+KEPT_COLUMNS = ["subject", "sample_hash", "group", "y_pred", "y_pred_best_test_epoch"]
+
+
+def sample_hash(sample_id: str) -> str:
+    """The name a kept prediction file gives a sample: the first 16 hex digits of SHA-256 of its id."""
+    return hashlib.sha256(str(sample_id).encode()).hexdigest()[:16]
 
 
 def _label(row) -> str:
@@ -253,13 +260,13 @@ class Predictions:
         return preds, classes
 
     def _truth(self, dataset: str, protocol: str) -> tuple[pd.Series, list[str]] | None:
-        """sample id -> true class index, from an own cell of the same dataset and protocol."""
+        """sample hash (:func:`sample_hash`) -> true class index, from an own cell of the same dataset and protocol."""
         own = self.cells[(self.cells["dataset"] == dataset) & (self.cells["protocol"] == protocol)]
         if own.empty:
             return None
         preds, classes = self.of(own["setting"].iloc[0])
         first = next(iter(preds.values()))
-        return first.set_index("sample_id")["y_true"], classes
+        return first.set_index(first["sample_id"].map(sample_hash))["y_true"], classes
 
     def _beside(self, setting: str) -> tuple[dict[int, pd.DataFrame], list[str]]:
         rows = self.beside[self.beside["setting"] == setting]
@@ -273,9 +280,9 @@ class Predictions:
         preds = {}
         for _, r in rows.iterrows():
             df = pd.read_csv(r["predictions"], dtype=str, keep_default_na=False)
-            if not set(df["sample_id"]) <= set(y_true.index) or not set(df["y_pred"]) <= set(index):
+            if not set(df["sample_hash"]) <= set(y_true.index) or not set(df["y_pred"]) <= set(index):
                 return {}, []
-            df["y_true"] = df["sample_id"].map(y_true).astype(int)
+            df["y_true"] = df["sample_hash"].map(y_true).astype(int)
             for col in ("y_pred", "y_pred_best_test_epoch"):
                 df[col] = df[col].map(lambda v: index.get(v, -1)).astype(int)
             preds[int(r["seed"])] = df
@@ -284,12 +291,14 @@ class Predictions:
 
 def keep_predictions(preds: Predictions, cells: pd.DataFrame, out: Path) -> None:
     """Write every own cell's pooled predictions to ``out/predictions/<cell_id>.csv`` (:data:`KEPT_COLUMNS`:
-    class names, no true labels), the files :func:`read_beside` pairs with later."""
+    subject, :func:`sample_hash`, source dataset, predicted class names; no true labels and no sample
+    names), the files :func:`read_beside` pairs with later."""
     folder = Path(out) / KEPT
     folder.mkdir(parents=True, exist_ok=True)
     for _, c in cells.iterrows():
         seeds, classes = preds.of(c["setting"])
         df = seeds[int(c["seed"])].copy()
+        df["sample_hash"] = df["sample_id"].map(sample_hash)
         for col in ("y_pred", "y_pred_best_test_epoch"):
             df[col] = df[col].map(lambda i: classes[i] if 0 <= i < len(classes) else "")
         df[KEPT_COLUMNS].to_csv(folder / f"{c['cell_id']}.csv", index=False)

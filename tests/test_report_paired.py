@@ -81,7 +81,8 @@ def test_table4_gives_each_rung_its_paired_difference_with_a_subject_bootstrap_c
     kept = sorted((out / "predictions").glob("*.csv"))
     assert {k.stem for k in kept} == {c.cell_id for c in cells}
     one = pd.read_csv(kept[0], dtype=str)
-    assert "y_true" not in one and set(one["y_pred"]) <= set(d.classes) and len(one) == len(d.labels)
+    assert "y_true" not in one and "sample_id" not in one and len(one) == len(d.labels)
+    assert set(one["y_pred"]) <= set(d.classes) and not set(one["sample_hash"]) & set(d.sample_ids)
 
     # the store is gone but results/ stayed: a new experiment that trained only epir pairs it with the kept
     # baseline and +dtsm rows, to the same figures as when all three were in one store
