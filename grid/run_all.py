@@ -110,21 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-fold-models", action="store_true", help="log each fold's trained weights in its child run")
     p.add_argument("--work-dir", type=Path, help="shards, demo data, Ray Tune results (default work_dirs)")
     p.add_argument("--results", type=Path, help="tables folder (default results)")
-    p.add_argument("--beside", action="append", default=[], metavar="RUNS_CSV[:PRESETS]",
-                   help="report: rows of another experiment's results/<experiment>/runs.csv (only PRESETS, "
-                        "comma-separated, if given) shown beside this experiment's, labelled; paired like this "
-                        "experiment's rows where their predictions/ files were kept beside the runs.csv, else "
-                        "'not paired' (repeatable); e.g. results/megc2019-cde/runs.csv:ststnet")
-    p.add_argument("--pair", action="append", default=[], type=_setting_pair, metavar="SETTING_A:SETTING_B",
-                   help="report: also compare these two rows, paired (A minus B, subject bootstrap CI), e.g. two "
-                        "search designs' cells; SETTING = a row's 'setting' id in runs.csv (this experiment's or a "
-                        "--beside file's); written to paired_comparisons (repeatable)")
     p.add_argument("--overrides", type=Path, metavar="JSON",
                    help="TrainRecipe / model fields from a JSON file, e.g. a search's *.best.json (for OTHER data than "
                    "the search's: it is refused on the dataset it was chosen on)")
     p.add_argument("--choices", type=Path, metavar="JSON",
                    help="a search's *.choices.json: each test subject's fold trains the configuration chosen for its "
                    "validation group without its labels (the honest test of a search)")
+    _report_options(p)
     _search_options(p)
     _predict_options(p)
     p.add_argument("-v", "--verbose", action="store_true",
@@ -132,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "progress lines and real problems")
     p.add_argument("--inject-failure", help=argparse.SUPPRESS)  # tests: SUBJECT or SUBJECT:once
     return p
+
+
+def _report_options(p: argparse.ArgumentParser) -> None:
+    """The ``report`` command's options (refused with any other command)."""
+    r = p.add_argument_group("report options", "python grid/run_all.py report --experiment E [--beside RUNS_CSV[:PRESETS]] "
+                             "[--pair SETTING_A:SETTING_B]")
+    r.add_argument("--beside", action="append", default=[], metavar="RUNS_CSV[:PRESETS]",
+                   help="report: rows of another experiment's results/<experiment>/runs.csv (only PRESETS, "
+                        "comma-separated, if given) shown beside this experiment's, labelled; paired like this "
+                        "experiment's rows where their predictions/ files were kept beside the runs.csv, else "
+                        "'not paired' (repeatable); e.g. results/megc2019-cde/runs.csv:ststnet")
+    r.add_argument("--pair", action="append", default=[], type=_setting_pair, metavar="SETTING_A:SETTING_B",
+                   help="report: also compare these two rows, paired (A minus B, subject bootstrap CI), e.g. two "
+                        "search designs' cells; SETTING = a row's 'setting' id in runs.csv (this experiment's or a "
+                        "--beside file's); written to paired_comparisons (repeatable)")
 
 
 def _search_options(p: argparse.ArgumentParser) -> None:
