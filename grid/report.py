@@ -333,7 +333,10 @@ def ladder_pairs(df: pd.DataFrame) -> list[tuple[int, str, int]]:
             hit = alike[(alike["flow"] == "farneback") & (alike["preset"] == r["preset"])]
             if not hit.empty:
                 out.append((i, "farneback", hit.index[0]))
-        same = alike[alike["flow"] == r["flow"]]
+        # the flows a table leaves unnamed (a raw dataset's Farneback, a composite's published maps) are one
+        # dataset's only flow: older runs.csv files call a composite's published flow "farneback"
+        unnamed = alike["flow"].isin(UNNAMED_FLOWS) & (r["flow"] in UNNAMED_FLOWS)
+        same = alike[(alike["flow"] == r["flow"]) | unnamed]
         targets = []
         if r["preset"] in LADDER:  # the nearest lower rung that has a row (the one before, in a full ladder)
             lower = [p for p in LADDER[: LADDER.index(r["preset"])] if p in set(same["preset"])]
