@@ -260,13 +260,16 @@ class Predictions:
         return preds, classes
 
     def _truth(self, dataset: str, protocol: str) -> tuple[pd.Series, list[str]] | None:
-        """sample hash (:func:`sample_hash`) -> true class index, from an own cell of the same dataset and protocol."""
+        """(source dataset, subject, sample hash (:func:`sample_hash`)) -> true class index, from an own cell of
+        the same dataset and protocol. A sample name alone is not unique: CASME II's EP02_01 is a sample of
+        several subjects."""
         own = self.cells[(self.cells["dataset"] == dataset) & (self.cells["protocol"] == protocol)]
         if own.empty:
             return None
         preds, classes = self.of(own["setting"].iloc[0])
         first = next(iter(preds.values()))
-        return first.set_index(first["sample_id"].map(sample_hash))["y_true"], classes
+        keys = pd.MultiIndex.from_arrays([first["group"], first["subject"], first["sample_id"].map(sample_hash)])
+        return pd.Series(first["y_true"].to_numpy(), index=keys), classes
 
     def _beside(self, setting: str) -> tuple[dict[int, pd.DataFrame], list[str]]:
         rows = self.beside[self.beside["setting"] == setting]
@@ -280,9 +283,10 @@ class Predictions:
         preds = {}
         for _, r in rows.iterrows():
             df = pd.read_csv(r["predictions"], dtype=str, keep_default_na=False)
-            if not set(df["sample_hash"]) <= set(y_true.index) or not set(df["y_pred"]) <= set(index):
+            keys = pd.MultiIndex.from_frame(df[["group", "subject", "sample_hash"]])
+            if not keys.isin(y_true.index).all() or not set(df["y_pred"]) <= set(index):
                 return {}, []
-            df["y_true"] = df["sample_hash"].map(y_true).astype(int)
+            df["y_true"] = y_true.loc[keys].to_numpy().astype(int)
             for col in ("y_pred", "y_pred_best_test_epoch"):
                 df[col] = df[col].map(lambda v: index.get(v, -1)).astype(int)
             preds[int(r["seed"])] = df

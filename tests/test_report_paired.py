@@ -19,11 +19,12 @@ from grid.runner import finish_cell
 
 
 def _data(n_subjects=20, per=5) -> ProtocolData:
+    """Every subject's samples are named x0 ... x4: a sample name is unique only within its subject (CASME II)."""
     rng = np.random.default_rng(0)
     n = n_subjects * per
     subjects = np.repeat([f"p{i:02d}" for i in range(n_subjects)], per)
     return ProtocolData("toy/CDE", "toy", "CDE", "cfg-1", np.zeros((n, 28, 28, 3), np.float32),
-                        rng.integers(0, 3, n), subjects, np.array([f"x{i}" for i in range(n)]),
+                        rng.integers(0, 3, n), subjects, np.array([f"x{i % per}" for i in range(n)]),
                         np.array(["toy"] * n), ["negative", "positive", "surprise"], "unit")
 
 
