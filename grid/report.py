@@ -74,8 +74,8 @@ def _label(row) -> str:
         marks.append(f"from {row['beside']}" + ("" if paired else ", not paired"))
     ens = row.get("ensemble", 1)
     ens = f", softmax ensemble of {int(ens)} seeds" if ens and not pd.isna(ens) and int(ens) > 1 else ""
-    flow = row.get("flow", "farneback")
-    flow = "" if flow in UNNAMED_FLOWS or pd.isna(flow) else f", {flow} flow"
+    flow = named_flow(row.get("flow", "farneback"))
+    flow = f", {flow} flow" if flow else ""
     return f"{row['preset']} (ours, {row['profile']}{ens}{flow})" + (f" [{'; '.join(marks)}]" if marks else "")
 
 
@@ -321,6 +321,13 @@ def compare(preds: Predictions, row_a, row_b, key: list[str] = PAIR_KEY) -> dict
     return None if any(v is None for v in out.values()) else out
 
 
+def named_flow(flow) -> str:
+    """The flow as a table names it: ``""`` for a dataset's only, unnamed flow (:data:`UNNAMED_FLOWS`: a raw
+    dataset's Farneback, a composite's published maps; older runs.csv files call the latter "farneback", so
+    the two are one flow for labels and pairing), else the flow's name (e.g. ``tvl1``)."""
+    return "" if pd.isna(flow) or flow in UNNAMED_FLOWS else str(flow)
+
+
 def ladder_pairs(df: pd.DataFrame) -> list[tuple[int, str, int]]:
     """(row, "previous" | "baseline" | "farneback", the row it is compared with) for every row of ``df``
     (aggregated rows): each ladder rung against the rung before it (the nearest lower rung with a row) and
@@ -333,14 +340,11 @@ def ladder_pairs(df: pd.DataFrame) -> list[tuple[int, str, int]]:
         df = df.iloc[np.argsort(df["beside"].notna().to_numpy(), kind="stable")]
     for i, r in df.iterrows():
         alike = df[(df[PAIR_KEY] == r[PAIR_KEY]).all(axis=1)]
-        if r["flow"] not in UNNAMED_FLOWS:
+        if named_flow(r["flow"]):
             hit = alike[(alike["flow"] == "farneback") & (alike["preset"] == r["preset"])]
             if not hit.empty:
                 out.append((i, "farneback", hit.index[0]))
-        # the flows a table leaves unnamed (a raw dataset's Farneback, a composite's published maps) are one
-        # dataset's only flow: older runs.csv files call a composite's published flow "farneback"
-        unnamed = alike["flow"].isin(UNNAMED_FLOWS) & (r["flow"] in UNNAMED_FLOWS)
-        same = alike[(alike["flow"] == r["flow"]) | unnamed]
+        same = alike[alike["flow"].map(named_flow) == named_flow(r["flow"])]
         targets = []
         if r["preset"] in LADDER:  # the nearest lower rung that has a row (the one before, in a full ladder)
             lower = [p for p in LADDER[: LADDER.index(r["preset"])] if p in set(same["preset"])]
