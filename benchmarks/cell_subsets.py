@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grid.cells import member_scores, pooled_scores  # noqa: E402
+from grid.cells import member_scores, pooled_scores
 
 
 def main(argv=None) -> int:

@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from epir.presets import config_from_dict, make_config  # noqa: E402
-from epir.train import TrainRecipe, fit, to_model_input  # noqa: E402
-from grid.config import GridConfig, parse_overrides  # noqa: E402
-from preprocess.megc2019 import load_composite  # noqa: E402
+from epir.presets import config_from_dict, make_config
+from epir.train import TrainRecipe, fit, to_model_input
+from grid.config import GridConfig, parse_overrides
+from preprocess.megc2019 import load_composite
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc2019_composite"
 # a reading: "+"-joined words; "sum" / "mean" set dtsm_score, "residual" and "distinct" switch those fields on

@@ -35,9 +35,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from preprocess.demo import DEMO_CLASSES, _subject_view, base_photo, landmarks, motion_field, warp  # noqa: E402
-from preprocess.frames import FARNEBACK_PARAMS, FLOW_ALGORITHMS, TVL1_PARAMS, crop_grey, optical_flow  # noqa: E402
-from preprocess.pipeline import PIPELINE_VERSION, FaceStage, PreprocessConfig  # noqa: E402
+from preprocess.demo import DEMO_CLASSES, _subject_view, base_photo, landmarks, motion_field, warp
+from preprocess.frames import FARNEBACK_PARAMS, FLOW_ALGORITHMS, TVL1_PARAMS, crop_grey, optical_flow
+from preprocess.pipeline import PIPELINE_VERSION, FaceStage, PreprocessConfig
 
 
 def true_flow_in_face(dx: np.ndarray, dy: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:

@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from epir.pack import train_folds  # noqa: E402
-from epir.presets import config_from_dict  # noqa: E402
-from epir.train import TrainRecipe, train_fold  # noqa: E402
-from grid.config import GridConfig, parse_overrides  # noqa: E402
-from preprocess.megc2019 import load_composite  # noqa: E402
+from epir.pack import train_folds
+from epir.presets import config_from_dict
+from epir.train import TrainRecipe, train_fold
+from grid.config import GridConfig, parse_overrides
+from preprocess.megc2019 import load_composite
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc2019_composite"
 

@@ -41,17 +41,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from epir.complexity import measure  # noqa: E402
-from epir.pack import check_packable, train_folds  # noqa: E402
-from epir.presets import LADDER, PRESETS, build_model, config_from_dict  # noqa: E402
-from epir.train import TrainRecipe, train_fold  # noqa: E402
-from grid.cells import build_cells, pooled_scores  # noqa: E402
-from grid.config import PROFILES, GridConfig, parse_overrides  # noqa: E402
-from grid.data import available_protocols, load_protocol  # noqa: E402
-from grid.records import FoldRecord, append_fold, done_keys, read_records, write_cells  # noqa: E402
+from epir.complexity import measure
+from epir.pack import check_packable, train_folds
+from epir.presets import LADDER, PRESETS, build_model, config_from_dict
+from epir.train import TrainRecipe, train_fold
+from grid.cells import build_cells, pooled_scores
+from grid.config import PROFILES, GridConfig, parse_overrides
+from grid.data import available_protocols, load_protocol
+from grid.records import FoldRecord, append_fold, done_keys, read_records, write_cells
 
 _DATA = None  # each worker's ProtocolData (set by _init)
 

@@ -26,10 +26,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from epir.metrics import uar, uf1  # noqa: E402
-from epir.presets import LADDER, make_config  # noqa: E402
-from epir.train import TrainRecipe, fit, mirror, predict, to_model_input  # noqa: E402
-from preprocess.megc2019 import load_composite  # noqa: E402
+from epir.metrics import uar, uf1
+from epir.presets import LADDER, make_config
+from epir.train import TrainRecipe, fit, mirror, predict, to_model_input
+from preprocess.megc2019 import load_composite
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc2019_composite"
 

@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from epir.complexity import measure  # noqa: E402
-from epir.losses import epir_loss  # noqa: E402
-from epir.presets import LADDER, build_model, make_config  # noqa: E402
-from epir.train import resolve_device, to_tensor  # noqa: E402
+from epir.complexity import measure
+from epir.losses import epir_loss
+from epir.presets import LADDER, build_model, make_config
+from epir.train import resolve_device, to_tensor
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc2019_composite"
 

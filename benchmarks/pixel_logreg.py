@@ -27,8 +27,8 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from epir.metrics import score, uar, uf1  # noqa: E402
-from preprocess.megc2019 import load_composite  # noqa: E402
+from epir.metrics import score, uar, uf1
+from preprocess.megc2019 import load_composite
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc2019_composite"
 CS = [1e-3, 1e-2, 1e-1, 1.0]

@@ -25,10 +25,10 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from preprocess.adapters import manifest  # noqa: E402
-from preprocess.demo import DEMO_CLASSES, make_demo_dataset  # noqa: E402
-from preprocess.pipeline import FaceStage, PreprocessConfig, build_dataset, flow_stage  # noqa: E402
-from preprocess.runtime import init_ray  # noqa: E402
+from preprocess.adapters import manifest
+from preprocess.demo import DEMO_CLASSES, make_demo_dataset
+from preprocess.pipeline import FaceStage, PreprocessConfig, build_dataset, flow_stage
+from preprocess.runtime import init_ray
 
 
 class TimedFaceStage(FaceStage):

@@ -30,10 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from epir.inputs import FLOW_CHANNELS, InputConvention, convert, data_convention  # noqa: E402
-from epir.metrics import score  # noqa: E402
-from epir.presets import PRESETS, build_model, make_config  # noqa: E402
-from epir.train import predict, to_tensor  # noqa: E402
+from epir.inputs import FLOW_CHANNELS, InputConvention, convert, data_convention
+from epir.metrics import score
+from epir.presets import PRESETS, build_model, make_config
+from epir.train import predict, to_tensor
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc2019_composite"
 

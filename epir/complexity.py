@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 # EPIR Table 1: 7.03 M parameters and 84.03 M "FLOPs" (MACs, see PAPER.md).
 PAPER_PARAMS = 7.03e6

@@ -28,13 +28,12 @@ from typing import ClassVar, Literal, get_args
 import torch
 from torch import nn
 
-from .attention import ItalsParam, Attention
+from .attention import Attention, ItalsParam
 from .dtsm import Score, attention_rollout, gather_selected, rollout_through_merges, select_distinct, select_tokens
+from .fields import literal_problems
 from .inputs import FLOW_CHANNELS, InputConvention
 from .merge import bipartite_soft_matching
-from .fields import literal_problems
 from .tokenization import PatchTokenizer, Tokenizer
-
 
 Init = Literal["trunc_normal", "spt"]
 Rollout = Literal["extractor", "all"]

@@ -42,9 +42,22 @@ from torch.func import functional_call, stack_module_state, vmap
 from .inputs import convert, data_convention
 from .losses import epir_loss
 from .presets import build_model
-from .train import (Augmented, FoldResult, TrainRecipe, _epoch_order, _scheduler, augment, balanced_weights,
-                    check_training_arrays, fold_generators, fold_result, fold_split, resolve_device, set_training_stats,
-                    to_tensor)
+from .train import (
+    Augmented,
+    FoldResult,
+    TrainRecipe,
+    _epoch_order,
+    _scheduler,
+    augment,
+    balanced_weights,
+    check_training_arrays,
+    fold_generators,
+    fold_result,
+    fold_split,
+    resolve_device,
+    set_training_stats,
+    to_tensor,
+)
 
 
 class PackedAdam:

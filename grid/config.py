@@ -47,9 +47,9 @@ import dataclasses
 import json
 import re
 import tomllib
-from typing import Literal, get_args, get_origin, get_type_hints
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
 
 from epir.presets import FAMILIES, LADDER, PRESETS, config_to_dict, family_fields, make_config
 from epir.train import TrainRecipe

@@ -27,8 +27,8 @@ import pandas as pd
 from epir.presets import LADDER, PRESETS
 
 from . import tracking
-from .data import UNNAMED_FLOWS
 from .compare import METRICS, Paired, paired_difference
+from .data import UNNAMED_FLOWS
 
 # EPIR Table 1 (CDE) and Tables 2/3 (SDE), UF1 / UAR (../shared/PAPER.md), and honest peer figures.
 PAPER_CDE = {

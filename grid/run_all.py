@@ -301,7 +301,7 @@ def _predict(args, cfg: GridConfig) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - MLflow's errors for a wrong URI
+    except Exception as e:  # MLflow's errors for a wrong URI
         print(f"error: cannot load {args.target}: {e}", file=sys.stderr)
         return 2
     return 0 if (table["status"] == "ok").all() else 1

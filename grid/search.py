@@ -53,6 +53,7 @@ from ray.tune.search.optuna import OptunaSearch
 from epir.metrics import uar, uf1
 from epir.presets import config_from_dict, family_fields
 from epir.train import TrainRecipe, fit_all, predict, to_model_input
+from preprocess.runtime import init_ray
 
 from . import tracking
 from .cells import build_cells, split_params
@@ -60,7 +61,6 @@ from .config import SAMPLERS, GridConfig, Sampler
 from .data import ProtocolData
 from .runner import check_fit, prepare_data, run_grid
 from .trainable import save_weights
-from preprocess.runtime import init_ray
 
 KINDS = ("uniform", "loguniform", "int", "choice")
 CHOICES_FORMAT = 2  # choices files that hold each group's resolved model and recipe (replayed exactly)

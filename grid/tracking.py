@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,7 +37,7 @@ from preprocess.runtime import package_versions
 from .records import FoldRecord
 
 matplotlib.use("Agg")  # figures are files; before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 TAG_KIND, TAG_CELL, TAG_FOLD = "epir.kind", "epir.cell_id", "epir.fold"
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from .megc2019 import CDE_CLASSES, read_ground_truth
+
 SDE_CLASSES = {
     "casme2": ("happiness", "disgust", "surprise", "repression", "others"),
     "samm": ("happiness", "anger", "surprise", "contempt", "others"),
@@ -435,14 +436,14 @@ def manifest(root: Path, annotations: Path | None = None, precropped: bool = Fal
         raise DatasetError(f"manifest {path} not found (--root must name the CSV file)")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a wrong root
+    except Exception as e:  # any parse failure is a wrong root
         raise DatasetError(f"cannot read manifest {path}: {e}") from e
     df.columns = [c.strip() for c in df.columns]
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise DatasetError(f"manifest {path} lacks column(s) {missing}; header must include {','.join(MANIFEST_COLUMNS)}")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)
-    labels = sorted({l.strip() for l in df["label"] if l.strip()})
+    labels = sorted({v.strip() for v in df["label"] if v.strip()})
     if classes:
         labels = list(classes)
     else:  # inferred from the data: a class that one subject alone holds is refused (almost always a typo)

@@ -29,9 +29,19 @@ import pyarrow.parquet as pq
 
 from .adapters import REJECT_COLUMNS, AdapterResult, DatasetError
 from .runtime import init_ray
+
 # the stages and the shard format, re-exported: this module was their home before they were split out
-from .shards import (FLOW_CHANNELS, PIPELINE_VERSION, PreprocessConfig, check_files, group_hash,  # noqa: F401
-                     missing_reason, read_shards, shard_names, to_table)
+from .shards import (  # noqa: F401
+    FLOW_CHANNELS,
+    PIPELINE_VERSION,
+    PreprocessConfig,
+    check_files,
+    group_hash,
+    missing_reason,
+    read_shards,
+    shard_names,
+    to_table,
+)
 from .stages import FaceStage, FlowStage, flow_row, flow_stage, precomputed_stage, shard_meta  # noqa: F401
 
 # A worker is one CPU: its face actor reserves 0.75 and its flow actor 0.25. Actors that reserved

@@ -14,8 +14,16 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .frames import (FARNEBACK_PARAMS, TVL1_PARAMS, FlowConfig, SampleError, crop_grey, face_box_from_detections,
-                     flow_features, read_frame)
+from .frames import (
+    FARNEBACK_PARAMS,
+    TVL1_PARAMS,
+    FlowConfig,
+    SampleError,
+    crop_grey,
+    face_box_from_detections,
+    flow_features,
+    read_frame,
+)
 from .megc2019 import FLOW_IMAGE_SCALE, read_flow_image
 from .runtime import package_versions
 from .shards import FLOW_CHANNELS, PIPELINE_VERSION, PreprocessConfig, check_files, missing_reason, to_table

@@ -9,14 +9,20 @@ import torch
 import torch.nn.functional as F
 
 from epir.attention import Attention
-from epir.dtsm import (SCORES, attention_rollout, gather_selected, rollout_through_merges, select_distinct,
-                       select_tokens, with_residual)
+from epir.dtsm import (
+    SCORES,
+    attention_rollout,
+    gather_selected,
+    rollout_through_merges,
+    select_distinct,
+    select_tokens,
+    with_residual,
+)
 from epir.losses import contrastive_loss, epir_loss
 from epir.merge import bipartite_soft_matching
 from epir.model import EPIR
 from epir.presets import make_config
 from epir.tokenization import PatchTokenizer, diagonal_shifts, patchify
-
 
 # --- shifted patch tokenization -------------------------------------------------------------
 

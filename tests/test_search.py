@@ -12,8 +12,19 @@ import pandas as pd
 import pytest
 
 from grid.runner import check_fit
-from grid.search import (Dist, SearchConfig, SearchPlan, best_on_all, check_space, choose, evaluate_candidate, group_fold,
-                         inner_scores, parse_space, validation_groups)
+from grid.search import (
+    Dist,
+    SearchConfig,
+    SearchPlan,
+    best_on_all,
+    check_space,
+    choose,
+    evaluate_candidate,
+    group_fold,
+    inner_scores,
+    parse_space,
+    validation_groups,
+)
 from preprocess.demo import make_demo_dataset
 
 from .conftest import run_grid_cli
@@ -57,7 +68,10 @@ def _nested(groups: dict, labels: dict, bias: int) -> list[dict]:
 def test_no_model_behind_a_groups_choice_was_trained_on_the_group():
     groups = {s: i // 4 for i, s in enumerate("abcdefghijkl")}  # 3 groups of 4
     labels = {s: (i * 7 % 5) % 2 for i, s in enumerate("abcdefghijkl")}
-    trials = lambda lab: [{"number": n, "params": {"bias": n}, "folds": _nested(groups, lab, n)} for n in range(4)]
+
+    def trials(lab):
+        return [{"number": n, "params": {"bias": n}, "folds": _nested(groups, lab, n)} for n in range(4)]
+
     base = choose(trials(labels), groups, 3)
     assert all(len(t["folds"]) == 3 and all(len(f["pair"]) == 2 for f in t["folds"]) for t in trials(labels))
     moved_elsewhere = False

@@ -49,10 +49,9 @@ def _tvl1_model(tmp_path, monkeypatch):
 
 
 def test_a_model_trained_on_tvl1_flows_makes_predict_compute_tvl1(tmp_path, monkeypatch):
+    from grid import predict
     from preprocess import frames
     from preprocess.demo import make_demo_dataset
-
-    from grid import predict
 
     uri = _tvl1_model(tmp_path, monkeypatch)
     frames_dir = make_demo_dataset(tmp_path / "demo", subjects=1, samples_per_class=1).parent / "frames" / "demo01"
