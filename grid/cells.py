@@ -10,6 +10,12 @@ DIFFERS from a frozen table of reference values (:data:`ID_REFERENCE`, kept with
 :data:`ID_VERSION`), not from the live defaults: a new field that joins the table with the value that
 keeps today's behaviour leaves every id as it was, and a changed default changes the ids of the cells it
 changes (a fold trained under the old default is never reused for the new one).
+
+Since id version 3 the id also covers the data itself (:attr:`grid.data.ProtocolData.fingerprint`: flows,
+labels, classes, subjects, sample ids, groups, flow range): other flows of the same samples, or one label
+fixed in a manifest, make new cells. Each cell also carries the id it had under version 2 (which covered the
+data key, sample count and folds only), so that a store made before can be re-tagged once
+(``grid/run_all.py migrate-ids``, docs/grid.md) and a fold trained on other data is recognised and refused.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from epir.train import TrainRecipe
 from .config import PROFILE_CHOSEN_ON, GridConfig
 from .data import ProtocolData
 
-ID_VERSION = 2
+ID_VERSION = 3  # 3: the data fingerprint joined the id (2026-12-05); 2: the frozen reference table
 # FROZEN reference values of every model family's and the recipe's fields (version 2, 2026-12-01). Never
 # edit a value: a cell's id hashes its settings that differ from these. A NEW field joins with the value
 # that gives the behaviour from before the field existed (e.g. a switch that was off). tests/test_cells.py
@@ -88,7 +94,7 @@ def cell_id(parts: dict) -> str:
     finished folds are looked up by it when a grid is re-run.
 
     Args:
-        parts: ``data``, ``shards``, ``n``, ``subjects``, ``demo`` and either ``model`` (a config dict,
+        parts: ``data``, ``data_fingerprint``, ``shards``, ``n``, ``subjects``, ``demo`` and either ``model`` (a config dict,
             :func:`epir.presets.config_to_dict`) and ``recipe`` (TrainRecipe fields), or ``folds``
             (subject -> ``{"model", "recipe", "choice"}``).
 
@@ -99,6 +105,14 @@ def cell_id(parts: dict) -> str:
         KeyError: for a model family without a reference table.
     """
     form = {"id_version": ID_VERSION, **_id_form(parts)}
+    return hashlib.sha1(json.dumps(form, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def cell_id_v2(parts: dict) -> str:
+    """The id the same cell had under id version 2, before the data fingerprint joined it: :func:`cell_id` of
+    ``parts`` without ``data_fingerprint``, hashed as version 2 did. Any data of the same key, sample count and
+    folds shares it; it finds a store's folds from before version 3 and folds trained on other data."""
+    form = {"id_version": 2, **_id_form({k: v for k, v in parts.items() if k != "data_fingerprint"})}
     return hashlib.sha1(json.dumps(form, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -175,6 +189,8 @@ class Cell:
             ``model``, ``recipe`` and ``choice`` (which configuration and why); None for a plain cell.
         preprocess: how the cell's flows were made (:attr:`grid.data.ProtocolData.preprocess`); flow: their
             algorithm (``farneback``, ``tvl1``, or ``tvl1-published`` for the composite's flow images).
+        data_fingerprint: :attr:`grid.data.ProtocolData.fingerprint` of the data the cell trains and scores on
+            (part of ``cell_id``); cell_id_v2: the cell's id under id version 2 (:func:`cell_id_v2`).
     """
 
     cell_id: str
@@ -195,6 +211,8 @@ class Cell:
     fold_settings: dict | None = None
     preprocess: dict | None = None
     flow: str = "farneback"
+    data_fingerprint: str = ""
+    cell_id_v2: str = ""
 
     def fold_model(self, subject: str) -> dict:
         """The model config the fold of ``subject`` trains."""
@@ -233,7 +251,8 @@ class Cell:
                 "epir.profile": self.profile, "epir.seed": str(self.seed), "epir.setting": self.setting_id, **search,
                 # the run's own metrics are the honest ones (last epoch); best_test_epoch.* metrics peek
                 "epir.epoch_selection": "last", "epir.peeks_at_test": "false", "epir.demo": str(self.demo).lower(),
-                "epir.folds": f"{len(self.subjects)}/{self.all_subjects}", "epir.flow": self.flow}
+                "epir.folds": f"{len(self.subjects)}/{self.all_subjects}", "epir.flow": self.flow,
+                "epir.data_fingerprint": self.data_fingerprint, "epir.cell_id_v2": self.cell_id_v2}
 
     def params(self) -> dict:
         """The full configuration as MLflow params: ``model.*``, ``recipe.*``, data and protocol."""
@@ -257,8 +276,8 @@ def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) ->
             for seed in cfg.seeds:
                 model, recipe, label = cfg.settings(preset, profile, len(d.classes), seed)
                 recipe["flow_range"] = d.flow_range
-                parts = dict(data=key, shards=d.config_id, n=len(d.labels), model=model, recipe=recipe,
-                             subjects=chosen, demo=cfg.demo)
+                parts = dict(data=key, data_fingerprint=d.fingerprint, shards=d.config_id, n=len(d.labels),
+                             model=model, recipe=recipe, subjects=chosen, demo=cfg.demo)
                 no_seed = {"recipe": {k: v for k, v in recipe.items() if k != "seed"}}
                 per_fold = None
                 chosen_here = PROFILE_CHOSEN_ON.get(profile, ("",))[0] == key and label == profile
@@ -278,7 +297,7 @@ def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) ->
                     + (f" seed {seed}" if cfg.seeds != [0] else "")
                 cells.append(Cell(cell_id(parts), name, d.dataset, d.protocol, preset, label, key, d.config_id,
                                   d.classes, model, recipe, chosen, len(subjects), cfg.demo, setting, per_fold,
-                                  d.preprocess, d.flow))
+                                  d.preprocess, d.flow, data_fingerprint=d.fingerprint, cell_id_v2=cell_id_v2(parts)))
     return cells
 
 

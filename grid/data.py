@@ -8,7 +8,10 @@ group whose subset scores EPIR Table 1 reports.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,49 @@ from .config import DatasetSpec
 
 PUBLISHED_FLOW = "tvl1-published"  # precomputed flow images of the MEGC2019 composite (TV-L1, min-max per image)
 UNNAMED_FLOWS = ("farneback", PUBLISHED_FLOW)  # flows that a protocol key and a table label leave unnamed
+FINGERPRINT_VERSION = 1  # of :func:`data_fingerprint`'s serialisation; a change makes every cell new
+
+
+def data_fingerprint(flows: np.ndarray, labels: np.ndarray, subjects: np.ndarray, sample_ids: np.ndarray,
+                     groups: np.ndarray, classes: list[str], flow_range: str) -> str:
+    """A hash of everything training and scoring read of a dataset under one protocol, in one canonical
+    serialisation (the grid's cell ids and ``benchmarks/gpu_ladder.py`` both call this function):
+
+    1. a JSON header ``{"v", "classes", "flow_range", "shape", "dtype": "<f4"}`` (sorted keys);
+    2. the samples in a canonical order (by source group, subject, sample id, as strings), so that the order
+       in which shards were written does not matter;
+    3. the JSON lists of their groups, subjects and sample ids;
+    4. their labels as little-endian int64 bytes, then their flows as little-endian float32 bytes, C order.
+
+    Paths and folder names enter nowhere: the same samples under another root give the same fingerprint; one
+    changed flow value, label, class name, subject or sample id gives another.
+
+    Args:
+        flows: (N, H, W, 3) [u, v, strain] as stored (any float dtype; hashed as float32).
+        labels: (N,) class indices; subjects, sample_ids, groups: (N,) strings.
+        classes: class names in label order. flow_range: ``unit`` or ``signed``.
+
+    Returns:
+        16 hex digits (SHA-256).
+
+    Raises:
+        ValueError: the arrays disagree on N.
+    """
+    n = len(flows)
+    if not all(len(a) == n for a in (labels, subjects, sample_ids, groups)):
+        raise ValueError(f"data_fingerprint: {n} flows but {len(labels)} labels, {len(subjects)} subjects, "
+                         f"{len(sample_ids)} sample ids and {len(groups)} groups")
+    texts = [np.asarray(a).astype(str) for a in (groups, subjects, sample_ids)]
+    order = np.lexsort(texts[::-1])  # lexsort's last key is the primary one
+    h = hashlib.sha256()
+    header = {"v": FINGERPRINT_VERSION, "classes": [str(c) for c in classes], "flow_range": flow_range,
+              "shape": [int(x) for x in np.shape(flows)[1:]], "dtype": "<f4"}
+    h.update(json.dumps(header, sort_keys=True).encode())
+    for t in texts:
+        h.update(json.dumps(t[order].tolist()).encode())
+    h.update(np.ascontiguousarray(np.asarray(labels)[order], dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(np.asarray(flows)[order], dtype="<f4").tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -50,6 +96,13 @@ class ProtocolData:
     flow_range: str
     preprocess: dict | None = None
     flow: str = "farneback"
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """:func:`data_fingerprint` of these arrays (computed once; about 10 ms for the composite's
+        442 x 28 x 28 x 3 flows). It enters every cell id (:func:`grid.cells.cell_id`)."""
+        return data_fingerprint(self.flows, self.labels, self.subjects, self.sample_ids, self.groups, self.classes,
+                                self.flow_range)
 
     @property
     def fold_subjects(self) -> list[str]:

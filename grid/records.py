@@ -184,7 +184,7 @@ def import_records(folder: Path, experiment: str, results_dir: Path, log=print) 
         parent = tracking.parent_run(client, exp_id, c)
         for key, value in meta.items():
             client.set_tag(parent, f"epir.records.{key}", str(value)[:5000])
-        done = tracking.finished_folds(client, exp_id, c.cell_id)
+        done = tracking.finished_folds(client, exp_id, c.cell_id, c.data_fingerprint)
         for s, rec in folds[c.cell_id].items():
             if s in done:
                 already += 1

@@ -147,6 +147,7 @@ def collect(client, exp_id: str) -> pd.DataFrame:
                    ensemble=int(p.get("recipe.ensemble", 1)), members_uf1_mean=m.get("members.uf1_mean", np.nan),
                    members_uf1_sd=m.get("members.uf1_sd", np.nan), members_uar_mean=m.get("members.uar_mean", np.nan),
                    commit=t.get("epir.git_commit", "unknown"), run_id=r.info.run_id, cell_id=t[tracking.TAG_CELL],
+                   data_fingerprint=t.get(tracking.TAG_DATA, ""),
                    end_time=pd.Timestamp(r.info.end_time, unit="ms"))
         for name in _score_columns():
             key = f"{PEEK}{name[4:]}" if name.startswith("bte_") else name
@@ -311,7 +312,7 @@ def keep_predictions(preds: Predictions, cells: pd.DataFrame, out: Path) -> None
 def compare(preds: Predictions, row_a, row_b, key: list[str] = PAIR_KEY) -> dict[str, Paired] | None:
     """Row A minus row B, paired (:mod:`grid.compare`), for UF1 and UAR; None when they cannot be paired
     (they differ in a column of ``key``, or in their subjects, seeds or samples)."""
-    if any(row_a[k] != row_b[k] for k in key) or row_a["setting"] == row_b["setting"]:
+    if any(row_a[k] != row_b[k] for k in key) or row_a["setting"] == row_b["setting"] or not same_data(row_a, row_b):
         return None
     a, classes = preds.of(row_a["setting"])
     b, classes_b = preds.of(row_b["setting"])
@@ -319,6 +320,15 @@ def compare(preds: Predictions, row_a, row_b, key: list[str] = PAIR_KEY) -> dict
         return None
     out = {m: paired_difference(a, b, len(classes), m) for m in METRICS}
     return None if any(v is None for v in out.values()) else out
+
+
+def same_data(row_a, row_b) -> bool:
+    """False when both rows name their data fingerprint (runs.csv's ``data_fingerprint``, cells of id version 3)
+    and the two differ: they trained on different data, and their predictions cannot be paired. A row without
+    one (written before fingerprints) is taken to be on the same data as its key says."""
+    a, b = (r.get("data_fingerprint", "") for r in (row_a, row_b))
+    a, b = ("" if pd.isna(v) else str(v) for v in (a, b))
+    return not (a and b and a != b)
 
 
 def named_flow(flow) -> str:

@@ -73,12 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python grid/run_all.py`` (its ``--help``)."""
     p = argparse.ArgumentParser(prog="python grid/run_all.py", description=__doc__.split("\n\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="run", choices=["run", "report", "search", "import", "predict"],
+    p.add_argument("command", nargs="?", default="run",
+                   choices=["run", "report", "search", "import", "predict", "migrate-ids"],
                    help="run (default): train what is missing and write results/; report: only write results/; "
                    "search: hyper-parameter search on one dataset whose choice for each test subject never sees "
                    "that subject's labels (see 'search options'); import RECORDS: log the folds that "
                    "benchmarks/gpu_ladder.py recorded (no Ray, no MLflow there) as the grid would have; "
-                   "predict MODEL: classify new onset/apex pairs with a logged model (see 'predict options')")
+                   "predict MODEL: classify new onset/apex pairs with a logged model (see 'predict options'); "
+                   "migrate-ids: with a run's own options, re-tag its cells of a store made before cell ids covered "
+                   "the data (id version 3), ASSUMING they were trained on the data the options point to now "
+                   "(docs/grid.md)")
     p.add_argument("target", nargs="?", help="import: the records folder; predict: a models:/ or runs:/ URI or a "
                    "local model folder (a cell's final model: tag epir.model_uri of its parent run)")
     p.add_argument("--config", type=Path, help="grid TOML file (see grid/config.py and README)")
@@ -284,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' and '.join(report_only)} only work with the report command "
               f"(python grid/run_all.py report --experiment {cfg.experiment} ...)", file=sys.stderr)
         return 2
-    commands = {"search": _search, "predict": _predict, "import": _import, "report": _report, "run": _run}
+    commands = {"search": _search, "predict": _predict, "import": _import, "report": _report, "run": _run,
+                "migrate-ids": _migrate_ids}
     return commands[args.command](args, cfg)
 
 
@@ -320,6 +325,36 @@ def _import(args, cfg: GridConfig) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if out["complete"] == out["cells"] else 1
+
+
+def _migrate_ids(args, cfg: GridConfig) -> int:
+    """``migrate-ids``: the one-off step after cell ids began to cover the data (id version 3, docs/grid.md):
+    the cells this command's options describe are built from the data as it is now, and the runs of a store
+    tagged with their version-2 ids are re-tagged with their version-3 ids (:func:`grid.tracking.migrate_v2`)."""
+    from grid import tracking  # deferred: Ray and MLflow only for the commands that need them
+    from grid.cells import build_cells
+    from grid.runner import plan_resources, prepare_data
+    from preprocess.adapters import DatasetError
+
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    try:
+        res = plan_resources(cfg, log)
+        cells = build_cells(cfg, prepare_data(cfg, log), res.profile)
+    except (DatasetError, ValueError, FileNotFoundError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    client, exp_id = tracking.setup(cfg.experiment, create=False)
+    if exp_id is None:
+        print(f"error: no MLflow experiment '{cfg.experiment}' in {tracking.tracking_uri()}", file=sys.stderr)
+        return 2
+    total = 0
+    for c in cells:
+        n = tracking.migrate_v2(client, exp_id, c)
+        total += n
+        log(f"{c.name}: {n} run(s) of version-2 id {c.cell_id_v2} re-tagged as cell {c.cell_id} "
+            f"(data fingerprint {c.data_fingerprint})")
+    log(f"{total} run(s) re-tagged in experiment '{cfg.experiment}'; they are assumed to have trained on this data")
+    return 0
 
 
 def _setting_pair(text: str) -> tuple[str, str]:

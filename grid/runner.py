@@ -303,7 +303,9 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
     client, exp_id = tracking.setup(cfg.experiment)
     by_id = {c.cell_id: c for c in cells}
     parents = {c.cell_id: tracking.parent_run(client, exp_id, c) for c in cells}
-    done = {c.cell_id: tracking.finished_folds(client, exp_id, c.cell_id) for c in cells}
+    done = {c.cell_id: tracking.finished_folds(client, exp_id, c.cell_id, c.data_fingerprint) for c in cells}
+    for c in cells:
+        say_folds_elsewhere(c, *tracking.folds_elsewhere(client, exp_id, c), log)
     common = dict(threads=max(1, int(cfg.cpus_per_trial)), inject=inject_failure,
                   marker_dir=str((cfg.work_dir / "markers").resolve()), model_dir=str((cfg.work_dir / "models").resolve()),
                   keep_weights=cfg.log_fold_models)
@@ -346,6 +348,19 @@ def _close(outcome: GridOutcome, done: dict) -> None:
             if s not in done[c.cell_id] and (c.cell_id, s) not in known:
                 outcome.failures.append({"cell": f"{c.name} | fold {s}", "cell_id": c.cell_id, "subject": s,
                                          "error": "did not finish"})
+
+
+def say_folds_elsewhere(cell: Cell, other: dict[str, int], v2: int, log=print) -> None:
+    """One line per kind of finished fold that ``cell`` does not reuse (:func:`grid.tracking.folds_elsewhere`):
+    folds of its settings trained on other data (their fingerprints and this data's), and folds of a store from
+    before id version 3 (with the one-off step that re-tags them when they were trained on this data)."""
+    for fp, n in other.items():
+        log(f"cell {cell.name} ({cell.cell_id}): {n} finished fold(s) in MLflow were trained on other data "
+            f"(data fingerprint {fp}; this data: {cell.data_fingerprint}): not reused, trained again")
+    if v2:
+        log(f"cell {cell.name} ({cell.cell_id}): {v2} finished fold(s) in MLflow carry this cell's id of version 2 "
+            f"({cell.cell_id_v2}), which did not cover the data: not reused. If they were trained on this very data, "
+            "`python grid/run_all.py migrate-ids` with this command's options re-tags them (docs/grid.md)")
 
 
 def check_roots(cfg: GridConfig) -> None:

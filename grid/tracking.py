@@ -40,6 +40,7 @@ matplotlib.use("Agg")  # figures are files; before pyplot is imported
 import matplotlib.pyplot as plt
 
 TAG_KIND, TAG_CELL, TAG_FOLD = "epir.kind", "epir.cell_id", "epir.fold"
+TAG_DATA, TAG_CELL_V2 = "epir.data_fingerprint", "epir.cell_id_v2"  # see grid.cells.Cell
 
 
 def tracking_uri() -> str:
@@ -108,10 +109,12 @@ def source_tags(entry_point: str = "grid/run_all.py") -> dict:
 
 def log_dataset(client, run_id: str, cell) -> None:
     """The cell's data as an MLflow dataset input (the runs table's Dataset column): named
-    ``<dataset>/<protocol>``, its digest the shards' configuration id, its source the shards' key."""
+    ``<dataset>/<protocol>``, its digest the data fingerprint (:attr:`grid.data.ProtocolData.fingerprint`; the
+    shards' configuration id for a cell made without one), its source the shards' key."""
     ds = Dataset(name=f"{cell.dataset}/{cell.protocol}" + ("" if cell.flow == "farneback" else f" ({cell.flow})"),
-                 digest=cell.config_id[-10:], source_type="local",
-                 source=json.dumps({"shards_config_id": cell.config_id, "data_key": cell.data_key, "flow": cell.flow}),
+                 digest=cell.data_fingerprint or cell.config_id[-10:], source_type="local",
+                 source=json.dumps({"shards_config_id": cell.config_id, "data_key": cell.data_key, "flow": cell.flow,
+                                    "data_fingerprint": cell.data_fingerprint}),
                  profile=json.dumps({"classes": cell.classes, "subjects": cell.all_subjects}))
     client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])])
 
@@ -155,18 +158,61 @@ def parent_run(client, exp_id: str, cell) -> str:
     return run.info.run_id
 
 
-def finished_folds(client, exp_id: str, cell_id: str) -> dict[str, FoldRecord]:
-    """Finished child runs of a cell: ``{subject: its record}`` read back from their ``fold.json``."""
+def finished_folds(client, exp_id: str, cell_id: str, fingerprint: str | None = None) -> dict[str, FoldRecord]:
+    """Finished child runs of a cell: ``{subject: its record}`` read back from their ``fold.json``.
+
+    Args:
+        fingerprint: the cell's data fingerprint; a run tagged with another one (or with none) was trained on
+            other data and is left out (:func:`folds_elsewhere` says so). None: every run of the id.
+    """
     runs = search_runs(client, exp_id, f"tags.`{TAG_KIND}` = 'fold' and tags.`{TAG_CELL}` = '{cell_id}' "
                                    "and attributes.status = 'FINISHED'")
     out = {}
     for r in runs:
         subject = r.data.tags[TAG_FOLD]
-        if subject in out:
+        if subject in out or (fingerprint is not None and r.data.tags.get(TAG_DATA, "") != fingerprint):
             continue
         path = client.download_artifacts(r.info.run_id, "fold.json")
         out[subject] = FoldRecord.from_dict(json.loads(Path(path).read_text()))
     return out
+
+
+def folds_elsewhere(client, exp_id: str, cell) -> tuple[dict[str, int], int]:
+    """Finished fold runs that this cell does not reuse although a grid before id version 3 would have: those
+    of the same settings trained on other data (tag ``epir.cell_id_v2`` equal, ``epir.data_fingerprint``
+    different), and those of a store from before version 3, tagged with this cell's version-2 id as their
+    cell id (their data unknown; ``grid/run_all.py migrate-ids`` re-tags them when it is this data).
+
+    Returns:
+        (``{other fingerprint: number of fold runs}``, number of version-2 fold runs).
+    """
+    fold = f"tags.`{TAG_KIND}` = 'fold' and attributes.status = 'FINISHED'"
+    other: dict[str, int] = {}
+    for r in search_runs(client, exp_id, f"{fold} and tags.`{TAG_CELL_V2}` = '{cell.cell_id_v2}'"):
+        fp = r.data.tags.get(TAG_DATA, "")
+        if fp != cell.data_fingerprint:
+            other[fp or "none"] = other.get(fp or "none", 0) + 1
+    v2 = [r for r in search_runs(client, exp_id, f"{fold} and tags.`{TAG_CELL}` = '{cell.cell_id_v2}'")
+          if TAG_DATA not in r.data.tags]
+    return other, len(v2)
+
+
+def migrate_v2(client, exp_id: str, cell) -> int:
+    """Re-tag the runs of a store made before id version 3 as this cell's (the one-off step of docs/grid.md):
+    every run (parent, folds, final model) tagged with the cell's version-2 id as its cell id and carrying no
+    data fingerprint gets the cell's id, setting id, data fingerprint and version-2 id. It ASSUMES that those
+    runs were trained on the very data this cell was built from: nothing in a version-2 store can tell.
+
+    Returns:
+        the number of runs re-tagged.
+    """
+    runs = [r for r in search_runs(client, exp_id, f"tags.`{TAG_CELL}` = '{cell.cell_id_v2}'")
+            if TAG_DATA not in r.data.tags]
+    for r in runs:
+        for k, v in {TAG_CELL: cell.cell_id, "epir.setting": cell.setting_id, TAG_DATA: cell.data_fingerprint,
+                     TAG_CELL_V2: cell.cell_id_v2}.items():
+            client.set_tag(r.info.run_id, k, v)
+    return len(runs)
 
 
 PEEK = "best_test_epoch."  # prefix of every metric that peeks at the test subject

@@ -89,6 +89,26 @@ def test_the_shard_cache_key_does_not_depend_on_how_a_path_is_spelled(tmp_path, 
     assert names[0] == names[1] == names[2]
 
 
+def test_the_shard_cache_key_follows_the_files_contents_not_their_folder(composite_root, tmp_path):
+    import shutil
+
+    import cv2
+
+    from preprocess.adapters import megc2019
+
+    def names(root):
+        return shard_names(megc2019(root), PreprocessConfig(), precomputed=True)
+
+    copy = tmp_path / "moved" / "composite"
+    shutil.copytree(composite_root, copy)
+    assert names(copy) == names(composite_root)  # a moved dataset folder reuses its shards
+    png = sorted((copy / "flow").iterdir())[0]
+    img = cv2.imread(str(png))
+    img[0, 0, 0] ^= 1  # re-exported in place with one value changed
+    assert cv2.imwrite(str(png), img)
+    assert names(copy) != names(composite_root)
+
+
 def _cell(name, protocol, subjects, total, preset="epir"):
     return Cell(name, name, "toy", protocol, preset, "cpu", f"toy/{protocol}", "c", ["a", "b"], {}, {"seed": 0},
                 subjects, total)
