@@ -299,6 +299,14 @@ def model_metadata(cell) -> dict:
             "output": "log-probabilities; softmax gives the class probabilities in 'classes' order"}
 
 
+def model_requirements() -> list[str]:
+    """The packages a logged model needs to be loaded (its ``torch.export`` program: torch; MLflow reads it with
+    numpy), pinned to the versions that saved it, as the model's ``requirements.txt``. Given explicitly: MLflow's
+    own inference imports the model's modules again in a subprocess (6 s per model on the 2-core machine) and
+    cannot ask a uv environment's pip for its version."""
+    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+
+
 def _load_final(cell, final: dict):
     """The model a final-model training saved (``final["path"]``), built from the cell's config, in eval mode."""
     config = config_from_dict(cell.model)
@@ -331,7 +339,8 @@ def log_final_model(client, exp_id: str, parent_id: str, cell, final: dict) -> s
     # column (which lists the logged models whose source run a row is); the child run keeps its training curve
     mlflow.set_experiment(experiment_id=exp_id)  # a logged model without an active run joins the active experiment
     info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(),
-                                    metadata=model_metadata(cell), run_id=parent_id)
+                                    metadata=model_metadata(cell), run_id=parent_id,
+                                    pip_requirements=model_requirements())
     client.log_outputs(rid, models=[LoggedModelOutput(info.model_id, 0)])
     client.set_tag(rid, "epir.model_uri", info.model_uri)
     client.set_tag(parent_id, "epir.model_uri", info.model_uri)
@@ -611,7 +620,8 @@ def log_search_model(client, exp_id: str, parent: str, cell, final: dict, study:
                              "procedure; this model is that procedure refit on every subject"}
     mlflow.set_experiment(experiment_id=exp_id)  # a logged model without an active run joins the active experiment
     info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(), metadata=meta,
-                                    run_id=parent)  # the parent row's Models column
+                                    run_id=parent,  # the parent row's Models column
+                                    pip_requirements=model_requirements())
     client.set_tag(parent, "epir.model_uri", info.model_uri)
     return info.model_uri
 

@@ -55,10 +55,12 @@ def build_dataset(samples: pd.DataFrame, cfg: PreprocessConfig, workers: int, pr
     """The lazy Ray Dataset of one group: samples -> face stage (actor pool) -> flow stage.
 
     Rows come out in the shard schema (:func:`preprocess.shards.to_table`), accepted and rejected alike (``status``).
+    Each stage's actor pool has ``workers`` actors, or one per sample when the group is smaller.
     ``face_cls`` / ``flow_fn`` replace :class:`FaceStage` / :func:`flow_stage` (the benchmark wraps
     them with timers).
     """
     face_cls, flow_fn = face_cls or FaceStage, flow_fn or flow_stage
+    workers = max(1, min(workers, len(samples)))  # an actor with no sample to take would only load its model
     ray = init_ray()
     # Enough blocks for every worker to have work: one block per chunk (a repartition would need an
     # all-to-all task, which cannot get a CPU once the actor pool holds them).

@@ -1,16 +1,131 @@
-"""Shared fixtures. Real data is read from ../shared/data (never copied into the repository)."""
+"""Shared fixtures. Real data is read from ../shared/data (never copied into the repository).
+
+One Ray for the whole run (:func:`ray_head`): a local head started once, which every CLI subprocess and
+every in-process caller of ``preprocess.runtime.init_ray`` joins through ``RAY_ADDRESS``; tests that must own
+their cluster (a killed driver, Ctrl-C, node loss) start their own, as before.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
+
+# Ray reads its token-authentication settings once, when this process first imports it (test modules do so
+# at collection): the run's own token is set here, before any of them, for the shared head (ray_head), every
+# subprocess, and the clusters that tests start in this process
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("EPIR_SHARED_DATA", REPO.parent / "shared" / "data"))
 COMPOSITE = SHARED_DATA / "megc2019_composite"
 ANNOTATIONS = SHARED_DATA / "annotations"
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` TCP ports free on 127.0.0.1 now (the OS picks them)."""
+    socks = [socket.socket() for _ in range(n)]
+    for sk in socks:
+        sk.bind(("127.0.0.1", 0))
+    ports = [sk.getsockname()[1] for sk in socks]
+    for sk in socks:
+        sk.close()
+    return ports
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_head():
+    """ONE local Ray head for the whole test run, joined through ``RAY_ADDRESS`` (set for this process and the
+    subprocesses it starts, with a token of its own for Ray's token authentication). It cannot disturb a grid running in the background on the same machine: its own
+    temp dir (so no ``/tmp/ray/ray_current_cluster`` for ``init_ray`` to join), its own ports, and it is torn
+    down by killing its own process group, never by ``ray stop``. Yields its address."""
+    from preprocess.runtime import QUIET_ENV
+
+    temp = Path(tempfile.mkdtemp(prefix="epir-test-ray-", dir="/tmp"))  # short: Ray's socket paths have a limit
+    gcs, agent, metrics = _free_ports(3)
+    env = {**os.environ, **QUIET_ENV, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}  # with the run's token (above)
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = Path(sys.executable).with_name("ray")
+    cmd = [str(ray_cli), "start", "--head", "--block", f"--port={gcs}", f"--temp-dir={temp}", "--num-cpus=2",
+           "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+           f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}"]
+    log = open(temp / "ray-start.log", "w")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address_file = temp / "ray_current_cluster"
+    deadline = time.time() + 120
+    while not address_file.is_file() and head.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    if not address_file.is_file():
+        _stop_group(head)
+        raise RuntimeError(f"the tests' Ray head did not start: {(temp / 'ray-start.log').read_text()[-3000:]}")
+    address = address_file.read_text().strip()
+    before = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        yield address
+    finally:
+        if before is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = before
+        disconnect_ray()
+        _stop_group(head)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group ``proc`` leads (``start_new_session``), SIGKILL to what is left after 2 s."""
+    for sig, wait in ((signal.SIGTERM, 2), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:  # the head is gone; its children may still be stopping
+            time.sleep(1)
+
+
+def disconnect_ray() -> None:
+    """Leave the Ray this process joined (the cluster itself keeps running): a test that joins a cluster of its
+    own (the node-loss tests) calls it first, since ``init_ray`` keeps a connection it finds. Tests in this
+    process otherwise stay joined to the shared head, one Ray job whose workers they reuse."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_work_dir(tmp_path_factory, ray_head) -> Path:
+    """The built-in demo's data and finished shards, made ONCE by the grid's own data step
+    (``grid.runner.prepare_data``, as a demo run makes them)."""
+    from grid.config import GridConfig
+    from grid.runner import prepare_data
+
+    work = tmp_path_factory.mktemp("demo-work")
+    prepare_data(GridConfig(demo=True, profile="demo", experiment="epir-grid-demo", work_dir=work), log=lambda m: None)
+    return work
+
+
+@pytest.fixture
+def demo_seeded(demo_work_dir, tmp_path) -> Path:
+    """``tmp_path`` with the demo's data and shards in its ``work_dirs/``, as a demo run there would have left them
+    (a demo grid in it reuses the shards: their cache key reads the files' contents, not their folder). For tests
+    of what comes after preprocessing; ``test_demo_runs_end_to_end`` makes them itself."""
+    shutil.copytree(demo_work_dir, tmp_path / "work_dirs")
+    return tmp_path
 
 
 @pytest.fixture(scope="session")
@@ -22,13 +137,31 @@ def composite_root() -> Path:
     return COMPOSITE
 
 
+def synthetic_composite(root, per_subject: int = 6):
+    """A small composite in the published MEGC2019 layout: 4 subjects of two source datasets, random
+    28 x 28 flow images whose red (u) channel leans with the class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "flow").mkdir(parents=True)
+    rows = []
+    for dataset, subject in (("casme2", "sub01"), ("casme2", "sub02"), ("smic", "s01"), ("smic", "s02")):
+        for i in range(per_subject):
+            label = i % 3
+            img = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+            img[..., 0] = np.clip(img[..., 0].astype(int) // 2 + 60 * label, 0, 255)
+            name = f"{subject}_{i}"
+            Image.fromarray(img).save(root / "flow" / f"{subject}_{name} .png")
+            rows.append(f"{dataset},{subject},{name},{label}")
+    (root / "combined_3class_gt.csv").write_text("\r\n".join(rows) + "\r\n")
+    return root
+
+
 def run_grid_cli(args, cwd, env=None, timeout=900):
     """Run ``python grid/run_all.py ARGS`` in ``cwd`` with the embedded MLflow store and, unless ``env``
-    says otherwise, a fresh local Ray (never a cluster left running). Returns the CompletedProcess."""
-    import subprocess
-    import sys
-
-    full = {**os.environ, "RAY_ADDRESS": "local", **(env or {})}
+    says otherwise, the tests' shared Ray (:func:`ray_head`). Returns the CompletedProcess."""
+    full = {**os.environ, **(env or {})}
     full.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([sys.executable, str(REPO / "grid" / "run_all.py"), *args], cwd=cwd, env=full,
                           capture_output=True, text=True, timeout=timeout)

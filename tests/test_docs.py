@@ -34,3 +34,11 @@ def test_the_paper_configuration_figures_in_the_docs_are_the_codes():
     text = (REPO / "docs" / "model.md").read_text()
     c = measure(build_model(make_config("epir")))
     assert f"{c.params:,} parameters" in text and f"{c.macs / 1e6:.2f} M multiply-accumulates" in text
+
+
+def test_ci_installs_the_lock_lints_and_runs_the_readmes_test_command():
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    test_command = re.search(r"pip install uv && (uv run [^\n]*pytest)\n", README).group(1)
+    assert test_command in ci and "--locked" in test_command  # the same command, from the committed lock
+    assert "time uv sync --locked --compile-bytecode" in ci and "uv run --locked ruff check ." in ci
+    assert (REPO / "uv.lock").is_file() and (REPO / "LICENSE").is_file()

@@ -69,7 +69,7 @@ def test_a_tight_crop_is_found_on_the_padded_frame_and_faces_as_they_are_directl
     out = tmp_path / "shards"
     cmd = [sys.executable, "-m", "preprocess", "--dataset", "manifest", "--root", str(manifest), "--out", str(out),
            "--classes", "negative"]  # one sample: its class is listed, as a class of one subject must be
-    env = {**__import__("os").environ, "RAY_ADDRESS": "local"}
+    env = {**__import__("os").environ}  # the tests' shared Ray (conftest)
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0 and "1 accepted" in res.stdout, res.stdout + res.stderr
     assert "1  face found only on the frame padded by 0.25" in res.stdout, res.stdout

@@ -291,7 +291,8 @@ def test_ctrl_c_then_a_killed_driver_then_the_same_command_finishes(composite_ro
     assert len(final) == folds and len(set(final)) == folds, final  # every fold once, none trained twice
 
 
-def test_fold_packs_log_every_fold_and_a_failed_pack_resumes_alone(tmp_path):
+def test_fold_packs_log_every_fold_and_a_failed_pack_resumes_alone(demo_seeded):
+    tmp_path = demo_seeded
     # 6 demo folds in packs of up to 4 (epir/pack.py: one batched model per trial); the pack holding demo06
     # fails, the other logs its 4 folds; the same command then trains the 2 folds of the failed pack only
     args = ["--presets", "epir", "--fold-pack", "4", *TINY]
@@ -309,3 +310,39 @@ def test_fold_packs_log_every_fold_and_a_failed_pack_resumes_alone(tmp_path):
     client, runs = _runs(tmp_path, "epir-grid-demo")
     folds = [r for r in runs if r.data.tags.get("epir.kind") == "fold"]
     assert all("predictions.csv" in {a.path for a in client.list_artifacts(r.info.run_id)} for r in folds)
+
+
+def test_a_store_of_id_version_2_is_migrated_and_changed_data_is_trained_again(tmp_path):
+    """Cell ids cover the data: a store from before (cell ids of version 2) is re-tagged once by migrate-ids and
+    then resumes with nothing to train; one flow image re-exported in place with one value changed makes new
+    shards and new cells, whose folds are trained again, and the grid says why."""
+    import cv2
+
+    from .conftest import synthetic_composite
+
+    root = synthetic_composite(tmp_path / "composite")
+    args = ["--dataset", f"megc2019={root}", "--presets", "baseline", "--folds", "2", "--experiment", "ids",
+            "--profile", "cpu", *TINY, "--set", "epochs=1"]
+    first = _run(args, tmp_path)
+    assert first.returncode == 0 and "0 finished earlier" in first.stdout, (first.stdout + first.stderr)[-3000:]
+    client, runs = _runs(tmp_path, "ids")
+    for r in runs:  # the store as the previous id scheme wrote it: version-2 cell ids, no data fingerprint
+        client.set_tag(r.info.run_id, "epir.cell_id", r.data.tags["epir.cell_id_v2"])
+        for tag in ("epir.data_fingerprint", "epir.cell_id_v2"):
+            client.delete_tag(r.info.run_id, tag)
+    migrated = _run(["migrate-ids", *args], tmp_path)
+    assert migrated.returncode == 0 and "3 run(s) re-tagged" in migrated.stdout, (migrated.stdout + migrated.stderr)[-3000:]
+    resumed = _run(args, tmp_path)
+    assert "2 finished earlier" in resumed.stdout and "0 to train" in resumed.stdout, resumed.stdout[-3000:]
+    png = sorted((root / "flow").iterdir())[0]
+    img = cv2.imread(str(png))
+    img[14, 14, 0] = (int(img[14, 14, 0]) + 1) % 256  # re-exported in place: one value differs
+    assert cv2.imwrite(str(png), img)
+    changed = _run(args, tmp_path)
+    out = changed.stdout + changed.stderr
+    assert changed.returncode == 0 and "1 written, 0 reused" in out, out[-3000:]
+    assert "0 finished earlier" in out and "2 to train" in out, out[-3000:]
+    assert "2 finished fold(s) in MLflow were trained on other data" in out, out[-3000:]
+    fps = {r.data.tags["epir.data_fingerprint"] for r in _runs(tmp_path, "ids")[1] if r.data.tags.get("epir.kind") == "cell"}
+    assert len(fps) == 2  # two cells, one per data
+

@@ -15,7 +15,8 @@ import torch
 from .conftest import run_grid_cli
 
 
-def test_demo_final_model_fold_weights_and_predict(tmp_path):
+def test_demo_final_model_fold_weights_and_predict(demo_seeded):
+    tmp_path = demo_seeded
     res = run_grid_cli(["--presets", "epir", "--folds", "2", "--set", "epochs=3", "--final-model", "--log-fold-models"],
                        tmp_path)
     out = res.stdout + res.stderr

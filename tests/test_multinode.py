@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from .conftest import REPO, finished_fold_tags
+from .conftest import REPO, disconnect_ray, finished_fold_tags
 
 FOLDS = 10
 
@@ -26,6 +26,7 @@ def _finished_folds(db) -> list[str]:
 def cluster():
     from ray.cluster_utils import Cluster
 
+    disconnect_ray()  # this process may have joined the tests' shared Ray; these tests join their own cluster
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0})
     workers = [c.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
     c.wait_for_nodes()

@@ -127,11 +127,11 @@ def test_published_weights_give_the_published_figures_through_our_data_path(stst
     cmd = [sys.executable, str(REPO / "benchmarks" / "published_weights.py"), "--weights", str(ststnet_weights),
            "--work-dir", str(tmp_path)]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                         env={**__import__("os").environ, "RAY_ADDRESS": "local"})
+                         env={**__import__("os").environ})  # the shared Ray (conftest)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Full    (442 samples): UF1 0.7209  UAR 0.7250" in out.stdout, out.stdout
     wrong = subprocess.run([*cmd, "--wrong-order"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                           env={**__import__("os").environ, "RAY_ADDRESS": "local"})
+                           env={**__import__("os").environ})  # the shared Ray (conftest)
     full = [ln for ln in wrong.stdout.splitlines() if ln.strip().startswith("Full")]
     assert wrong.returncode == 0 and full and float(full[0].split("UF1")[1].split()[0]) < 0.5, wrong.stdout
 
@@ -154,7 +154,8 @@ def test_a_published_fold_matches_the_reference_reading_of_the_images(ststnet_we
     assert torch.allclose(ours, theirs, atol=1e-3)
 
 
-def test_a_peer_trains_through_train_fold_and_the_grid_demo(tmp_path):
+def test_a_peer_trains_through_train_fold_and_the_grid_demo(demo_seeded):
+    tmp_path = demo_seeded
     flows = np.random.default_rng(0).random((24, 28, 28, 3), dtype=np.float32)
     labels, subjects = np.arange(24) % 3, np.repeat(["a", "b", "c", "d"], 6)
     r = train_fold(flows, labels, subjects, "b", make_config("ststnet"),

@@ -19,13 +19,13 @@ from preprocess.pipeline import read_shards
 from .conftest import REPO
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
+@pytest.fixture
+def ray_local(ray_head):
+    """This process joined to the tests' shared Ray (conftest's ``ray_head``), as ``init_ray`` joins it."""
+    from preprocess.runtime import init_ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    init_ray()
     yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

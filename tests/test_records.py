@@ -10,35 +10,16 @@ import subprocess
 import sys
 
 import numpy as np
-from PIL import Image
 
-from .conftest import REPO, run_grid_cli
+from .conftest import REPO, run_grid_cli, synthetic_composite
 
 TINY = ["--set", "warmup_epochs=0", "--set", "epochs=3", "--set", "dim=12", "--set", "dim_head=4", "--set", "depth=4",
         "--set", "integration_blocks=2"]
 
 
-def synthetic_composite(root, per_subject: int = 6):
-    """A small composite in the published MEGC2019 layout: 4 subjects of two source datasets, random
-    28 x 28 flow images whose red (u) channel leans with the class."""
-    rng = np.random.default_rng(0)
-    (root / "flow").mkdir(parents=True)
-    rows = []
-    for dataset, subject in (("casme2", "sub01"), ("casme2", "sub02"), ("smic", "s01"), ("smic", "s02")):
-        for i in range(per_subject):
-            label = i % 3
-            img = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
-            img[..., 0] = np.clip(img[..., 0].astype(int) // 2 + 60 * label, 0, 255)
-            name = f"{subject}_{i}"
-            Image.fromarray(img).save(root / "flow" / f"{subject}_{name} .png")
-            rows.append(f"{dataset},{subject},{name},{label}")
-    (root / "combined_3class_gt.csv").write_text("\r\n".join(rows) + "\r\n")
-    return root
-
-
 def test_gpu_ladder_records_import_as_the_grids_own_runs(tmp_path):
     root = synthetic_composite(tmp_path / "composite")
-    env = {**os.environ, "RAY_ADDRESS": "local"}
+    env = {**os.environ}  # the tests' shared Ray (conftest)
     env.pop("MLFLOW_TRACKING_URI", None)
     # the shards, made as a grid run makes them (here, with Ray) ...
     prep = subprocess.run([sys.executable, "-m", "preprocess", "--dataset", "megc2019", "--root", str(root), "--out",
