@@ -83,12 +83,12 @@ def main(argv=None) -> int:
         y_pred[test] = predict(model, x).argmax(-1)
     assert (y_pred >= 0).all()
     scores = score(d.labels, y_pred, len(d.classes), d.groups)
-    published = PRESETS[args.preset].published
+    published = PRESETS[args.preset].figure("CDE", "full")
     for name in ["all", *sorted(k for k in scores if k != "all")]:
         s = scores[name]
         print(f"  {'Full' if name == 'all' else name:<7} ({s['n']:3d} samples): UF1 {s['uf1']:.4f}  UAR {s['uar']:.4f}")
     if published:
-        print(f"published: UF1 {published[0]:.4f}  UAR {published[1]:.4f}")
+        print(f"published: UF1 {published.uf1:.4f}  UAR {published.uar:.4f} ({published.source})")
     print(f"{time.perf_counter() - start:.1f} s")
     return 0
 

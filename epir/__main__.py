@@ -15,8 +15,8 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("architecture overrides (default: the preset's configuration); each applies to "
                              "the presets whose family has the field")
     seen: dict[str, str] = {}
-    for family, (cls, _) in FAMILIES.items():
-        for f in dataclasses.fields(cls):
+    for family, fam in FAMILIES.items():
+        for f in dataclasses.fields(fam.config):
             kind = {"int": int, "float": float, "float | None": float}.get(str(f.type), f.type)
             if f.name in seen or kind not in (int, float):
                 continue
@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                                                 for i, (a, b) in enumerate(zip(c.tokens_in, c.tokens_out))))
     if preset.recipe:
         print(f"own recipe        {', '.join(f'{k}={v}' for k, v in preset.recipe.items())}")
-    if preset.published:
-        print(f"published         UF1 {preset.published[0]:.4f}, UAR {preset.published[1]:.4f} (MEGC2019 composite, CDE Full)")
+    for pub in preset.published:
+        peeks = {True: "peeks at the test subject", False: "honest", None: "whether it peeks: unknown"}[pub.peeks]
+        uar = f", UAR {pub.uar:.4f}" if pub.uar is not None else ""
+        print(f"published         {pub.protocol} {pub.dataset}: UF1 {pub.uf1:.4f}{uar} ({peeks}; {pub.source})")
     return 0
 
 

@@ -1,4 +1,6 @@
-"""Named model presets: the paper's ablation ladder (EPIR Table 4) and peer models, one registry.
+"""Named model presets: the paper's ablation ladder (EPIR Table 4) and peer models, registered through the one
+registry of :mod:`epir.registry` (which also holds the user's models of ``--model-file`` and the peers of
+``epir/models/``).
 
 A preset names a model family (``epir``: :class:`epir.model.EPIR`; ``ststnet``:
 :class:`epir.peers.STSTNet`), the config fields it sets, and, for a peer, the training recipe its
@@ -14,43 +16,38 @@ Configs travel between processes (Ray trials, MLflow params, JSON records) as pl
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 
 from torch import nn
 
 from .model import EPIR, EPIRConfig
 from .peers import STSTNet, STSTNetConfig
+from .registry import (  # noqa: F401
+    FAMILIES,
+    PRESETS,
+    Preset,
+    Published,
+    load_builtin_models,
+    make_config,
+    register_family,
+    register_preset,
+    register_published,
+)
 
-# family name -> (config class, model class)
-FAMILIES: dict[str, tuple[type, type]] = {
-    "epir": (EPIRConfig, EPIR),
-    "ststnet": (STSTNetConfig, STSTNet),
-}
+# FROZEN reference values of the families' config fields for their cell ids (grid.cells.cell_id; id version 2,
+# 2026-12-01, moved here verbatim from grid/cells.py). Never edit a value: a cell's id hashes the settings that
+# differ from these. A NEW field joins with the value that gives the behaviour from before the field existed.
+EPIR_ID_REFERENCE = {
+    "img_size": 28, "in_chans": 3, "patch_size": 7, "num_classes": 3, "dim": 256, "depth": 13, "heads": 3,
+    "dim_head": 85, "mlp_ratio": 2.0, "tokenizer": "dnspt", "itals": True, "temperature": None, "dtsm": True,
+    "integration_blocks": 6, "merge_k": 1, "contrastive": True, "alpha": 0.4, "init": "trunc_normal",
+    "itals_param": "temperature", "dtsm_rollout": "all", "drop_path": 0.0, "dtsm_score": "sum",
+    "dtsm_residual": False, "dtsm_distinct": False}
+STSTNET_ID_REFERENCE = {"img_size": 28, "num_classes": 3, "dropout": 0.5, "contrastive": False, "alpha": 0.4}
 
-
-@dataclass(frozen=True)
-class Preset:
-    """One named model of the library.
-
-    Attributes:
-        name: what ``--presets`` and ``epir info --preset`` take.
-        family: a key of ``FAMILIES``.
-        model: config fields set over the family's defaults.
-        recipe: TrainRecipe fields of the preset's own (published) recipe; empty for the ladder.
-        profiled: True when the grid's training profiles apply (the EPIR ladder); False for a peer,
-            which keeps ``recipe``.
-        published: (UF1, UAR) its source reports on the MEGC2019 composite (CDE Full), or None.
-        source: where the architecture, recipe and published figures come from.
-    """
-
-    name: str
-    family: str
-    model: dict = field(default_factory=dict)
-    recipe: dict = field(default_factory=dict)
-    profiled: bool = True
-    published: tuple[float, float] | None = None
-    source: str = ""
-
+EPIR_SOURCE = "EPIR (Wang et al., arXiv 2604.08106)"
+register_family(EPIRConfig, EPIR, EPIR_ID_REFERENCE, source=EPIR_SOURCE)
+register_family(STSTNetConfig, STSTNet, STSTNET_ID_REFERENCE,
+                source="STSTNet (Liong et al., FG 2019), PyTorch reproduction github christy1206/STSTNet main.py")
 
 # The ablation ladder of EPIR Table 4; each rung adds one component to the one before.
 _LADDER = [
@@ -61,7 +58,8 @@ _LADDER = [
     ("+dnspt", dict(tokenizer="dnspt")),
     ("epir", dict(merge_k=1)),
 ]
-# What the paper reports for each rung (Table 4, CDE Full, UF1 / UAR), kept beside the presets.
+# What the paper reports for each rung (Table 4, CDE Full, UF1 / UAR). The paper publishes no code: whether
+# its figures chose each fold's epoch on the test subject is unknown (peeks=None).
 PAPER_TABLE4 = {
     "baseline": (0.7325, 0.7214),
     "+dtsm": (0.7736, 0.7838),
@@ -70,22 +68,39 @@ PAPER_TABLE4 = {
     "+dnspt": (0.8759, 0.8747),
     "epir": (0.8852, 0.8944),
 }
+# EPIR's own figures beyond Table 4 (../shared/PAPER.md): Table 1 (CDE, by source dataset), Tables 2-3 (SDE)
+EPIR_FIGURES = (
+    [Published("CDE", d, uf1, uar, None, f"{EPIR_SOURCE} Table 1", "EPIR (paper)")
+     for d, (uf1, uar) in {"full": (0.8852, 0.8944), "samm": (0.8383, 0.8383), "casme2": (0.9882, 0.9896),
+                           "smic": (0.8279, 0.8363)}.items()]
+    + [Published("SDE", d, uf1, uar, None, f"{EPIR_SOURCE} Tables 2-3", "EPIR (paper)")
+       for d, (uf1, uar) in {"samm": (0.8011, 0.8052), "casme2": (0.8712, 0.8466), "smic": (0.8025, 0.8213),
+                             "casme3": (0.6727, 0.6345)}.items()])
 LADDER: list[str] = [name for name, _ in _LADDER]
 
-PRESETS: dict[str, Preset] = {}
 _acc: dict = {}
 for _name, _delta in _LADDER:
     _acc = {**_acc, **_delta}
-    PRESETS[_name] = Preset(_name, "epir", dict(_acc), published=PAPER_TABLE4[_name],
-                            source="EPIR (arXiv 2604.08106) Table 4")
-PRESETS["ststnet"] = Preset(
+    _table4 = Published("CDE", "full", *PAPER_TABLE4[_name], None, f"{EPIR_SOURCE} Table 4")
+    register_preset(_name, "epir", dict(_acc), profiled=True,
+                    published=tuple(EPIR_FIGURES) if _name == "epir" else (_table4,), source=f"{EPIR_SOURCE} Table 4")
+register_preset(
     "ststnet", "ststnet",
     # christy1206/STSTNet main.py: Adam 5e-5, batch 256, 800 epochs, cross-entropy, no augmentation, the
     # last epoch predicts; its DataLoader does not shuffle and its folders give the samples class by class.
-    recipe=dict(epochs=800, batch_size=256, lr=5e-5, sample_order="by_label"),
-    profiled=False, published=(0.7209, 0.7250),
+    recipe=dict(epochs=800, batch_size=256, lr=5e-5, sample_order="by_label"), profiled=False,
+    published=(Published("CDE", "full", 0.7209, 0.7250, False, "github christy1206/STSTNet README (PyTorch, last "
+                         "epoch of 800)", "STSTNet (christy1206 PyTorch, last epoch of 800)"),
+               Published("CDE", "full", 0.7353, 0.7605, False, "STSTNet (arXiv 1902.03634), MATLAB, 500 epochs",
+                         "STSTNet (paper)")),
     source="STSTNet (Liong et al., FG 2019), PyTorch reproduction github christy1206/STSTNet main.py",
 )
+# figures of models the project does not implement (yet), shown beside ours in Table 1
+register_published("htnet", [Published("CDE", "full", 0.8603, 0.8475, True, "HTNet (Neurocomputing 602, 2024); its "
+                                       "main_HTNet.py keeps each fold's best test epoch", "HTNet (paper)")])
+register_published("mfdan", [Published("CDE", "full", 0.8453, 0.8688, None, "MFDAN, as EPIR's Table 1 cites it",
+                                       "MFDAN (paper)")])
+load_builtin_models()  # the peers of epir/models/, one file each
 
 
 def family_fields(family: str) -> set[str]:
@@ -96,34 +111,12 @@ def family_fields(family: str) -> set[str]:
     """
     if family not in FAMILIES:
         raise KeyError(f"unknown model family {family!r}; choose from {list(FAMILIES)}")
-    return {f.name for f in dataclasses.fields(FAMILIES[family][0])}
-
-
-def make_config(preset: str = "epir", **overrides):
-    """Config of a preset, with field overrides.
-
-    Args:
-        preset: a key of ``PRESETS`` (the ladder ``baseline`` .. ``epir``, or a peer such as ``ststnet``).
-        **overrides: fields of the preset's config class (e.g. ``depth=9``, ``merge_k=2``, ``num_classes=5``
-            for the EPIR family).
-
-    Returns:
-        An :class:`epir.model.EPIRConfig` or a peer's config (e.g. :class:`epir.peers.STSTNetConfig`).
-
-    Raises:
-        KeyError: for an unknown preset; TypeError for a field the family does not have; ValueError
-            for an invalid config.
-    """
-    if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
-    p = PRESETS[preset]
-    cls = FAMILIES[p.family][0]
-    return dataclasses.replace(cls(), **{**p.model, **overrides})
+    return {f.name for f in dataclasses.fields(FAMILIES[family].config)}
 
 
 def build_model(config) -> nn.Module:
     """A freshly initialised model for a config of any family (seed with ``torch.manual_seed`` first)."""
-    return FAMILIES[config.family][1](config)
+    return FAMILIES[config.family].model(config)
 
 
 def config_to_dict(config) -> dict:
@@ -141,4 +134,4 @@ def config_from_dict(d: dict):
     family = d.pop("family", "epir")
     if family not in FAMILIES:
         raise KeyError(f"unknown model family {family!r}; choose from {list(FAMILIES)}")
-    return FAMILIES[family][0](**d)
+    return FAMILIES[family].config(**d)

@@ -28,24 +28,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from epir.metrics import score
-from epir.presets import PRESETS, config_from_dict
+from epir.presets import FAMILIES, PRESETS, config_from_dict
 from epir.train import TrainRecipe
 
 from .config import PROFILE_CHOSEN_ON, GridConfig
 from .data import ProtocolData
 
 ID_VERSION = 3  # 3: the data fingerprint joined the id (2026-12-05); 2: the frozen reference table
-# FROZEN reference values of every model family's and the recipe's fields (version 2, 2026-12-01). Never
-# edit a value: a cell's id hashes its settings that differ from these. A NEW field joins with the value
-# that gives the behaviour from before the field existed (e.g. a switch that was off). tests/test_cells.py
-# refuses a field missing here.
+# FROZEN reference values of the recipe's fields (version 2, 2026-12-01); each model family's are registered
+# with it (epir.registry.Family.id_reference, e.g. epir/presets.py). Never edit a value: a cell's id hashes its
+# settings that differ from these. A NEW field joins with the value that gives the behaviour from before the
+# field existed (e.g. a switch that was off). tests/test_cells.py refuses a field missing here.
 ID_REFERENCE: dict[str, dict] = {
-    "epir": {"img_size": 28, "in_chans": 3, "patch_size": 7, "num_classes": 3, "dim": 256, "depth": 13, "heads": 3,
-             "dim_head": 85, "mlp_ratio": 2.0, "tokenizer": "dnspt", "itals": True, "temperature": None, "dtsm": True,
-             "integration_blocks": 6, "merge_k": 1, "contrastive": True, "alpha": 0.4, "init": "trunc_normal",
-             "itals_param": "temperature", "dtsm_rollout": "all", "drop_path": 0.0, "dtsm_score": "sum",
-             "dtsm_residual": False, "dtsm_distinct": False},
-    "ststnet": {"img_size": 28, "num_classes": 3, "dropout": 0.5, "contrastive": False, "alpha": 0.4},
     "recipe": {"epochs": 300, "batch_size": 256, "lr": 5e-05, "weight_decay": 0.0, "seed": 0, "device": "auto",
                "hflip": False, "flow_range": "unit", "standardize": False, "schedule": "constant",
                "sample_order": "shuffle", "optimizer": "adam", "label_smoothing": 0.0, "class_weights": "none",
@@ -70,10 +64,12 @@ def delta(settings: dict, reference: dict) -> dict:
 
 
 def _id_form(parts: dict) -> dict:
-    """``parts`` with every model config and recipe reduced to its difference from :data:`ID_REFERENCE`."""
+    """``parts`` with every model config reduced to its difference from its family's registered reference values
+    (every field where the family registered none) and every recipe to its difference from :data:`ID_REFERENCE`."""
     def model(m: dict) -> dict:
         family = m.get("family", "epir")
-        return {"family": family, **delta({k: v for k, v in m.items() if k != "family"}, ID_REFERENCE[family])}
+        fields, ref = {k: v for k, v in m.items() if k != "family"}, FAMILIES[family].id_reference
+        return {"family": family, **(fields if ref is None else delta(fields, ref))}
 
     out = {k: v for k, v in parts.items() if k not in ("model", "recipe", "folds")}
     if "model" in parts:
@@ -90,7 +86,8 @@ def _id_form(parts: dict) -> dict:
 
 def cell_id(parts: dict) -> str:
     """A short stable hash of everything that makes a cell's folds comparable: data, protocol, folds, and the
-    model and recipe settings that differ from the frozen :data:`ID_REFERENCE` (see the module docstring);
+    model and recipe settings that differ from the frozen reference values (the family's registered
+    ``id_reference``, the recipe's :data:`ID_REFERENCE`; see the module docstring);
     finished folds are looked up by it when a grid is re-run.
 
     Args:

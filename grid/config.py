@@ -8,9 +8,10 @@ overrides the file. With neither a file nor a ``--dataset`` flag the grid runs t
     presets = ["baseline", "epir"]    # default: the six rungs of the paper's Table 4; peers: "ststnet"
     profile = "auto"                  # auto | paper | cpu | demo   (see PROFILES)
     seeds = [0, 1, 2]                 # one cell per seed; tables give the mean and spread (default [0])
+    model_files = ["mynet.py"]        # models of one's own (docs/extending.md); their names join the presets
 
     [[datasets]]
-    format = "megc2019"               # a preprocess adapter: casme2 samm smic casme3 megc2019 manifest
+    format = "megc2019"               # a preprocess adapter (FORMATS): casme2 samm smic casme3 megc2019 manifest
     root = "../shared/data/megc2019_composite"
     protocols = ["CDE"]               # SDE and/or CDE; default: what the dataset's labels allow
 
@@ -52,13 +53,15 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
 
 from epir.presets import FAMILIES, LADDER, PRESETS, config_to_dict, family_fields, make_config
+from epir.registry import load_model_file
 from epir.train import TrainRecipe
 from preprocess import FLOW_ALGORITHMS
+from preprocess.adapters import ADAPTERS
 
 PROTOCOLS = ("SDE", "CDE")
 Sampler = Literal["random", "qmc", "grid"]  # a search's candidate samplers (grid.search); none looks at a score
 SAMPLERS = get_args(Sampler)
-FORMATS = ("casme2", "samm", "smic", "casme3", "megc2019", "manifest")
+FORMATS = tuple(ADAPTERS)  # the dataset formats: preprocess's adapters, one registry
 
 # Training profiles: model width and recipe overrides on top of each EPIR-ladder preset (EPIRConfig /
 # TrainRecipe fields; peers keep their published recipe). ``paper`` is EPIR Sec. 4.2 at the paper width.
@@ -79,9 +82,16 @@ PROFILES: dict[str, dict] = {
 }
 # profile -> (the data key it was chosen on, how): its cells on that data are labelled as peeking
 PROFILE_CHOSEN_ON = {"cpu": ("megc2019/CDE", "search megc2019-CDE-epir-cpu-strict, best on all validation groups")}
-MODEL_FIELDS = set().union(*(family_fields(f) for f in FAMILIES))
+
+
+def model_fields() -> set[str]:
+    """Every registered model family's config field names (a user's ``--model-file`` adds families)."""
+    return set().union(*(family_fields(f) for f in FAMILIES))
+
+
 RECIPE_FIELDS = {f.name for f in dataclasses.fields(TrainRecipe)}
 PUBLISHED = "published"  # the profile label of a peer's cells: its own published recipe
+OWN_RECIPE = "own recipe"  # the profile label of a user's model's cells (--model-file): the recipe it registered
 
 
 @dataclass
@@ -153,6 +163,13 @@ class GridConfig:
         work_dir: shards, demo data and Ray Tune results go here.
         results_dir: where the tables are written.
         demo: True when running the built-in demo.
+        model_files: a user's model files (``--model-file``; TOML ``model_files``): each is imported here, on the
+            driver, and checked (:func:`epir.registry.load_model_file`); the models it registers are presets.
+            Ray ships them to every worker (``py_modules``), where each trial imports them by name.
+
+    Raises:
+        ValueError: an unknown preset, profile, override or a value its field refuses, before anything runs.
+        epir.registry.ModelInterfaceError: a model of ``model_files`` misses a piece of the interface.
     """
 
     datasets: list[DatasetSpec] = field(default_factory=list)
@@ -175,8 +192,12 @@ class GridConfig:
     work_dir: Path = Path("work_dirs")
     results_dir: Path = Path("results")
     demo: bool = False
+    model_files: list[Path] = field(default_factory=list)
 
     def __post_init__(self):
+        self.model_files = [Path(f).resolve() for f in self.model_files]
+        for f in self.model_files:  # a user's models register before the presets are checked
+            load_model_file(f)
         unknown = [p for p in self.presets if p not in PRESETS]
         if unknown:
             raise ValueError(f"unknown preset(s) {unknown}; choose from {list(PRESETS)}")
@@ -230,7 +251,7 @@ class GridConfig:
         """``message`` with every ``field=value`` it names followed by where that value came from."""
         def note(m: re.Match) -> str:
             name = m.group(1)
-            known = name in RECIPE_FIELDS or name in MODEL_FIELDS
+            known = name in RECIPE_FIELDS or name in model_fields()
             return m.group(0) + (f" (from {self.source(name, preset, profile)})" if known else "")
 
         return re.sub(r"\b([a-z_]+)=('[^']*'|[^\s,;)]+)", note, message)
@@ -252,7 +273,8 @@ class GridConfig:
 
         Returns:
             (model config as :func:`epir.presets.config_to_dict`, TrainRecipe fields, the profile label:
-            ``profile`` for the ladder, ``published`` for a peer, which keeps its own recipe).
+            ``profile`` for the ladder, ``published`` for a peer, which keeps its own recipe, ``own recipe`` for a
+            model of a user's ``--model-file``).
 
         Raises:
             ValueError / TypeError: for an invalid combination.
@@ -265,13 +287,14 @@ class GridConfig:
         recipe["seed"] = seed
         model["num_classes"] = num_classes
         cfg = make_config(preset, **model)  # validates
-        return config_to_dict(cfg), dataclasses.asdict(TrainRecipe(**recipe)), profile if p.profiled else PUBLISHED
+        label = profile if p.profiled else (OWN_RECIPE if p.module_file else PUBLISHED)
+        return config_to_dict(cfg), dataclasses.asdict(TrainRecipe(**recipe)), label
 
 
 def field_types(presets: list[str]) -> dict[str, list]:
     """field name -> the types it has in TrainRecipe and in the chosen presets' model configs."""
     out: dict[str, list] = {}
-    classes = [TrainRecipe] + [FAMILIES[f][0] for f in sorted({PRESETS[p].family for p in presets})]
+    classes = [TrainRecipe] + [FAMILIES[f].config for f in sorted({PRESETS[p].family for p in presets})]
     for cls in classes:
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
@@ -366,6 +389,8 @@ def load_config(path: Path | None) -> dict:
     if bad:
         raise ValueError(f"{path}: unknown key(s) {sorted(bad)}; known: {sorted(known - {'demo'})}")
     out = dict(raw)
+    if "model_files" in raw:  # relative to the TOML file, as dataset roots
+        out["model_files"] = [f if Path(f).is_absolute() else (path.parent / f).resolve() for f in raw["model_files"]]
     if "datasets" in raw:
         out["datasets"] = []
         for d in raw["datasets"]:

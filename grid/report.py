@@ -25,26 +25,41 @@ import numpy as np
 import pandas as pd
 
 from epir.presets import LADDER, PRESETS
+from epir.registry import UNIMPLEMENTED
 
 from . import tracking
 from .compare import METRICS, Paired, paired_difference
 from .data import UNNAMED_FLOWS
 
-# EPIR Table 1 (CDE) and Tables 2/3 (SDE), UF1 / UAR (../shared/PAPER.md), and honest peer figures.
-PAPER_CDE = {
-    "EPIR (paper)": {"full": (0.8852, 0.8944), "samm": (0.8383, 0.8383), "casme2": (0.9882, 0.9896), "smic": (0.8279, 0.8363)},
-    "HTNet (paper)": {"full": (0.8603, 0.8475)},
-    "MFDAN (paper)": {"full": (0.8453, 0.8688)},
-    "STSTNet (paper)": {"full": (0.7353, 0.7605)},
-    "STSTNet (christy1206 PyTorch, last epoch of 800)": {"full": (0.7209, 0.7250)},
-}
-PAPER_SDE = {"samm": (0.8011, 0.8052), "casme2": (0.8712, 0.8466), "smic": (0.8025, 0.8213), "casme3": (0.6727, 0.6345)}
+REFERENCE = "epir"  # the row every other model's row is also compared with, paired (when it has one)
+
+
+def published_cde() -> dict[str, dict[str, tuple]]:
+    """Table 1's published rows, from the model registry (the presets' figures that carry a table label, and the
+    figures of models the project does not implement): label -> {dataset: (UF1, UAR)}; EPIR's first, then by
+    label."""
+    figures = [f for p in PRESETS.values() for f in p.published if f.label and f.protocol == "CDE"]
+    figures += [f for figs in UNIMPLEMENTED.values() for f in figs if f.protocol == "CDE"]
+    rows: dict[str, dict[str, tuple]] = {}
+    for f in figures:
+        rows.setdefault(f.label or "?", {})[f.dataset] = (f.uf1, np.nan if f.uar is None else f.uar)
+    return dict(sorted(rows.items(), key=lambda kv: (not kv[0].startswith("EPIR"), kv[0])))
+
+
+def paper_sde(dataset: str) -> tuple[float, float]:
+    """EPIR's published SDE figure (Tables 2-3) on ``dataset``, from the registry; NaNs where it has none."""
+    f = PRESETS[REFERENCE].figure("SDE", dataset)
+    return (f.uf1, f.uar) if f else (np.nan, np.nan)
+
+
 CDE_GROUPS = [("full", "Full"), ("samm", "SAMM"), ("casme2", "CASME II"), ("smic", "SMIC")]
 PEEK = tracking.PEEK
 KEY = ["dataset", "protocol", "flow", "preset", "profile", "epoch_selection", "folds", "demo"]
 # rows that may be paired share these (and then their subjects and seeds, checked on the predictions); a
 # ladder's rungs share their flow too, and two flows of one raw dataset are compared rung by rung
 PAIR_KEY = ["dataset", "protocol", "profile", "epoch_selection", "folds", "demo"]
+# another model than the ladder's (a peer, a user's model) pairs with the ladder's rows of any profile
+CROSS_KEY = [k for k in PAIR_KEY if k != "profile"]
 PAIRED = "paired_comparisons"  # paired_comparisons.csv / .md in results/<experiment>/
 PAIRED_COLUMNS = ["dataset", "protocol", "row", "vs", "against", "metric", "difference", "ci_low", "ci_high",
                   "excludes_zero", "seeds_agree", "seed_pairs", "subjects", "setting"]
@@ -339,11 +354,12 @@ def named_flow(flow) -> str:
 
 
 def ladder_pairs(df: pd.DataFrame) -> list[tuple[int, str, int]]:
-    """(row, "previous" | "baseline" | "farneback", the row it is compared with) for every row of ``df``
-    (aggregated rows): each ladder rung against the rung before it (the nearest lower rung with a row) and
-    against ``baseline``, a peer against ``baseline``, all of the same flow; and a row of another flow than
-    Farneback against the same preset's Farneback row of the same raw dataset. Rows are matched on
-    :data:`PAIR_KEY`; where a preset has an own row and a row beside (:func:`read_beside`), the own row is the
+    """(row, "previous" | "baseline" | "reference" | "farneback", the row it is compared with) for every row of
+    ``df`` (aggregated rows): each ladder rung against the rung before it (the nearest lower rung with a row) and
+    against ``baseline``; a model outside the ladder (a peer, a user's model) against ``baseline`` and against
+    :data:`REFERENCE` (``epir``), whatever their profiles (:data:`CROSS_KEY`); all of the same flow; and a row of
+    another flow than Farneback against the same preset's Farneback row of the same raw dataset. Ladder rows are
+    matched on :data:`PAIR_KEY`; where a preset has an own row and a row beside (:func:`read_beside`), the own row is the
     one compared with."""
     out = []
     if "beside" in df:  # own rows first, so that each match below takes the own row of a preset
@@ -360,6 +376,10 @@ def ladder_pairs(df: pd.DataFrame) -> list[tuple[int, str, int]]:
             lower = [p for p in LADDER[: LADDER.index(r["preset"])] if p in set(same["preset"])]
             if lower:
                 targets.append(("previous", lower[-1]))
+        else:  # another model: paired with the ladder's rows whatever their profile (its recipe is its own)
+            across = df[(df[CROSS_KEY] == r[CROSS_KEY]).all(axis=1)]
+            same = across[across["flow"].map(named_flow) == named_flow(r["flow"])]
+            targets.append(("reference", REFERENCE))
         if r["preset"] != "baseline":
             targets.append(("baseline", "baseline"))
         for kind, preset in targets:
@@ -403,11 +423,10 @@ def paired_table(preds: Predictions, cells: pd.DataFrame, df: pd.DataFrame,
             or samples, or no kept predictions).
     """
     lines, done = [], {}
-    relaxed = [k for k in PAIR_KEY if k != "profile"]
     for i, kind, j in ladder_pairs(df) + asked_pairs(df, list(asked)):
         a, b = df.loc[i], df.loc[j]
         if kind == "asked":
-            result = compare(preds, a, b, relaxed)
+            result = compare(preds, a, b, CROSS_KEY)
             if result is None:
                 raise ValueError(f"--pair {str(a['setting']).removeprefix('beside:')}:"
                                  f"{str(b['setting']).removeprefix('beside:')}: {a['preset']} ({a['profile']}) and "
@@ -415,14 +434,15 @@ def paired_table(preds: Predictions, cells: pd.DataFrame, df: pd.DataFrame,
                                  "protocol, epoch selection, folds, subjects, samples and at least one seed, and "
                                  "a row beside needs its predictions/ files")
         else:
-            result = done[(i, j)] if (i, j) in done else compare(preds, a, b)  # "before" may be the baseline itself
+            key = PAIR_KEY if a["preset"] in LADDER else CROSS_KEY
+            result = done[(i, j)] if (i, j) in done else compare(preds, a, b, key)  # "before" may be the baseline
         done[(i, j)] = result
         if result is None:
             continue
         flows = kind == "farneback"
         flows = flows or (kind == "asked" and a["flow"] != b["flow"])
         name = {k: r["preset"] + (f" [{r['flow']}]" if flows else "")
-                + (f" ({r['profile']})" if kind == "asked" else "")
+                + (f" ({r['profile']})" if kind == "asked" or a["preset"] not in LADDER else "")
                 + (f" [from {r['beside']}]" if isinstance(r.get("beside"), str) else "") for k, r in (("a", a), ("b", b))}
         for m, p in result.items():
             lines.append({"dataset": a["dataset"], "protocol": a["protocol"], "row": name["a"], "vs": kind,
@@ -438,7 +458,8 @@ def paired_table(preds: Predictions, cells: pd.DataFrame, df: pd.DataFrame,
 def _paired_columns(pairs: pd.DataFrame, setting: str) -> dict:
     """Table 4's paired columns of one row: text for Markdown and numbers for CSV."""
     md, csv = {}, {}
-    for kind, title in (("previous", "vs rung before"), ("baseline", "vs baseline"), ("farneback", "vs Farneback flow")):
+    for kind, title in (("previous", "vs rung before"), ("baseline", "vs baseline"), ("reference", f"vs {REFERENCE}"),
+                        ("farneback", "vs Farneback flow")):
         for m in ("UF1", "UAR"):
             hit = pairs[(pairs["setting"] == setting) & (pairs["vs"] == kind) & (pairs["metric"] == m)] \
                 if not pairs.empty else pairs
@@ -456,8 +477,8 @@ def _paired_columns(pairs: pd.DataFrame, setting: str) -> dict:
     return {"md": md, "csv": csv}
 
 
-PAIRED_NOTE = ("Paired columns: the difference in Full UF1 / UAR from the rung before and from `baseline` (same "
-               "folds and seeds), averaged over the seed pairs, with a 95 % percentile interval from a paired "
+PAIRED_NOTE = ("Paired columns: the difference in Full UF1 / UAR from the rung before and from `baseline` (and, for "
+               "a model outside the ladder, from `epir`, whatever the profiles; same folds, seeds and data), averaged over the seed pairs, with a 95 % percentile interval from a paired "
                "bootstrap over SUBJECTS (9,999 resamples of the subjects with replacement, the same resample for "
                "both rows; `scipy.stats.bootstrap`); `*` marks an interval that excludes 0; `(k/n)`: seed pairs "
                "whose difference has the same sign.")
@@ -564,7 +585,7 @@ def _table1(cde: pd.DataFrame, out: Path, header: str) -> None:
             csv[f"Full {label} best test epoch (PEEKS)"] = r.get(f"bte_{k}")
         rows.append(row)
         csv_rows.append(csv)
-    for method, vals in PAPER_CDE.items():
+    for method, vals in published_cde().items():
         row = {"dataset": "MEGC2019 composite", "method": method, "seeds": ""}
         for g, name in CDE_GROUPS:
             row[f"{name} UF1"], row[f"{name} UAR"] = vals.get(g, (np.nan,) * 2)
@@ -579,14 +600,14 @@ def _table4(cde: pd.DataFrame, pairs: pd.DataFrame, out: Path, header: str) -> N
     """``table4_ablation``: the ladder and peers on CDE Full, with each row's paired differences."""
     t4, t4_csv = [], []
     for _, r in cde.iterrows():
-        pub = PRESETS[r["preset"]].published if r["preset"] in PRESETS else None
+        pub = PRESETS[r["preset"]].figure("CDE", "full") if r["preset"] in PRESETS else None
         paired = _paired_columns(pairs, r["setting"])
         t4.append({"dataset": r["dataset"], "preset": r["preset"], "method": _label(r), "seeds": r["seeds"],
                    "UF1": r["uf1"], "UF1 sd": r["uf1_sd"], "UAR": r["uar"], "UAR sd": r["uar_sd"],
                    "UF1 best test epoch (PEEKS)": r["bte_uf1"], "UAR best test epoch (PEEKS)": r["bte_uar"],
                    "gap UF1": r["gap_uf1"], "gap UAR": r["gap_uar"],
                    "single members UF1 (mean ± sd)": _fmt(r["members_uf1_mean"], r["members_uf1_sd"]),
-                   "published UF1": pub[0] if pub else np.nan, "published UAR": pub[1] if pub else np.nan,
+                   "published UF1": pub.uf1 if pub else np.nan, "published UAR": pub.uar if pub else np.nan,
                    "params (M)": r["params_M"], "MACs (M)": r["macs_M"]})
         t4_csv.append({**t4[-1], **paired["csv"]})
         t4[-1].update(paired["md"])
@@ -605,8 +626,7 @@ def _tables23(sde: pd.DataFrame, out: Path, header: str) -> None:
                         "UF1": r["uf1"], "UF1 sd": r["uf1_sd"], "UAR": r["uar"], "UAR sd": r["uar_sd"],
                         "UF1 best test epoch (PEEKS)": r["bte_uf1"],
                         "single members UF1 (mean ± sd)": _fmt(r["members_uf1_mean"], r["members_uf1_sd"]),
-                        "paper UF1": PAPER_SDE.get(r["dataset"], (np.nan,) * 2)[0],
-                        "paper UAR": PAPER_SDE.get(r["dataset"], (np.nan,) * 2)[1]}
+                        "paper UF1": paper_sde(r["dataset"])[0], "paper UAR": paper_sde(r["dataset"])[1]}
                        for _, r in sde.iterrows()])
     t2.to_csv(out / "table2_3_sde.csv", index=False)
     (out / "table2_3_sde.md").write_text(header + "## Tables 2 and 3: single dataset evaluation (SDE), UF1 / UAR\n\n"

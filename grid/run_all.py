@@ -86,14 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", help="import: the records folder; predict: a models:/ or runs:/ URI or a "
                    "local model folder (a cell's final model: tag epir.model_uri of its parent run)")
     p.add_argument("--config", type=Path, help="grid TOML file (see grid/config.py and README)")
-    p.add_argument("--dataset", action="append", default=[], metavar="FORMAT=ROOT[:PROTOCOLS]",
-                   help="a dataset to run (repeatable); overrides the config file's datasets")
-    p.add_argument("--classes", action="append", default=[], metavar="[DATASET=]A,B,...",
-                   help="a manifest's class names in label order (repeatable, one per dataset; DATASET = its format or "
-                   "name, optional with one dataset); default: the labels found, refusing a class only one subject has")
-    p.add_argument("--presets", help=f"comma-separated presets (default the ladder: {','.join(LADDER)}; "
-                   f"all: {','.join(PRESETS)})")
-    p.add_argument("--seeds", help="comma-separated seeds, one cell each (default 0), e.g. 0,1,2")
+    _selection_options(p)
     p.add_argument("--cde-composite", action="store_true", default=None,
                    help="pool the CDE samples of all --dataset entries into ONE composite cell (EPIR's CDE from raw "
                    "CASME II + SAMM + SMIC); subjects become <dataset>_<subject>")
@@ -128,6 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "progress lines and real problems")
     p.add_argument("--inject-failure", help=argparse.SUPPRESS)  # tests: SUBJECT or SUBJECT:once
     return p
+
+
+def _selection_options(p: argparse.ArgumentParser) -> None:
+    """What a run trains: datasets, their classes, the models (a user's files too), the seeds."""
+    p.add_argument("--dataset", action="append", default=[], metavar="FORMAT=ROOT[:PROTOCOLS]",
+                   help="a dataset to run (repeatable); overrides the config file's datasets")
+    p.add_argument("--classes", action="append", default=[], metavar="[DATASET=]A,B,...",
+                   help="a manifest's class names in label order (repeatable, one per dataset; DATASET = its format or "
+                   "name, optional with one dataset); default: the labels found, refusing a class only one subject has")
+    p.add_argument("--model-file", action="append", default=[], type=Path, metavar="FILE.py",
+                   help="a Python file of one's own that registers models (epir.registry.register_model; repeatable; "
+                   "TOML model_files): imported and checked before anything runs, shipped to every Ray worker; its "
+                   "models' names join --presets (docs/extending.md)")
+    p.add_argument("--presets", help=f"comma-separated presets (default the ladder: {','.join(LADDER)}; "
+                   f"all: {','.join(PRESETS)})")
+    p.add_argument("--seeds", help="comma-separated seeds, one cell each (default 0), e.g. 0,1,2")
 
 
 def _report_options(p: argparse.ArgumentParser) -> None:
@@ -227,6 +236,8 @@ def apply_classes(datasets: list[DatasetSpec], items: list[str]) -> None:
 def make_config(args) -> GridConfig:
     """GridConfig from the config file, then the flags on top; no dataset anywhere means the demo."""
     kw = load_config(args.config)
+    if args.model_file:
+        kw["model_files"] = [*kw.get("model_files", []), *args.model_file]
     if args.dataset:
         kw["datasets"] = [parse_dataset(d) for d in args.dataset]
     apply_classes(kw.get("datasets", []), args.classes)

@@ -239,7 +239,7 @@ def plan_resources(cfg: GridConfig, log=print) -> Resources:
     Raises:
         ValueError: a trial larger than any node.
     """
-    ray = init_ray()
+    ray = init_ray(py_modules=[str(f) for f in cfg.model_files])  # a user's model files reach every worker
     have = ray.cluster_resources()
     has_gpu = have.get("GPU", 0) > 0
     packs = cfg.fold_pack != 1 and has_gpu  # a pack of folds on a GPU takes the whole device by default
@@ -258,7 +258,7 @@ def pack_text(cfg: GridConfig, has_gpu: bool) -> str:
         ("every fold of a cell in one batched trial" if size == 0 else f"up to {size} folds per batched trial")
 
 
-def plan_trials(cfg: GridConfig, cells: list[Cell], done: dict, has_gpu: bool, common: dict) -> list[dict]:
+def plan_trials(cfg: GridConfig, cells: list[Cell], done: dict, has_gpu: bool, common: dict, log=print) -> list[dict]:
     """The trials of the folds not yet finished: a fold each, or packs of folds of one cell that train the same
     settings (``cfg.fold_pack``; 0 = a cell's folds in one pack on a GPU, one fold per trial on a CPU; models
     that cannot pack, such as ``ststnet``, always one per trial). A pack's ``subject`` names its folds."""
@@ -272,7 +272,9 @@ def plan_trials(cfg: GridConfig, cells: list[Cell], done: dict, has_gpu: bool, c
             size = cfg.fold_pack or (len(subjects) if has_gpu else 1)
             try:
                 check_packable(config_from_dict(c.fold_model(subjects[0])), TrainRecipe(**c.fold_recipe(subjects[0])))
-            except ValueError:
+            except ValueError as e:
+                if size > 1:  # packs were asked for (or are the GPU's default): say why these folds go one by one
+                    log(f"cell {c.name}: its folds train one per trial, not in packs: {e}")
                 size = 1
             for k in range(0, len(subjects), size):
                 part = subjects[k:k + size]
@@ -307,9 +309,10 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
     for c in cells:
         say_folds_elsewhere(c, *tracking.folds_elsewhere(client, exp_id, c), log)
     common = dict(threads=max(1, int(cfg.cpus_per_trial)), inject=inject_failure,
+                  model_modules=[f.stem for f in cfg.model_files],
                   marker_dir=str((cfg.work_dir / "markers").resolve()), model_dir=str((cfg.work_dir / "models").resolve()),
                   keep_weights=cfg.log_fold_models)
-    pending = plan_trials(cfg, cells, done, res.has_gpu, common)
+    pending = plan_trials(cfg, cells, done, res.has_gpu, common, log)
     finals = [c for c in cells if cfg.trains_final_models and not c.fold_settings
               and not tracking.final_model_uri(client, exp_id, c.cell_id)]
     pending += [dict(cell_id=c.cell_id, data_key=c.data_key, subject=FINAL, model=c.model, recipe=c.recipe, **common)
@@ -457,8 +460,8 @@ def _tune(cfg: GridConfig, pending: list[dict], data: dict, gpus: float, progres
 def summary_table(outcome: GridOutcome) -> str:
     """The table printed at the end: one line per cell with its pooled UF1 / UAR, marked PARTIAL when only
     some folds ran (``--folds N``), and the published CDE Full figure where one exists (CDE cells)."""
-    published = {c.cell_id: PRESETS[c.preset].published for c in outcome.cells
-                 if c.protocol == "CDE" and PRESETS[c.preset].published}
+    published = {c.cell_id: PRESETS[c.preset].figure("CDE", "full") for c in outcome.cells
+                 if c.protocol == "CDE" and PRESETS[c.preset].figure("CDE", "full")}
     lines = [f"{'cell':<40} {'folds':>7} {'UF1':>7} {'UAR':>7}" + ("   published (CDE Full)" if published else "")]
     for c in outcome.cells:
         s = outcome.scores.get(c.cell_id)
@@ -468,6 +471,6 @@ def summary_table(outcome: GridOutcome) -> str:
             continue
         paper = published.get(c.cell_id)
         mark = "   PARTIAL: not the dataset's score" if c.partial else ""
-        ptxt = f"   {paper[0]:.4f} / {paper[1]:.4f}" if paper and not c.partial else ""
+        ptxt = f"   {paper.uf1:.4f} / {paper.uar:.4f}" if paper and not c.partial else ""
         lines.append(f"{c.name:<40} {folds:>7} {s['all']['uf1']:7.4f} {s['all']['uar']:7.4f}{ptxt}{mark}")
     return "\n".join(lines)

@@ -52,6 +52,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from epir.metrics import uar, uf1
 from epir.presets import config_from_dict, family_fields
+from epir.registry import import_model_modules
 from epir.train import TrainRecipe, fit_all, predict, to_model_input
 from preprocess.runtime import init_ray
 
@@ -178,6 +179,7 @@ class SearchPlan:
         space: the searched fields.
         groups: subject -> validation group; k: the number of groups.
         cpus, gpus, threads: resources and torch threads of one training.
+        model_modules: a user's model modules (``--model-file`` stems) the trial and its trainings import first.
     """
 
     model: dict
@@ -188,6 +190,7 @@ class SearchPlan:
     cpus: float
     gpus: float
     threads: int
+    model_modules: tuple[str, ...] = ()
 
     def pairs(self) -> list[tuple[tuple[int, int], list[str]]]:
         """Every unordered pair of groups {g, h} and the subjects it holds out."""
@@ -250,7 +253,8 @@ def group_fold(flows: np.ndarray, labels: np.ndarray, subjects: np.ndarray, held
             "y_pred": probs.argmax(-1).tolist(), "train_seconds": time.perf_counter() - start}
 
 
-def _group_task(data, held: list[str], model: dict, recipe: dict, threads: int) -> dict:
+def _group_task(data, held: list[str], model: dict, recipe: dict, threads: int, model_modules=()) -> dict:
+    import_model_modules(model_modules)
     torch.set_num_threads(max(1, threads))
     return group_fold(data.flows, data.labels, data.subjects, held, model, recipe)
 
@@ -305,6 +309,7 @@ def search_trial(config: dict, data: ProtocolData, plan: SearchPlan) -> None:
     ``val_uf1_g<g>`` per group, ``val_uar`` (all held-out predictions pooled) and the per-pair predictions
     (JSON) once at the end. A configuration the model refuses (e.g. more integration blocks than depth
     allows) reports ``invalid`` and is never chosen."""
+    import_model_modules(plan.model_modules)  # a user's models, shipped by Ray: registered before any config
     params = {k: config[k] for k in plan.space}
     model, recipe = split_params(params, plan.model, plan.recipe)
     try:
@@ -315,8 +320,8 @@ def search_trial(config: dict, data: ProtocolData, plan: SearchPlan) -> None:
         return
     ref = ray.put(data)
     task = ray.remote(_group_task).options(num_cpus=plan.cpus, num_gpus=plan.gpus, max_retries=2)
-    folds = evaluate_candidate(plan, lambda helds: ray.get([task.remote(ref, h, model, recipe, plan.threads)
-                                                            for h in helds]))
+    folds = evaluate_candidate(plan, lambda helds: ray.get([task.remote(ref, h, model, recipe, plan.threads,
+                                                                        plan.model_modules) for h in helds]))
     inner = inner_scores(folds, plan.groups, plan.k)
     yt = np.concatenate([f["y_true"] for f in folds]).astype(int)
     yp = np.concatenate([f["y_pred"] for f in folds]).astype(int)
@@ -410,7 +415,7 @@ def _setup(cfg: GridConfig, scfg: SearchConfig, log) -> _Setup:
     if len(cfg.presets) != 1:
         raise ValueError(f"a search tunes one preset; got {cfg.presets} (use --presets epir)")
     preset = cfg.presets[0]
-    res = init_ray().cluster_resources()
+    res = init_ray(py_modules=[str(f) for f in cfg.model_files]).cluster_resources()
     has_gpu = res.get("GPU", 0) > 0
     profile = cfg.resolved_profile(has_gpu)
     check_space(scfg.space, cfg.settings(preset, profile, 3)[0])  # before any data is prepared
@@ -432,7 +437,7 @@ def _setup(cfg: GridConfig, scfg: SearchConfig, log) -> _Setup:
     bundles = [{}] + [dict(bundle) for _ in range(parallel)]  # an empty head bundle: the trial only waits
     check_fit([n["Resources"] for n in ray.nodes() if n["Alive"]], bundles)
     plan = SearchPlan(model, recipe, tuple(scfg.space), validation_groups(d.subjects, d.groups, scfg.groups, scfg.seed),
-                      scfg.groups, cpus, gpus, max(1, int(cpus)))
+                      scfg.groups, cpus, gpus, max(1, int(cpus)), tuple(f.stem for f in cfg.model_files))
     study = scfg.study or f"{d.dataset}-{d.protocol}-{preset}-{label}".replace("+", "")
     return _Setup(cfg, scfg, d, preset, profile, label, plan, bundles, study,
                   scfg.storage or f"sqlite:///{Path.cwd() / 'optuna.db'}")

@@ -20,6 +20,7 @@ from ray import tune
 
 from epir.pack import train_folds
 from epir.presets import config_from_dict
+from epir.registry import import_model_modules
 from epir.train import SoftmaxEnsemble, TrainRecipe, fit_all, train_fold
 
 from .records import FoldRecord
@@ -70,6 +71,7 @@ def fold_trial(config: dict, data: dict) -> None:
         InjectedFailure: when told to fail; anything :func:`epir.train.train_fold` raises.
     """
     t = config["trial"]
+    import_model_modules(t.get("model_modules", ()))  # a user's models, shipped by Ray: registered before any config
     torch.set_num_threads(max(1, int(t["threads"])))
     subjects = t.get("subjects") or [t["subject"]]
     _maybe_fail(t.get("inject"), subjects, t["marker_dir"])

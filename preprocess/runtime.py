@@ -61,11 +61,16 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def init_ray():
+def init_ray(py_modules: list[str] | None = None):
     """Connect to ``RAY_ADDRESS``, or to the cluster of the node this runs on (``ray start`` writes
     ``/tmp/ray/ray_current_cluster``, e.g. on the head after ``ray up``), else start a local Ray; quiet
     Ray Data's console logs (and, unless verbose, Ray's start-up warnings: :func:`quiet_libraries`). Used by
     preprocessing and by the grid.
+
+    Args:
+        py_modules: local ``.py`` files (a user's ``--model-file``) that Ray ships to every worker of this job
+            (its runtime environment's ``py_modules``), importable there by their stem. Only the first call of a
+            process connects: a later call returns the connection it made.
 
     Returns:
         the ``ray`` module, initialised.
@@ -94,6 +99,8 @@ def init_ray():
     if address is None and Path("/tmp/ray/ray_current_cluster").exists():
         address = "auto"
     kwargs = dict(log_to_driver=False, configure_logging=True, logging_level="WARNING" if is_verbose() else "ERROR")
+    if py_modules:
+        kwargs["runtime_env"] = {"py_modules": [str(p) for p in py_modules]}
     try:
         ray.init(address=address, **kwargs)
     except ray.exceptions.AuthenticationError as e:

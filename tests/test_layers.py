@@ -9,7 +9,7 @@ import sys
 
 from .conftest import REPO
 
-PURE = ["epir.model", "epir.train", "epir.pack", "epir.metrics", "grid.cells", "grid.config", "grid.data",
+PURE = ["epir.model", "epir.registry", "epir.presets", "epir.train", "epir.pack", "epir.metrics", "grid.cells", "grid.config", "grid.data",
         "grid.records", "grid.compare", "preprocess.shards"]
 
 
