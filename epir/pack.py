@@ -120,12 +120,14 @@ def check_packable(config, recipe: TrainRecipe) -> None:
 
     Raises:
         ValueError: for a model family other than EPIR (BatchNorm running statistics and dropout from the
-            global generator, e.g. ``ststnet``), or ``sample_order`` other than per-member shuffles/orders
+            global generator, e.g. ``ststnet``), an ``sgd`` recipe (the pack's update is Adam's), or ``sample_order`` other than per-member shuffles/orders
             (all are supported; listed here for the message only).
     """
     if config.family != "epir":
         raise ValueError(f"fold packs train EPIR-family models only; a {config.family} model (BatchNorm running "
                          "statistics, dropout from torch's global generator) trains its folds one by one")
+    if recipe.optimizer == "sgd":
+        raise ValueError("fold packs implement Adam and AdamW; an sgd recipe trains its folds one by one")
 
 
 def _pad(t: torch.Tensor, n: int, value: float = 0.0) -> torch.Tensor:

@@ -38,7 +38,7 @@ from .presets import build_model, make_config
 Schedule = Literal["constant", "cosine"]
 FlowRange = Literal["unit", "signed"]
 SampleOrder = Literal["shuffle", "by_label", "given"]
-Optimizer = Literal["adam", "adamw"]
+Optimizer = Literal["adam", "adamw", "sgd"]
 Precision = Literal["fp32", "bf16"]
 ClassWeights = Literal["none", "balanced"]
 SCHEDULES, FLOW_RANGES, SAMPLE_ORDERS = get_args(Schedule), get_args(FlowRange), get_args(SampleOrder)
@@ -70,8 +70,9 @@ class TrainRecipe:
         sample_order: order of the training samples in each epoch: ``shuffle`` (a new permutation every
             epoch), ``by_label`` (the same order every epoch, class by class, as STSTNet's ``main.py`` reads
             them from one folder per class), ``given`` (the arrays' order, every epoch).
-        optimizer: ``adam`` (``weight_decay`` is Adam's coupled L2 penalty, the paper's optimiser) or
-            ``adamw`` (decoupled weight decay, Loshchilov & Hutter 2019; ``torch.optim.AdamW``).
+        optimizer: ``adam`` (``weight_decay`` is Adam's coupled L2 penalty, the paper's optimiser),
+            ``adamw`` (decoupled weight decay, Loshchilov & Hutter 2019; ``torch.optim.AdamW``) or ``sgd``
+            (``torch.optim.SGD`` with momentum 0.9 and coupled ``weight_decay``, as SSSNet's recipe in meb).
         label_smoothing: cross-entropy label smoothing (0: none).
         class_weights: ``none`` or ``balanced``: cross-entropy weights n / (C n_c) from the fold's
             training labels (scikit-learn's "balanced"), for the macro-averaged UF1 / UAR.
@@ -428,8 +429,11 @@ class _Training:
             set_training_stats(self.model, convert(self.x, self.src, self.dst))
         self.y = torch.from_numpy(y).to(self.device)
         self.weights = balanced_weights(self.y, config.num_classes) if recipe.class_weights == "balanced" else None
-        opt_cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
-        self.opt = opt_cls(self.model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        if recipe.optimizer == "sgd":
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay)
+        else:
+            opt_cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
+            self.opt = opt_cls(self.model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
         self.sched = _scheduler(self.opt, recipe, -(-len(self.x) // recipe.batch_size))
         self.ema = None
         if recipe.ema:

@@ -37,13 +37,17 @@ REFERENCE = "epir"  # the row every other model's row is also compared with, pai
 def published_cde() -> dict[str, dict[str, tuple]]:
     """Table 1's published rows, from the model registry (the presets' figures that carry a table label, and the
     figures of models the project does not implement): label -> {dataset: (UF1, UAR)}; EPIR's first, then by
-    label."""
+    label; each row's ``peeks`` says whether its source chose epochs or settings on the test subjects."""
     figures = [f for p in PRESETS.values() for f in p.published if f.label and f.protocol == "CDE"]
     figures += [f for figs in UNIMPLEMENTED.values() for f in figs if f.protocol == "CDE"]
-    rows: dict[str, dict[str, tuple]] = {}
+    rows: dict[str, dict] = {}
     for f in figures:
         rows.setdefault(f.label or "?", {})[f.dataset] = (f.uf1, np.nan if f.uar is None else f.uar)
+        rows[f.label or "?"]["peeks"] = PEEKS_TEXT[f.peeks]
     return dict(sorted(rows.items(), key=lambda kv: (not kv[0].startswith("EPIR"), kv[0])))
+
+
+PEEKS_TEXT = {True: "yes", False: "no", None: "unknown"}  # does a published figure peek at its test subjects?
 
 
 def paper_sde(dataset: str) -> tuple[float, float]:
@@ -589,6 +593,7 @@ def _table1(cde: pd.DataFrame, out: Path, header: str) -> None:
         row = {"dataset": "MEGC2019 composite", "method": method, "seeds": ""}
         for g, name in CDE_GROUPS:
             row[f"{name} UF1"], row[f"{name} UAR"] = vals.get(g, (np.nan,) * 2)
+        row["published: peeks at test"] = vals["peeks"]
         rows.append(row)
         csv_rows.append(dict(row))
     pd.DataFrame(csv_rows).to_csv(out / "table1_cde.csv", index=False)

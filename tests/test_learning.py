@@ -128,7 +128,7 @@ def test_recipe_regularisers_run_and_change_the_training():
     cfg = make_config("epir", **SMALL, init="spt")
     base = dict(epochs=4, batch_size=12, lr=1e-3, device="cpu")
     raw, plain = fit(cfg, TrainRecipe(**base), flows, labels)
-    for extra in (dict(optimizer="adamw", weight_decay=0.05), dict(label_smoothing=0.1), dict(class_weights="balanced"),
+    for extra in (dict(optimizer="adamw", weight_decay=0.05), dict(optimizer="sgd"), dict(label_smoothing=0.1), dict(class_weights="balanced"),
                   dict(translate=2), dict(mixup=0.4), dict(hflip=True), dict(precision="bf16")):
         model, curve = fit(cfg, TrainRecipe(**base, **extra), flows, labels)
         assert curve != plain and np.isfinite([c["loss"] for c in curve]).all(), extra
@@ -139,7 +139,7 @@ def test_recipe_regularisers_run_and_change_the_training():
     x = to_model_input(flows, cfg, "unit")
     assert not np.allclose(predict(ema, x), predict(raw, x))
     with pytest.raises(ValueError, match="optimizer"):
-        TrainRecipe(optimizer="sgd")
+        TrainRecipe(optimizer="rmsprop")
     with pytest.raises(ValueError, match="warmup"):
         TrainRecipe(epochs=3, warmup_epochs=3)
 
