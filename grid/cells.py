@@ -31,7 +31,7 @@ from epir.metrics import score
 from epir.presets import FAMILIES, PRESETS, config_from_dict
 from epir.train import TrainRecipe
 
-from .config import PROFILE_CHOSEN_ON, GridConfig
+from .config import PROFILE_CHOSEN_ON, GridConfig, peeking_overrides
 from .data import ProtocolData
 
 ID_VERSION = 3  # 3: the data fingerprint joined the id (2026-12-05); 2: the frozen reference table
@@ -264,9 +264,7 @@ def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) ->
     cells = []
     for key, d in data.items():
         if cfg.overrides_from and cfg.overrides_from.get("dataset") == key:
-            raise ValueError(f"the overrides come from search {cfg.overrides_from['study']!r}, which chose them with every "
-                             f"subject of {key} as a validation subject: testing them on {key} would peek. Evaluate the "
-                             "search's per-group choices instead (--choices <study>.choices.json)")
+            raise ValueError(peeking_overrides(cfg.overrides_from["study"], key))
         subjects = d.fold_subjects
         chosen = subjects[: cfg.folds] if cfg.folds else subjects
         for preset in cfg.presets:

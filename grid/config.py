@@ -84,6 +84,21 @@ PROFILES: dict[str, dict] = {
 PROFILE_CHOSEN_ON = {"cpu": ("megc2019/CDE", "search megc2019-CDE-epir-cpu-strict, best on all validation groups")}
 
 
+def peeking_overrides(study: str, key: str) -> str:
+    """Why a search's best-on-all settings (``--overrides <study>.best.json``) are refused on ``key``, its data."""
+    return (f"the overrides come from search {study!r}, which chose them with every subject of {key} as a validation "
+            f"subject: testing them on {key} would peek. Evaluate the search's per-group choices instead (--choices "
+            "<study>.choices.json)")
+
+
+def expected_keys(spec: "DatasetSpec") -> set[str]:
+    """The data keys (``grid.data.ProtocolData.key``) a configured dataset can give, known before preprocessing:
+    its name (a manifest's file stem, as the adapter makes it), each protocol, the flow where a key names it."""
+    name = spec.name or (re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.root.stem) if spec.format == "manifest" else spec.format)
+    flow = spec.options.get("flow", "farneback")
+    return {f"{name}/{p}" + ("" if flow == "farneback" else f"/{flow}") for p in (spec.protocols or PROTOCOLS)}
+
+
 def model_fields() -> set[str]:
     """Every registered model family's config field names (a user's ``--model-file`` adds families)."""
     return set().union(*(family_fields(f) for f in FAMILIES))
@@ -210,6 +225,9 @@ class GridConfig:
                              f"chosen presets' families ({', '.join(sorted({PRESETS[p].family for p in self.presets}))})")
         if "seed" in self.overrides:
             raise ValueError("the seed is set by seeds (--seeds 0,1,2), which makes one cell per seed")
+        for spec in self.datasets if self.overrides_from else ():  # refused before Ray starts (build_cells checks again)
+            if self.overrides_from.get("dataset") in expected_keys(spec):
+                raise ValueError(peeking_overrides(self.overrides_from["study"], self.overrides_from["dataset"]))
         problems = check_values(self.overrides, self.presets)
         if problems:
             raise ValueError("\n".join(problems))

@@ -82,6 +82,8 @@ def ray_head():
         _stop_group(head)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+        for store in _EMPTY_STORE:
+            shutil.rmtree(store.parent, ignore_errors=True)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
@@ -108,23 +110,23 @@ def disconnect_ray() -> None:
 
 
 @pytest.fixture(scope="session")
-def demo_work_dir(tmp_path_factory, ray_head) -> Path:
-    """The built-in demo's data and finished shards, made ONCE by the grid's own data step
-    (``grid.runner.prepare_data``, as a demo run makes them)."""
-    from grid.config import GridConfig
-    from grid.runner import prepare_data
-
-    work = tmp_path_factory.mktemp("demo-work")
-    prepare_data(GridConfig(demo=True, profile="demo", experiment="epir-grid-demo", work_dir=work), log=lambda m: None)
-    return work
+def demo_first_run(tmp_path_factory, ray_head):
+    """The built-in demo run ONCE from nothing, as a new user runs it (``python grid/run_all.py --folds 2
+    --presets epir`` in an empty folder: demo data written, preprocessed, 2 folds trained). Returns (its folder,
+    the CompletedProcess); ``test_demo_runs_end_to_end`` checks it, and :func:`demo_seeded` copies its data."""
+    cwd = tmp_path_factory.mktemp("demo-first-run")
+    return cwd, run_grid_cli(["--folds", "2", "--presets", "epir"], cwd, fresh_store=True)
 
 
 @pytest.fixture
-def demo_seeded(demo_work_dir, tmp_path) -> Path:
-    """``tmp_path`` with the demo's data and shards in its ``work_dirs/``, as a demo run there would have left them
-    (a demo grid in it reuses the shards: their cache key reads the files' contents, not their folder). For tests
-    of what comes after preprocessing; ``test_demo_runs_end_to_end`` makes them itself."""
-    shutil.copytree(demo_work_dir, tmp_path / "work_dirs")
+def demo_seeded(demo_first_run, tmp_path) -> Path:
+    """``tmp_path`` with the demo's data and shards in its ``work_dirs/``, as the demo run left them in its own
+    folder (a demo grid in ``tmp_path`` reuses the shards: their cache key reads the files' contents, not their
+    folder). For tests of what comes after preprocessing."""
+    work = demo_first_run[0] / "work_dirs"
+    assert (work / "shards").is_dir(), demo_first_run[1].stderr[-3000:]
+    for part in ("demo_data", "shards"):
+        shutil.copytree(work / part, tmp_path / "work_dirs" / part)
     return tmp_path
 
 
@@ -158,9 +160,28 @@ def synthetic_composite(root, per_subject: int = 6):
     return root
 
 
-def run_grid_cli(args, cwd, env=None, timeout=900):
+_EMPTY_STORE: list[Path] = []
+
+
+def empty_mlflow_store() -> Path:
+    """An empty MLflow SQLite store with MLflow's tables made (once per run; 1.6 s of migrations a store), for
+    :func:`run_grid_cli` to copy where a test's first run would create one."""
+    if not _EMPTY_STORE:
+        from mlflow.tracking import MlflowClient
+
+        folder = Path(tempfile.mkdtemp(prefix="epir-test-mlflow-"))
+        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()  # creates and migrates the tables
+        _EMPTY_STORE.append(folder / "mlflow.db")
+    return _EMPTY_STORE[0]
+
+
+def run_grid_cli(args, cwd, env=None, timeout=900, fresh_store=False):
     """Run ``python grid/run_all.py ARGS`` in ``cwd`` with the embedded MLflow store and, unless ``env``
-    says otherwise, the tests' shared Ray (:func:`ray_head`). Returns the CompletedProcess."""
+    says otherwise, the tests' shared Ray (:func:`ray_head`). Where ``cwd`` has no store yet, an empty one is
+    copied there (:func:`empty_mlflow_store`) unless ``fresh_store``: then the run creates it, as a first run
+    does. Returns the CompletedProcess."""
+    if not fresh_store and not (Path(cwd) / "mlflow.db").exists():
+        shutil.copyfile(empty_mlflow_store(), Path(cwd) / "mlflow.db")
     full = {**os.environ, **(env or {})}
     full.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([sys.executable, str(REPO / "grid" / "run_all.py"), *args], cwd=cwd, env=full,

@@ -94,11 +94,15 @@ def test_short_grid_on_the_real_composite(composite_root, tmp_path):
     assert len([r for r in _runs(tmp_path, "cde-test")[1] if r.data.tags.get("epir.kind") == "fold"]) == 3
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    res = _run(["--folds", "2", "--presets", "epir"], tmp_path)
+def test_demo_runs_end_to_end(demo_first_run):
+    tmp_path, res = demo_first_run  # the run is a session fixture: later tests reuse its demo data and shards
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
-    assert "DEMO: no dataset configured" in out
+    assert "DEMO: no dataset configured" in out and "DEMO: writing the built-in demo dataset" in out
+    assert "shards: 1 written, 0 reused" in out
+    for noise in ("Token authentication", "Configuration for experiment", "TensorBoard", "INFO mlflow", "core_worker.cc",
+                  "Creating initial MLflow database tables"):
+        assert noise not in out, noise  # a first run's console: our lines and real problems only
     table = (tmp_path / "results" / "epir-grid-demo" / "table2_3_sde.md").read_text()
     assert "DEMO data" in table and "PARTIAL: 2 folds" in table
     _, runs = _runs(tmp_path, "epir-grid-demo")

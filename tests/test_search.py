@@ -237,6 +237,7 @@ def test_search_on_a_manifest_dataset(tmp_path):
     peek = run_grid_cli([*common, "--presets", "epir", "--overrides", str(res / "demo_manifest-SDE-epir-demo.best.json")],
                         tmp_path)
     assert peek.returncode == 2 and "would peek" in peek.stderr, peek.stderr[-2000:]
+    assert "Ray:" not in peek.stdout  # refused from the configuration, before Ray starts or data is prepared
 
 
 def test_a_resumed_random_search_draws_what_an_uninterrupted_one_would_have():
