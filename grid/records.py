@@ -1,5 +1,5 @@
-"""Fold records made outside Ray and MLflow (e.g. on a GPU machine that has neither), and their import
-into MLflow as if the grid had run them.
+"""Fold records made outside Ray and MLflow (e.g. on a GPU machine that has neither): the records only;
+:mod:`grid.gpu_import` logs them into MLflow as if the grid had run them.
 
 A records folder holds two files, few enough to travel back from a lent machine:
 
@@ -8,7 +8,7 @@ A records folder holds two files, few enough to travel back from a lent machine:
 - ``folds.jsonl``: one line per finished fold, ``{"cell_id": ..., **FoldRecord.to_dict()}``,
   appended as each fold ends (an interrupted run keeps what it finished and resumes from it).
 
-:func:`import_records` logs them with the grid's own functions: the parent run of each cell, one child
+:func:`grid.gpu_import.import_records` logs them with the grid's own functions: the parent run of each cell, one child
 run per fold, the pooled scores when a cell is complete, and the results tables. A later grid run of
 the same settings finds those folds FINISHED and trains nothing again.
 """
@@ -160,45 +160,3 @@ def done_keys(folder: Path) -> set[tuple[str, str]]:
             rec = json.loads(line)
             out.add((rec["cell_id"], rec["subject"]))
     return out
-
-
-def import_records(folder: Path, experiment: str, results_dir: Path, log=print) -> dict:
-    """Log a records folder into MLflow experiment ``experiment`` exactly as the grid would have, and write
-    the results tables.
-
-    Returns:
-        ``{"cells", "complete", "logged", "already", "results_dir"}`` counts and the tables' folder.
-
-    Raises:
-        as :func:`read_records`.
-    """
-    # deferred: MLflow and Ray; the rest of this module runs where they are not installed (a GPU machine)
-    from . import tracking
-    from .report import write_tables
-    from .runner import finish_cell
-
-    meta, cells, folds = read_records(folder)
-    client, exp_id = tracking.setup(experiment)
-    logged = already = complete = 0
-    for c in cells:
-        parent = tracking.parent_run(client, exp_id, c)
-        for key, value in meta.items():
-            client.set_tag(parent, f"epir.records.{key}", str(value)[:5000])
-        done = tracking.finished_folds(client, exp_id, c.cell_id, c.data_fingerprint)
-        for s, rec in folds[c.cell_id].items():
-            if s in done:
-                already += 1
-                continue
-            tracking.log_fold(client, exp_id, parent, c, rec)
-            done[s] = rec
-            logged += 1
-        if all(s in done for s in c.subjects):
-            complete += 1
-            if client.get_run(parent).info.status != "FINISHED":
-                finish_cell(client, parent, c, done, log)
-        else:
-            log(f"  {c.name}: {sum(s in done for s in c.subjects)}/{len(c.subjects)} folds (incomplete)")
-    out = write_tables(client, exp_id, experiment, results_dir)
-    log(f"imported {logged} fold(s) ({already} already in MLflow) of {len(cells)} cell(s), {complete} complete, "
-        f"into experiment '{experiment}'" + (f"; tables: {out}/" if out else ""))
-    return {"cells": len(cells), "complete": complete, "logged": logged, "already": already, "results_dir": out}

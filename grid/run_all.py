@@ -325,7 +325,7 @@ def _predict(args, cfg: GridConfig) -> int:
 
 def _import(args, cfg: GridConfig) -> int:
     """``import RECORDS``: log a GPU machine's fold records as the grid would have."""
-    from grid.records import import_records  # deferred: MLflow only for this command
+    from grid.gpu_import import import_records  # deferred: MLflow only for this command
 
     if args.target is None:
         print("error: import needs the records folder: python grid/run_all.py import FOLDER", file=sys.stderr)

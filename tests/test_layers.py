@@ -1,4 +1,4 @@
-"""The layout: no import cycle in grid/, the pure layers import without Ray, MLflow, Optuna or pydantic, and
+"""The layout: no import cycle in grid/ (imports inside functions included), the pure layers import without Ray, MLflow, Optuna or pydantic, and
 no function in grid/, preprocess/ or epir/train.py runs over 60 lines."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ PURE = ["epir.model", "epir.registry", "epir.presets", "epir.train", "epir.pack"
 
 
 def _module_imports(path) -> set[str]:
-    """The grid modules a grid module imports at module level (deferred imports inside functions excluded)."""
+    """The grid modules a grid module imports, at module level or deferred inside a function (a deferred import
+    hides a cycle from Python at import time, not from the design)."""
     out = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level == 1 and node.module:
                 out.add(node.module.split(".")[0])
@@ -24,6 +25,8 @@ def _module_imports(path) -> set[str]:
                 out.update(a.name for a in node.names)
             elif node.module and node.module.startswith("grid."):
                 out.add(node.module.split(".")[1])
+            elif node.module == "grid":
+                out.update(a.name for a in node.names)
         elif isinstance(node, ast.Import):
             out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("grid."))
     return out
@@ -46,7 +49,7 @@ def test_grid_has_no_import_cycle():
 
     for m in sorted(graph):
         visit(m, [])
-    assert graph["cells"] <= {"config", "data"} and "runner" not in graph["records"]
+    assert graph["cells"] <= {"config", "data"} and graph["records"] <= {"cells"}  # records are only records
 
 
 def test_the_pure_layers_and_the_gpu_path_import_without_ray_mlflow_optuna_or_pydantic():
