@@ -354,9 +354,8 @@ def _migrate_ids(args, cfg: GridConfig) -> int:
     except (DatasetError, ValueError, FileNotFoundError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    client, exp_id = tracking.setup(cfg.experiment, create=False)
+    client, exp_id = _existing_experiment(cfg)
     if exp_id is None:
-        print(f"error: no MLflow experiment '{cfg.experiment}' in {tracking.tracking_uri()}", file=sys.stderr)
         return 2
     total = 0
     for c in cells:
@@ -366,6 +365,17 @@ def _migrate_ids(args, cfg: GridConfig) -> int:
             f"(data fingerprint {c.data_fingerprint})")
     log(f"{total} run(s) re-tagged in experiment '{cfg.experiment}'; they are assumed to have trained on this data")
     return 0
+
+
+def _existing_experiment(cfg: GridConfig):
+    """(MLflow client, the id of ``cfg.experiment``), or (client, None) after an error line when the store has no
+    such experiment (the commands that read a store and must not create one)."""
+    from grid import tracking  # deferred: MLflow only for the commands that need it
+
+    client, exp_id = tracking.setup(cfg.experiment, create=False)
+    if exp_id is None:
+        print(f"error: no MLflow experiment '{cfg.experiment}' in {tracking.tracking_uri()}", file=sys.stderr)
+    return client, exp_id
 
 
 def _setting_pair(text: str) -> tuple[str, str]:
@@ -378,7 +388,6 @@ def _setting_pair(text: str) -> tuple[str, str]:
 
 def _report(args, cfg: GridConfig) -> int:
     """``report``: rewrite results/<experiment>/ from MLflow alone."""
-    from grid import tracking  # deferred: MLflow only for this command
     from grid.report import read_beside, write_tables
 
     try:
@@ -387,9 +396,8 @@ def _report(args, cfg: GridConfig) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    client, exp_id = tracking.setup(cfg.experiment, create=False)
+    client, exp_id = _existing_experiment(cfg)
     if exp_id is None:
-        print(f"error: no MLflow experiment '{cfg.experiment}' in {tracking.tracking_uri()}", file=sys.stderr)
         return 2
     try:
         out = write_tables(client, exp_id, cfg.experiment, cfg.results_dir, beside, args.pair)
