@@ -139,10 +139,13 @@ def replay(group: dict, model: dict, recipe: dict, search_preset: str) -> tuple[
     return m, r
 
 
-def fold_settings(choices: dict, data_key: str, subjects: list[str], model: dict, recipe: dict) -> dict[str, dict]:
+def fold_settings(choices: dict, data_key: str, subjects: list[str], model: dict, recipe: dict,
+                  subset_of: str = "") -> dict[str, dict]:
     """Per test subject, the settings a search chose for its validation group (``GridConfig.choices``): a
     choices file of format 2 is replayed exactly (:func:`replay`); an earlier one resolves its base settings
-    from today's profile, as it did.
+    from today's profile, as it did. Choices made on ``subset_of`` (the composite a source dataset is cut from,
+    :attr:`grid.data.ProtocolData.subset_of`) replay on the subset's subjects: each subject gets its own
+    group's choice, made without that group's labels, as on the composite.
 
     Returns:
         subject -> ``{"model", "recipe", "choice": {"study", "group", "trial", "params", "validation_uf1"}}``.
@@ -150,8 +153,9 @@ def fold_settings(choices: dict, data_key: str, subjects: list[str], model: dict
     Raises:
         ValueError: the choices belong to another dataset, miss a subject, or make an invalid config.
     """
-    if choices["dataset"] != data_key:
-        raise ValueError(f"choices of search {choices['study']!r} were made on {choices['dataset']}, not {data_key}")
+    if choices["dataset"] not in (data_key, subset_of or data_key):
+        raise ValueError(f"choices of search {choices['study']!r} were made on {choices['dataset']}, not {data_key}"
+                         + (f" nor {subset_of}, the data it is a subset of" if subset_of else ""))
     out = {}
     for s in subjects:
         if s not in choices["subjects"]:
@@ -263,7 +267,7 @@ def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) ->
     """Every dataset x protocol x preset x seed cell, in that order."""
     cells = []
     for key, d in data.items():
-        if cfg.overrides_from and cfg.overrides_from.get("dataset") == key:
+        if cfg.overrides_from and cfg.overrides_from.get("dataset") in (key, d.subset_of or key):
             raise ValueError(peeking_overrides(cfg.overrides_from["study"], key))
         subjects = d.fold_subjects
         chosen = subjects[: cfg.folds] if cfg.folds else subjects
@@ -275,17 +279,18 @@ def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) ->
                              model=model, recipe=recipe, subjects=chosen, demo=cfg.demo)
                 no_seed = {"recipe": {k: v for k, v in recipe.items() if k != "seed"}}
                 per_fold = None
-                chosen_here = PROFILE_CHOSEN_ON.get(profile, ("",))[0] == key and label == profile
+                chosen_here = PROFILE_CHOSEN_ON.get(profile, ("",))[0] in (key, d.subset_of or key) and label == profile
                 if chosen_here and not cfg.choices:
                     label = f"{profile}: PROFILE CHOSEN ON THESE SUBJECTS"
                 if cfg.choices:  # what each fold trains, and why, names the cell (not the base it came from)
-                    per_fold = fold_settings(cfg.choices, key, chosen, model, recipe)
+                    per_fold = fold_settings(cfg.choices, key, chosen, model, recipe, d.subset_of)
                     del parts["model"], parts["recipe"]
                     parts["folds"] = {s: {"model": f["model"], "recipe": f["recipe"], "choice": f["choice"]}
                                       for s, f in per_fold.items()}
                     no_seed = {"folds": {s: {**f, "recipe": {k: v for k, v in f["recipe"].items() if k != "seed"}}
                                          for s, f in parts["folds"].items()}}
-                    label = f"{label}, chosen by search {cfg.choices['study']}"
+                    label = f"{label}, chosen by search {cfg.choices['study']}" + (
+                        f" on {cfg.choices['dataset']}" if cfg.choices["dataset"] != key else "")
                 setting = cell_id({**parts, **no_seed})
                 name = f"{d.protocol} {d.dataset}" + (f" [{d.flow}]" if key.endswith("/" + d.flow) else "") \
                     + f" {preset}" + (" searched" if per_fold else "") \

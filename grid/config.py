@@ -95,8 +95,17 @@ def expected_keys(spec: "DatasetSpec") -> set[str]:
     """The data keys (``grid.data.ProtocolData.key``) a configured dataset can give, known before preprocessing:
     its name (a manifest's file stem, as the adapter makes it), each protocol, the flow where a key names it."""
     name = spec.name or (re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.root.stem) if spec.format == "manifest" else spec.format)
+    if not spec.name and spec.options.get("source"):  # a source dataset of the MEGC2019 composite
+        name = f"{spec.format}-{spec.options['source']}"
     flow = spec.options.get("flow", "farneback")
     return {f"{name}/{p}" + ("" if flow == "farneback" else f"/{flow}") for p in (spec.protocols or PROTOCOLS)}
+
+
+def subset_keys(spec: "DatasetSpec") -> set[str]:
+    """The data keys whose samples a configured dataset's are a subset of (known before preprocessing): the
+    composite's key for one of its source datasets (``megc2019`` with ``source``), else none. A search's
+    choices made there replay on it, and settings chosen there were chosen with its subjects."""
+    return {"megc2019/CDE"} if spec.format == "megc2019" and spec.options.get("source") else set()
 
 
 def model_fields() -> set[str]:
@@ -226,7 +235,7 @@ class GridConfig:
         if "seed" in self.overrides:
             raise ValueError("the seed is set by seeds (--seeds 0,1,2), which makes one cell per seed")
         for spec in self.datasets if self.overrides_from else ():  # refused before Ray starts (build_cells checks again)
-            if self.overrides_from.get("dataset") in expected_keys(spec):
+            if self.overrides_from.get("dataset") in expected_keys(spec) | subset_keys(spec):
                 raise ValueError(peeking_overrides(self.overrides_from["study"], self.overrides_from["dataset"]))
         problems = check_values(self.overrides, self.presets)
         if problems:

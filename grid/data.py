@@ -81,6 +81,8 @@ class ProtocolData:
             trained on them needs done to new onset/apex pairs.
         flow: the flow algorithm (:func:`shard_flow`); a computed flow other than Farneback's names the data key
             (``<dataset>/<protocol>/tvl1``), so that one raw dataset under two flows gives two sets of cells.
+        subset_of: the data key whose samples these are a subset of (a source dataset of the MEGC2019 composite,
+            ``megc2019/CDE``), else empty: a search's choices made there replay here (:func:`grid.cells.fold_settings`).
     """
 
     key: str
@@ -96,6 +98,7 @@ class ProtocolData:
     flow_range: str
     preprocess: dict | None = None
     flow: str = "farneback"
+    subset_of: str = ""
 
     @cached_property
     def fingerprint(self) -> str:
@@ -197,7 +200,7 @@ def load_protocol(folder: Path, protocol: str) -> ProtocolData:
         flow_range="unit" if manifest.get("precomputed") or normalize == "minmax" else "signed",
         preprocess={"config": manifest.get("config") or {}, "precomputed": bool(manifest.get("precomputed")),
                     "flow": manifest.get("flow") or {"algorithm": flow}},
-        flow=flow,
+        flow=flow, subset_of=manifest.get("subset_of", ""),
     )
 
 

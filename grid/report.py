@@ -309,14 +309,17 @@ class Predictions:
             df["y_true"] = y_true.loc[keys].to_numpy().astype(int)
             for col in ("y_pred", "y_pred_best_test_epoch"):
                 df[col] = df[col].map(lambda v: index.get(v, -1)).astype(int)
+            for col in [c for c in tracking.prob_columns(classes) if c in df]:
+                df[col] = pd.to_numeric(df[col], errors="coerce")
             preds[int(r["seed"])] = df
         return preds, classes
 
 
 def keep_predictions(preds: Predictions, cells: pd.DataFrame, out: Path) -> None:
     """Write every own cell's pooled predictions to ``out/predictions/<cell_id>.csv`` (:data:`KEPT_COLUMNS`:
-    subject, :func:`sample_hash`, source dataset, predicted class names; no true labels and no sample
-    names), the files :func:`read_beside` pairs with later."""
+    subject, :func:`sample_hash`, source dataset, predicted class names; then the honest probabilities
+    ``prob_<class>`` where the cell kept them; no true labels and no sample names), the files
+    :func:`read_beside` pairs with later."""
     folder = Path(out) / KEPT
     folder.mkdir(parents=True, exist_ok=True)
     for _, c in cells.iterrows():
@@ -325,7 +328,8 @@ def keep_predictions(preds: Predictions, cells: pd.DataFrame, out: Path) -> None
         df["sample_hash"] = df["sample_id"].map(sample_hash)
         for col in ("y_pred", "y_pred_best_test_epoch"):
             df[col] = df[col].map(lambda i: classes[i] if 0 <= i < len(classes) else "")
-        df[KEPT_COLUMNS].to_csv(folder / f"{c['cell_id']}.csv", index=False)
+        probs = [p for p in tracking.prob_columns(classes) if p in df and df[p].notna().all()]
+        df[KEPT_COLUMNS + probs].to_csv(folder / f"{c['cell_id']}.csv", index=False, float_format="%.5f")
 
 
 def compare(preds: Predictions, row_a, row_b, key: list[str] = PAIR_KEY) -> dict[str, Paired] | None:

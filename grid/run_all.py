@@ -34,6 +34,8 @@ EPILOG = f"""\
 datasets (--dataset FORMAT=ROOT[:PROTOCOLS], repeatable; or [[datasets]] in --config):
   formats: {', '.join(FORMATS)} (the roots `python -m preprocess --help` describes);
   PROTOCOLS: SDE, CDE or SDE+CDE (default: every protocol the labels allow; megc2019 is CDE).
+  A source dataset of the composite as its own SDE dataset (megc2019-smic, -casme2, -samm; 3 classes):
+  source = "smic" in a [[datasets]] entry of format megc2019 (results/leaderboard/smic-hs.toml).
   Each dataset is preprocessed by the real pipeline into WORK_DIR/shards (finished shards reused).
   With no dataset at all, the grid runs the built-in DEMO (synthetic motion on grace_hopper.jpg).
 

@@ -457,31 +457,42 @@ def log_cell(client, parent_id: str, cell, scores: dict, stats: dict, peek: dict
 
 POOLED = "pooled_predictions.csv"  # a cell's honest and best-test-epoch predictions, every fold, on its parent run
 POOLED_COLUMNS = ["subject", "sample_id", "group", "y_true", "y_pred", "y_pred_best_test_epoch"]
+PROB = "prob_"  # + a class name: that class's honest (last-epoch) softmax probability, a column per class
+
+
+def prob_columns(classes: list[str]) -> list[str]:
+    """The probability columns of pooled and kept predictions, in class order (``prob_<class>``)."""
+    return [f"{PROB}{c}" for c in classes]
 
 
 def _pooled_rows(cell, folds: dict) -> list[dict]:
-    """One row per sample of every fold: subject, sample, source dataset, true and predicted class names."""
+    """One row per sample of every fold: subject, sample, source dataset, true and predicted class names, and the
+    honest probabilities of every class (empty for folds logged without them)."""
     rows = []
+    cols = prob_columns(cell.classes)
     for s in cell.subjects:
         f = folds[s]
         bte = f.best_test_epoch.y_pred if f.best_test_epoch else [None] * len(f.y_true)
-        for sid, g, t, p, b in zip(f.sample_ids, f.groups, f.y_true, f.y_pred, bte):
+        probs = f.probs if f.probs and len(f.probs) == len(f.y_true) else [[""] * len(cols)] * len(f.y_true)
+        for sid, g, t, p, b, q in zip(f.sample_ids, f.groups, f.y_true, f.y_pred, bte, probs):
             rows.append({"subject": s, "sample_id": sid, "group": g, "y_true": cell.classes[t], "y_pred": cell.classes[p],
-                         "y_pred_best_test_epoch": "" if b is None else cell.classes[b]})
+                         "y_pred_best_test_epoch": "" if b is None else cell.classes[b], **dict(zip(cols, q))})
     return rows
 
 
 def pooled_predictions_csv(cell, folds: dict) -> str:
     """Every fold's predictions in one table (what paired comparisons resample, :mod:`grid.compare`):
     ``subject, sample_id, group, y_true, y_pred, y_pred_best_test_epoch`` (class names; the last column PEEKS,
-    empty for folds without it)."""
-    return pd.DataFrame(_pooled_rows(cell, folds), columns=POOLED_COLUMNS).to_csv(index=False)
+    empty for folds without it), then ``prob_<class>`` per class (honest softmax probabilities, 5 decimals)."""
+    columns = POOLED_COLUMNS + prob_columns(cell.classes)
+    return pd.DataFrame(_pooled_rows(cell, folds), columns=columns).to_csv(index=False)
 
 
 def read_pooled_predictions(client, exp_id: str, run) -> pd.DataFrame:
     """A finished cell's pooled predictions: its parent run's ``pooled_predictions.csv``, or, for cells logged
     before it existed, read back from its child runs. Columns as :func:`pooled_predictions_csv`, labels as
-    class indices (``y_true``, ``y_pred``, ``y_pred_best_test_epoch``, -1 where absent)."""
+    class indices (``y_true``, ``y_pred``, ``y_pred_best_test_epoch``, -1 where absent), probabilities as
+    floats (NaN where absent; cells logged before they were kept have no such columns)."""
     classes = run.data.params.get("classes", "").split(",")
     index = {c: i for i, c in enumerate(classes)}
     try:
@@ -489,9 +500,11 @@ def read_pooled_predictions(client, exp_id: str, run) -> pd.DataFrame:
     except (MlflowException, OSError):  # a cell finished before the parent run kept its predictions
         folds = finished_folds(client, exp_id, run.data.tags[TAG_CELL])
         cell = SimpleNamespace(subjects=sorted(folds), classes=classes)
-        df = pd.DataFrame(_pooled_rows(cell, folds), columns=POOLED_COLUMNS)
+        df = pd.DataFrame(_pooled_rows(cell, folds), columns=POOLED_COLUMNS + prob_columns(classes))
     for col in ("y_true", "y_pred", "y_pred_best_test_epoch"):
         df[col] = df[col].map(lambda v: index.get(v, -1)).astype(int)
+    for col in [c for c in prob_columns(classes) if c in df]:
+        df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
 
 

@@ -78,11 +78,14 @@ class AdapterResult:
         samples: DataFrame with ``SAMPLE_COLUMNS``; ``sde_label`` / ``cde_label`` nullable ints.
         rejects: DataFrame with ``REJECT_COLUMNS`` (dataset, subject, sample_id, reason, detail).
         classes: ``{"sde": [...], "cde": [...]}`` the label names, index = label.
+        subset_of: the data key (``<dataset>/<protocol>``) whose samples these are a subset of (the composite's
+            source datasets, :func:`megc2019` ``source``), else empty.
     """
 
     samples: pd.DataFrame
     rejects: pd.DataFrame
     classes: dict = field(default_factory=dict)
+    subset_of: str = ""
 
 
 def _find_sheet(root: Path, annotations: Path | None, patterns: list[str], what: str) -> Path:
@@ -359,24 +362,39 @@ def casme3(root: Path, annotations: Path | None = None) -> AdapterResult:
 
 # --- MEGC2019 precomputed flow images ------------------------------------------------------------
 
-def megc2019(root: Path, annotations: Path | None = None) -> AdapterResult:
+MEGC2019_SOURCES = ("casme2", "samm", "smic")  # the composite's source datasets, each an SDE subset (``source``)
+
+
+def megc2019(root: Path, annotations: Path | None = None, source: str | None = None) -> AdapterResult:
     """The MEGC2019 composite as STSTNet/HTNet publish it (:mod:`preprocess.megc2019`): the flow
     stages are skipped; ``flow_path`` names each sample's 28 x 28 u/v/strain image. Only CDE labels.
 
+    With ``source`` (``smic``, ``casme2`` or ``samm``), only that source dataset's samples, as an SDE dataset
+    in the composite's three classes (SMIC-HS: 164 samples, 16 subjects, the paper's SMIC SDE set with our
+    flows; CASME II 145 and SAMM 133, NOT the paper's 5-class rows). The result says which composite it is
+    cut from (``subset_of``), so that a search's choices made on the composite replay on its subjects.
+
     Raises:
-        DatasetError: no ``combined_3class_gt.csv`` in the root.
+        DatasetError: no ``combined_3class_gt.csv`` in the root, or an unknown ``source``.
     """
     try:
         gt = read_ground_truth(root)
     except (FileNotFoundError, ValueError) as e:
         raise DatasetError(str(e)) from e
+    if source is not None:
+        if source not in MEGC2019_SOURCES:
+            raise DatasetError(f"megc2019 source must be one of {MEGC2019_SOURCES}, got {source!r}")
+        gt = gt[gt["dataset"] == source]
     results = []
     for ds, part in gt.groupby("dataset", sort=False):
-        rows = [dict(subject=r.subject, sample_id=r.sample_id, emotion=r.emotion, sde_class=None,
-                     cde_class=r.emotion, flow_path=r.flow_path) for r in part.itertuples(index=False)]
-        results.append(_finish(ds, rows, ()))
+        rows = [dict(subject=r.subject, sample_id=r.sample_id, emotion=r.emotion,
+                     sde_class=r.emotion if source else None, cde_class=None if source else r.emotion,
+                     flow_path=r.flow_path) for r in part.itertuples(index=False)]
+        results.append(_finish(ds, rows, CDE_CLASSES if source else ()))
     samples = pd.concat([r.samples for r in results], ignore_index=True)
     rejects = pd.concat([r.rejects for r in results], ignore_index=True)
+    if source:
+        return AdapterResult(samples, rejects, {"sde": list(CDE_CLASSES), "cde": []}, subset_of="megc2019/CDE")
     return AdapterResult(samples, rejects, {"sde": [], "cde": list(CDE_CLASSES)})
 
 
@@ -387,6 +405,8 @@ def dataset_name(fmt: str, adapted: AdapterResult, name: str | None = None) -> s
         return name
     if fmt == "manifest" and len(adapted.samples):
         return str(adapted.samples["dataset"].iloc[0])
+    if adapted.subset_of:  # a source dataset of the composite: megc2019-smic, ...
+        return f"{fmt}-{adapted.samples['dataset'].iloc[0]}"
     return fmt
 
 

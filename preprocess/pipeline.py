@@ -258,7 +258,7 @@ def _write_manifest(out_dir: Path, summary: RunSummary, adapted: AdapterResult, 
     manifest = {
         **shard_meta(dataclasses.asdict(cfg), precomputed),
         "dataset": summary.dataset, "config_id": cfg.config_id(precomputed), "classes": adapted.classes,
-        "accepted": summary.accepted, "rejected": summary.rejected, "reject_reasons": summary.reasons,
+        **({"subset_of": adapted.subset_of} if adapted.subset_of else {}), "accepted": summary.accepted, "rejected": summary.rejected, "reject_reasons": summary.reasons,
         "repaired": summary.repaired, "face_sources": summary.face_sources, "labels": summary.labels,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

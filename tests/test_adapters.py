@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from preprocess.adapters import DatasetError, casme2, casme3, manifest, megc2019, samm, smic
+from preprocess.adapters import DatasetError, casme2, casme3, dataset_name, manifest, megc2019, samm, smic
 
 from .conftest import ANNOTATIONS, COMPOSITE
 
@@ -107,6 +107,15 @@ def test_megc2019_composite_adapter():
     assert len(s) == 442 and s["subject"].nunique() == 68
     assert s["cde_label"].value_counts().to_dict() == {0: 250, 1: 109, 2: 83}
     assert s.groupby("dataset")["subject"].nunique().to_dict() == {"casme2": 24, "samm": 28, "smic": 16}
+    # each source dataset alone, as an SDE dataset in the composite's three classes (SMIC-HS: EPIR Tables 2-3)
+    for source, n, subjects in (("smic", 164, 16), ("casme2", 145, 24), ("samm", 133, 28)):
+        part = megc2019(COMPOSITE, source=source)
+        assert (len(part.samples), part.samples["subject"].nunique()) == (n, subjects)
+        assert part.samples["cde_label"].isna().all() and part.samples["sde_label"].notna().all()
+        assert part.classes == {"sde": ["negative", "positive", "surprise"], "cde": []}
+        assert part.subset_of == "megc2019/CDE" and dataset_name("megc2019", part) == f"megc2019-{source}"
+    with pytest.raises(DatasetError, match="source must be one of"):
+        megc2019(COMPOSITE, source="casme3")
 
 
 def test_wrong_roots_raise_dataset_errors(tmp_path):

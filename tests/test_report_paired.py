@@ -84,6 +84,8 @@ def test_table4_gives_each_rung_its_paired_difference_with_a_subject_bootstrap_c
     one = pd.read_csv(kept[0], dtype=str)
     assert "y_true" not in one and "sample_id" not in one and len(one) == len(d.labels)
     assert set(one["y_pred"]) <= set(d.classes) and not set(one["sample_hash"]) & set(d.sample_ids)
+    probs = one[[tracking.PROB + c for c in d.classes]].astype(float)  # honest probabilities, for an ensemble
+    assert np.allclose(probs.sum(axis=1), 1) and (probs.idxmax(axis=1).str[len(tracking.PROB):] == one["y_pred"]).all()
 
     # the store is gone but results/ stayed: a new experiment that trained only epir pairs it with the kept
     # baseline and +dtsm rows, to the same figures as when all three were in one store

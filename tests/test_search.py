@@ -5,6 +5,7 @@ whose folds say what they trained and why)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -124,6 +125,17 @@ def test_a_choices_file_replays_its_stored_settings_whatever_the_profiles_say_la
     # the baseline keeps its own components but trains what the search validated otherwise
     assert (baseline.fold_model("a")["tokenizer"], baseline.fold_model("a")["itals"]) == ("linear", False)
     assert baseline.fold_model("a")["dim"] == 24 and baseline.fold_model("a")["merge_k"] == 2  # merge_k was searched
+
+    # a source dataset cut from the searched data (SMIC-HS from the composite) replays each of ITS subjects' own
+    # group's choice, labelled with where the choice was made; other data is refused
+    part = dataclasses.replace(d, key="toy-b/SDE", dataset="toy-b", flows=d.flows[4:8], labels=d.labels[4:8],
+                               subjects=d.subjects[4:8], sample_ids=d.sample_ids[4:8], groups=d.groups[4:8],
+                               subset_of="toy/SDE")
+    sub, = build_cells(GridConfig(presets=["epir"], profile="demo", choices=choices, seeds=[0]), {part.key: part}, "demo")
+    assert sub.subjects == ["b"] and sub.fold_model("b") == stored["model"] and sub.profile.endswith("on toy/SDE")
+    with pytest.raises(ValueError, match="were made on toy/SDE, not other/SDE"):
+        build_cells(GridConfig(presets=["epir"], profile="demo", choices=choices, seeds=[0]),
+                    {"other/SDE": dataclasses.replace(part, key="other/SDE", subset_of="")}, "demo")
 
 
 def test_a_validation_training_never_sees_the_subjects_it_predicts():
