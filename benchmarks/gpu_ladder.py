@@ -78,12 +78,12 @@ def _run(task: tuple) -> tuple[str, list[FoldRecord], dict]:
     started, t0 = time.time(), time.perf_counter()
     try:
         check_packable(config, rec)
-        results = train_folds(_DATA.flows, _DATA.labels, _DATA.subjects, subjects, config, rec,
+        results = train_folds(_DATA.model_flows(config), _DATA.labels, _DATA.subjects, subjects, config, rec,
                               log=lambda m: print(f"  {m}", flush=True)) if len(subjects) > 1 else None
     except ValueError:
         results = None
     if results is None:  # one fold, or a model that does not pack: the folds one by one
-        results = [train_fold(_DATA.flows, _DATA.labels, _DATA.subjects, s, config, rec) for s in subjects]
+        results = [train_fold(_DATA.model_flows(config), _DATA.labels, _DATA.subjects, s, config, rec) for s in subjects]
     seconds = time.perf_counter() - t0
     seen = sum(rec.epochs * int((np.asarray(_DATA.subjects) != s).sum()) * rec.ensemble for s in subjects)
     figures = {"seconds": seconds, "samples_seen": seen, "macs": measure(build_model(config)).macs,

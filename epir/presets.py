@@ -96,8 +96,6 @@ register_preset(
     source="STSTNet (Liong et al., FG 2019), PyTorch reproduction github christy1206/STSTNet main.py",
 )
 # figures of models the project does not implement (yet), shown beside ours in Table 1
-register_published("htnet", [Published("CDE", "full", 0.8603, 0.8475, True, "HTNet (Neurocomputing 602, 2024); its "
-                                       "main_HTNet.py keeps each fold's best test epoch", "HTNet (paper)")])
 register_published("mfdan", [Published("CDE", "full", 0.8453, 0.8688, None, "MFDAN, as EPIR's Table 1 cites it",
                                        "MFDAN (paper)")])
 load_builtin_models()  # the peers of epir/models/, one file each

@@ -35,7 +35,7 @@ from .inputs import FLOW_CHANNELS, convert, data_convention
 from .losses import epir_loss
 from .presets import build_model, make_config
 
-Schedule = Literal["constant", "cosine"]
+Schedule = Literal["constant", "cosine", "step"]
 FlowRange = Literal["unit", "signed"]
 SampleOrder = Literal["shuffle", "by_label", "given"]
 Optimizer = Literal["adam", "adamw", "sgd"]
@@ -62,8 +62,11 @@ class TrainRecipe:
         flow_range: how the data's flows are stored: ``unit`` (min-max scaled to 0..1 per sample, as the
             MEGC2019 flow images and ``preprocess --normalize minmax``: mirrored u = 1 - u) or ``signed``
             (pixels: mirrored u = -u). The grid sets it from the shards' manifest.
-        schedule: learning rate over the run: ``constant`` (the paper) or ``cosine`` (decays from
-            ``lr`` to 0 over all steps, ``torch.optim.lr_scheduler.CosineAnnealingLR`` stepped per batch).
+        schedule: learning rate over the run: ``constant`` (the paper), ``cosine`` (decays from
+            ``lr`` to 0 over all steps, ``torch.optim.lr_scheduler.CosineAnnealingLR`` stepped per batch) or
+            ``step`` (multiplied by ``step_gamma`` every ``step_epochs`` epochs, ``torch.optim.lr_scheduler.StepLR``
+            as RCN-A's ``ModelTrain_Final.py`` steps it per epoch).
+        step_epochs, step_gamma: the ``step`` schedule's period in epochs (10) and factor (0.5).
         standardize: standardise each input channel with the mean and std of the fold's training flows
             (:meth:`epir.model.EPIR.set_input_stats`; EPIR family only; the paper does not). Mirroring
             happens before it.
@@ -107,6 +110,8 @@ class TrainRecipe:
     flow_range: FlowRange = "unit"
     standardize: bool = False
     schedule: Schedule = "constant"
+    step_epochs: int = 10
+    step_gamma: float = 0.5
     sample_order: SampleOrder = "shuffle"
     optimizer: Optimizer = "adam"
     label_smoothing: float = 0.0
@@ -127,6 +132,8 @@ class TrainRecipe:
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must lie in [0, 1)"),
             ("mixup", self.mixup >= 0, "must be >= 0"), ("translate", self.translate >= 0, "must be >= 0"),
             ("ensemble", self.ensemble >= 1, "must be >= 1"), ("ema", 0 <= self.ema < 1, "must lie in [0, 1)"),
+            ("step_epochs", self.step_epochs >= 1, "must be >= 1"), ("step_gamma", 0 < self.step_gamma <= 1,
+                                                                     "must lie in (0, 1]"),
             ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs,
              f"must lie in 0..epochs-1 with epochs={self.epochs}")):
             if not ok:
@@ -522,12 +529,14 @@ def fit_all(config, recipe: TrainRecipe, flows: np.ndarray, labels: np.ndarray,
 
 
 def _scheduler(opt, recipe: TrainRecipe, per_epoch: int):
-    """The per-step learning-rate schedule: optional linear warm-up, then constant or cosine to 0."""
+    """The per-step learning-rate schedule: optional linear warm-up, then constant, cosine to 0, or a step every
+    ``step_epochs`` epochs (at the same step as a per-epoch ``StepLR``)."""
     from torch.optim import lr_scheduler
 
     warm = recipe.warmup_epochs * per_epoch
     rest = recipe.epochs * per_epoch - warm
-    main = lr_scheduler.CosineAnnealingLR(opt, rest) if recipe.schedule == "cosine" else None
+    main = lr_scheduler.CosineAnnealingLR(opt, rest) if recipe.schedule == "cosine" else (
+        lr_scheduler.StepLR(opt, recipe.step_epochs * per_epoch, recipe.step_gamma) if recipe.schedule == "step" else None)
     if not warm:
         return main
     ramp = lr_scheduler.LinearLR(opt, start_factor=1 / warm, end_factor=1.0, total_iters=warm)

@@ -42,7 +42,7 @@ ID_VERSION = 3  # 3: the data fingerprint joined the id (2026-12-05); 2: the fro
 ID_REFERENCE: dict[str, dict] = {
     "recipe": {"epochs": 300, "batch_size": 256, "lr": 5e-05, "weight_decay": 0.0, "seed": 0, "device": "auto",
                "hflip": False, "flow_range": "unit", "standardize": False, "schedule": "constant",
-               "sample_order": "shuffle", "optimizer": "adam", "label_smoothing": 0.0, "class_weights": "none",
+               "step_epochs": 10, "step_gamma": 0.5, "sample_order": "shuffle", "optimizer": "adam", "label_smoothing": 0.0, "class_weights": "none",
                "warmup_epochs": 0, "translate": 0, "mixup": 0.0, "ensemble": 1, "ema": 0.0, "precision": "fp32",
                "compile": False},
 }
@@ -263,6 +263,20 @@ class Cell:
                 "folds": str(len(self.subjects)), "subjects_total": str(self.all_subjects)}
 
 
+def _model_data(d: ProtocolData, model: dict) -> dict:
+    """What of the data beyond its fingerprint a model reads, for its cell id: the landmarks digest for a model of
+    HTNet's facial regions (:meth:`grid.data.ProtocolData.model_flows`), nothing for any other model.
+
+    Raises:
+        ValueError: such a model, and no landmarks kept with the data (as ``model_flows``).
+    """
+    config = config_from_dict(model)
+    if not getattr(config, "regions", False):
+        return {}
+    d.model_flows(config)  # refused here, before anything trains
+    return {"landmarks": d.landmarks_digest}
+
+
 def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) -> list[Cell]:
     """Every dataset x protocol x preset x seed cell, in that order."""
     cells = []
@@ -276,7 +290,7 @@ def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) ->
                 model, recipe, label = cfg.settings(preset, profile, len(d.classes), seed)
                 recipe["flow_range"] = d.flow_range
                 parts = dict(data=key, data_fingerprint=d.fingerprint, shards=d.config_id, n=len(d.labels),
-                             model=model, recipe=recipe, subjects=chosen, demo=cfg.demo)
+                             model=model, recipe=recipe, subjects=chosen, demo=cfg.demo, **_model_data(d, model))
                 no_seed = {"recipe": {k: v for k, v in recipe.items() if k != "seed"}}
                 per_fold = None
                 chosen_here = PROFILE_CHOSEN_ON.get(profile, ("",))[0] in (key, d.subset_of or key) and label == profile

@@ -83,6 +83,8 @@ class ProtocolData:
             (``<dataset>/<protocol>/tvl1``), so that one raw dataset under two flows gives two sets of cells.
         subset_of: the data key whose samples these are a subset of (a source dataset of the MEGC2019 composite,
             ``megc2019/CDE``), else empty: a search's choices made there replay here (:func:`grid.cells.fold_settings`).
+        landmarks: (N, 5, 2) float32 landmarks (x, y) of each sample's apex at 28 x 28 px where the shards keep them
+            (:mod:`preprocess.landmarks`, HTNet's regions), else None.
     """
 
     key: str
@@ -99,6 +101,7 @@ class ProtocolData:
     preprocess: dict | None = None
     flow: str = "farneback"
     subset_of: str = ""
+    landmarks: np.ndarray | None = None
 
     @cached_property
     def fingerprint(self) -> str:
@@ -106,6 +109,31 @@ class ProtocolData:
         442 x 28 x 28 x 3 flows). It enters every cell id (:func:`grid.cells.cell_id`)."""
         return data_fingerprint(self.flows, self.labels, self.subjects, self.sample_ids, self.groups, self.classes,
                                 self.flow_range)
+
+    @cached_property
+    def landmarks_digest(self) -> str:
+        """SHA-256 (16 hex digits) of the landmarks as float32, or empty without landmarks: it joins the id of a
+        cell whose model reads them (:func:`grid.cells.build_cells`)."""
+        if self.landmarks is None:
+            return ""
+        return hashlib.sha256(np.ascontiguousarray(self.landmarks, dtype="<f4").tobytes()).hexdigest()[:16]
+
+    def model_flows(self, config) -> np.ndarray:
+        """The flows a model of ``config`` trains and predicts on: HTNet's facial-region tile
+        (:func:`epir.regions.tile_regions`) for a config whose ``regions`` is true, else the flows as they are.
+
+        Raises:
+            ValueError: such a model, and no landmarks kept with these shards.
+        """
+        if not getattr(config, "regions", False):
+            return self.flows
+        if self.landmarks is None:
+            raise ValueError(f"a {config.family} model reads facial regions cut around the apex frame's landmarks, and "
+                             f"{self.key} keeps none: configure the megc2019 dataset with apex = <HTNet's folder of "
+                             "apex crops> (../shared/data/htnet_apex), so that preprocessing finds them once")
+        from epir.regions import tile_regions
+
+        return tile_regions(self.flows, self.landmarks)
 
     @property
     def fold_subjects(self) -> list[str]:
@@ -134,6 +162,10 @@ def preprocess(spec: DatasetSpec, shards: Path, progress=print) -> Path:
     name = dataset_name(spec.format, adapted, spec.name)
     summary = run(adapted, name, shards, cfg, precomputed=spec.format == "megc2019", progress=progress)
     progress(summary.render())
+    if spec.format == "megc2019" and adapted.samples["apex_path"].notna().any():  # HTNet's landmarks, found once
+        from preprocess.landmarks import write_landmarks
+
+        write_landmarks(summary.out_dir, adapted.samples[adapted.samples["apex_path"].notna()], progress)
     return summary.out_dir
 
 
@@ -200,8 +232,27 @@ def load_protocol(folder: Path, protocol: str) -> ProtocolData:
         flow_range="unit" if manifest.get("precomputed") or normalize == "minmax" else "signed",
         preprocess={"config": manifest.get("config") or {}, "precomputed": bool(manifest.get("precomputed")),
                     "flow": manifest.get("flow") or {"algorithm": flow}},
-        flow=flow, subset_of=manifest.get("subset_of", ""),
+        flow=flow, subset_of=manifest.get("subset_of", ""), landmarks=_landmarks(folder, df),
     )
+
+
+def _landmarks(folder: Path, samples) -> np.ndarray | None:
+    """(N, 5, 2) landmarks of ``samples`` (their order) from the shard folder's ``landmarks.csv``, or None.
+
+    Raises:
+        ValueError: the file lacks a sample.
+    """
+    from preprocess.landmarks import landmark_array, read_landmarks
+
+    table = read_landmarks(folder)
+    if table is None:
+        return None
+    by_key = table.set_index(["subject", "sample_id"])
+    keys = list(zip(samples["subject"].astype(str), samples["sample_id"].astype(str)))
+    missing = [k for k in keys if k not in by_key.index]
+    if missing:
+        raise ValueError(f"{folder}/landmarks.csv lacks {len(missing)} sample(s), e.g. {missing[:2]}")
+    return landmark_array(by_key.loc[keys].reset_index())
 
 
 def shard_flow(manifest: dict) -> str:

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from epir.inputs import InputConvention, convert, data_convention
+from epir.presets import config_from_dict
 from epir.train import to_tensor
 from preprocess.shards import PreprocessConfig
 from preprocess.stages import faces_and_flows
@@ -121,6 +122,30 @@ def probabilities(model, meta: dict, flows: np.ndarray) -> np.ndarray:
         return model(x).softmax(-1).numpy()
 
 
+def region_flows(flows: np.ndarray, pairs: pd.DataFrame, log=print) -> np.ndarray:
+    """HTNet's input for new pairs, as the grid's for its training data: the landmarks of each apex face (the
+    apex image cropped with the face stage's box, :class:`preprocess.landmarks.LandmarkFinder`), then
+    :func:`epir.regions.tile_regions` of the flows around them.
+
+    Args:
+        flows: (n, 28, 28, 3) flows of the accepted pairs; pairs: those pairs, with ``apex_path`` and ``face_box``.
+
+    Raises:
+        FileNotFoundError: an apex image cannot be read.
+    """
+    from epir.regions import tile_regions
+    from preprocess.landmarks import LandmarkFinder, read_bgr
+
+    finder, points, found = LandmarkFinder(), [], 0
+    for path, (x1, y1, x2, y2) in zip(pairs["apex_path"], pairs["face_box"]):
+        p, ok = finder(read_bgr(path)[y1:y2, x1:x2])
+        points.append(p)
+        found += ok
+    log(f"landmarks: MTCNN found the apex face's landmarks on {found} of {len(points)} pair(s) at 28 x 28 px; "
+        "HTNet's fallback points stand in for the others")
+    return tile_regions(flows, np.stack(points))
+
+
 def run(uri: str, manifest: Path | None, onset: Path | None, apex: Path | None, out: Path | None,
         precropped: bool = False, log=print, flow: str | None = None, allow_flow_mismatch: bool = False) -> pd.DataFrame:
     """Classify new pairs with a logged model; write a CSV (``out``) or print one line per pair.
@@ -144,6 +169,8 @@ def run(uri: str, manifest: Path | None, onset: Path | None, apex: Path | None, 
     for c in classes:
         table[f"p_{c}"] = np.nan
     if ok.any():
+        if getattr(config_from_dict(meta["model_config"]), "regions", False):  # HTNet: its facial-region tile
+            flows = region_flows(flows, table[ok], log)
         probs = probabilities(model, meta, flows)
         table.loc[ok, "predicted"] = [classes[i] for i in probs.argmax(-1)]
         for j, c in enumerate(classes):

@@ -256,7 +256,7 @@ def group_fold(flows: np.ndarray, labels: np.ndarray, subjects: np.ndarray, held
 def _group_task(data, held: list[str], model: dict, recipe: dict, threads: int, model_modules=()) -> dict:
     import_model_modules(model_modules)
     torch.set_num_threads(max(1, threads))
-    return group_fold(data.flows, data.labels, data.subjects, held, model, recipe)
+    return group_fold(data.model_flows(config_from_dict(model)), data.labels, data.subjects, held, model, recipe)
 
 
 def check_space(space: dict, model: dict) -> None:
@@ -592,7 +592,8 @@ def _final_model(s: _Setup, client, exp_id: str, parent: str, overall: dict, tes
     def train(data, model: dict, recipe: dict, threads: int) -> dict:
         torch.set_num_threads(threads)
         start = time.time()
-        net, curve = fit_all(config_from_dict(model), TrainRecipe(**recipe), data.flows, data.labels)
+        net, curve = fit_all(config_from_dict(model), TrainRecipe(**recipe), data.model_flows(config_from_dict(model)),
+                         data.labels)
         save_weights(net, path)
         return {"path": str(path), "curve": curve, "train_seconds": time.time() - start, "samples": len(data.labels)}
 

@@ -96,7 +96,7 @@ def fold_trial(config: dict, data: dict) -> None:
 def _final_model(t: dict, d, model_config, recipe, report) -> dict:
     """Train the cell's model on every subject and save its weights; the record the driver logs."""
     started = time.time()
-    model, curve = fit_all(model_config, recipe, d.flows, d.labels, on_epoch_end=report)
+    model, curve = fit_all(model_config, recipe, d.model_flows(model_config), d.labels, on_epoch_end=report)
     weights = Path(t["model_dir"]) / f"{t['cell_id']}-final.pt"
     save_weights(model, weights)
     return {"path": str(weights), "curve": curve, "train_seconds": time.time() - started,
@@ -106,11 +106,12 @@ def _final_model(t: dict, d, model_config, recipe, report) -> dict:
 def _folds(t: dict, subjects: list[str], d, model_config, recipe, report) -> list[dict]:
     """Train one fold, or a pack of folds as one batched model; their records (weights saved on request)."""
     started, keep = time.time(), bool(t.get("keep_weights"))
+    flows = d.model_flows(model_config)  # HTNet's facial-region tile where the model reads it
     if len(subjects) > 1:  # a pack: the folds trained as one batched model (epir.pack)
-        results = train_folds(d.flows, d.labels, d.subjects, subjects, model_config, recipe, keep_models=keep,
+        results = train_folds(flows, d.labels, d.subjects, subjects, model_config, recipe, keep_models=keep,
                               on_epoch_end=lambda s, rec: report(rec) if s == subjects[0] else None)
     else:
-        results = [train_fold(d.flows, d.labels, d.subjects, subjects[0], model_config, recipe, on_epoch_end=report,
+        results = [train_fold(flows, d.labels, d.subjects, subjects[0], model_config, recipe, on_epoch_end=report,
                               keep_models=keep)]
     folds = []
     for r in results:

@@ -365,7 +365,24 @@ def casme3(root: Path, annotations: Path | None = None) -> AdapterResult:
 MEGC2019_SOURCES = ("casme2", "samm", "smic")  # the composite's source datasets, each an SDE subset (``source``)
 
 
-def megc2019(root: Path, annotations: Path | None = None, source: str | None = None) -> AdapterResult:
+HTNET_APEX_CSV = "combined_3_class2_for_optical_flow.csv"  # HTNet's table of its apex crops (../shared/data/htnet_apex)
+
+
+def htnet_apex_paths(apex: Path) -> dict[tuple[str, str], str]:
+    """(subject, sample id) -> the apex crop HTNet publishes for it (``apex/<imagename>``), from its CSV.
+
+    Raises:
+        DatasetError: the folder has no such CSV.
+    """
+    table = Path(apex) / HTNET_APEX_CSV
+    if not table.is_file():
+        raise DatasetError(f"{table} not found: apex must be HTNet's folder of apex crops (../shared/data/htnet_apex)")
+    df = pd.read_csv(table, dtype=str, keep_default_na=False)
+    return {(r.sub, r.filename_o): str(Path(apex).resolve() / r.imagename) for r in df.itertuples(index=False)}
+
+
+def megc2019(root: Path, annotations: Path | None = None, source: str | None = None,
+             apex: str | Path | None = None) -> AdapterResult:
     """The MEGC2019 composite as STSTNet/HTNet publish it (:mod:`preprocess.megc2019`): the flow
     stages are skipped; ``flow_path`` names each sample's 28 x 28 u/v/strain image. Only CDE labels.
 
@@ -374,8 +391,12 @@ def megc2019(root: Path, annotations: Path | None = None, source: str | None = N
     flows; CASME II 145 and SAMM 133, NOT the paper's 5-class rows). The result says which composite it is
     cut from (``subset_of``), so that a search's choices made on the composite replay on its subjects.
 
+    With ``apex`` (HTNet's folder of the samples' apex crops, ``../shared/data/htnet_apex``), each sample's
+    ``apex_path`` names its crop: the grid finds HTNet's landmarks there once (:mod:`preprocess.landmarks`).
+
     Raises:
-        DatasetError: no ``combined_3class_gt.csv`` in the root, or an unknown ``source``.
+        DatasetError: no ``combined_3class_gt.csv`` in the root, an unknown ``source``, or an ``apex`` folder
+            without HTNet's table or without a crop of some sample.
     """
     try:
         gt = read_ground_truth(root)
@@ -385,11 +406,16 @@ def megc2019(root: Path, annotations: Path | None = None, source: str | None = N
         if source not in MEGC2019_SOURCES:
             raise DatasetError(f"megc2019 source must be one of {MEGC2019_SOURCES}, got {source!r}")
         gt = gt[gt["dataset"] == source]
+    crops = htnet_apex_paths(Path(apex)) if apex else {}
+    missing = [f"{s}/{i}" for s, i in zip(gt["subject"], gt["sample_id"]) if apex and (s, i) not in crops]
+    if missing:
+        raise DatasetError(f"{apex}: no apex crop of {len(missing)} sample(s), e.g. {missing[:3]}")
     results = []
     for ds, part in gt.groupby("dataset", sort=False):
         rows = [dict(subject=r.subject, sample_id=r.sample_id, emotion=r.emotion,
                      sde_class=r.emotion if source else None, cde_class=None if source else r.emotion,
-                     flow_path=r.flow_path) for r in part.itertuples(index=False)]
+                     flow_path=r.flow_path, apex_path=crops.get((r.subject, r.sample_id)) if apex else None)
+                for r in part.itertuples(index=False)]
         results.append(_finish(ds, rows, CDE_CLASSES if source else ()))
     samples = pd.concat([r.samples for r in results], ignore_index=True)
     rejects = pd.concat([r.rejects for r in results], ignore_index=True)

@@ -189,7 +189,7 @@ def faces_and_flows(pairs: pd.DataFrame, cfg: PreprocessConfig) -> tuple[np.ndar
     Returns:
         (flows (n_ok, H, W, 3) float32 ``[u, v, strain]`` of the accepted pairs, in order; the pairs with
         ``status``, ``reason`` and ``detail``: what was wrong with a rejected pair, e.g. both frame sizes or
-        the missing path).
+        the missing path; and ``face_box`` (x1, y1, x2, y2) in source pixels, where the face stage ran).
     """
     ok, absent = check_files(pairs, precomputed=False)
     out = pairs.assign(status="rejected", reason="", detail="")
@@ -205,4 +205,6 @@ def faces_and_flows(pairs: pd.DataFrame, cfg: PreprocessConfig) -> tuple[np.ndar
             flows = np.stack([np.asarray(r["flow"], np.float32).reshape(r["shape"]) for r in rows if r["flow"] is not None])
         for sid, status, reason, detail in zip(faced["sample_id"], faced["status"], faced["reason"], faced["detail"]):
             out.loc[out["sample_id"] == sid, ["status", "reason", "detail"]] = [status, reason, detail]
+        boxes = {sid: tuple(int(v) for v in b) for sid, b in zip(faced["sample_id"], faced["face_box"])}
+        out["face_box"] = [boxes.get(sid) for sid in out["sample_id"]]
     return flows, out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -136,3 +138,29 @@ def test_unrepairable_apex_is_rejected_not_a_crash(tmp_path):
     r = casme2(tmp_path)
     assert r.samples["sample_id"].tolist() == ["EP02"]
     assert r.rejects[["sample_id", "reason"]].values.tolist() == [["EP01", "bad_annotation"]]
+
+
+def test_htnet_apex_crops_give_landmarks_kept_with_the_shards(tmp_path):
+    """Each composite sample's apex crop (HTNet's folder), its five landmarks found at 28 x 28 px as HTNet finds them
+    (here 4 samples: SAMM crops give a face, most CASME II crops do not and take HTNet's fallback points), kept in
+    landmarks.csv and reused while the samples are the same."""
+    from preprocess.landmarks import FALLBACK_LANDMARKS, landmark_array, read_landmarks, write_landmarks
+
+    apex = COMPOSITE.parent / "htnet_apex"
+    if not (apex / "combined_3_class2_for_optical_flow.csv").is_file():
+        pytest.skip(f"HTNet's apex crops absent: {apex}")
+    r = megc2019(COMPOSITE, apex=apex)
+    assert r.samples["apex_path"].map(lambda p: Path(p).is_file()).all() and len(r.samples) == 442
+    some = r.samples[r.samples["sample_id"].isin(["006_1_2", "006_1_3", "EP02_01f", "EP19_05f"])
+                     & r.samples["subject"].isin(["006", "sub01"])]
+    lines = []
+    write_landmarks(tmp_path, some, lines.append)
+    table = read_landmarks(tmp_path)
+    assert table["found"].tolist() == [s.startswith("006") for s in table["sample_id"]], table
+    points = landmark_array(table)
+    assert (points[~table["found"].to_numpy()] == FALLBACK_LANDMARKS).all()
+    assert ((points > 0) & (points < 28)).all() and "found a face on 2 of 4" in lines[0]
+    write_landmarks(tmp_path, some, lines.append)
+    assert "kept from an earlier run" in lines[-1]
+    with pytest.raises(DatasetError, match="not found"):
+        megc2019(COMPOSITE, apex=tmp_path)

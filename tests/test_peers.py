@@ -172,3 +172,65 @@ def test_a_peer_trains_through_train_fold_and_the_grid_demo(demo_seeded):
     runs = __import__("pandas").read_csv(tmp_path / "results" / "epir-grid-demo" / "runs.csv")
     assert sorted(zip(runs["preset"], runs["seed"])) == [("epir", 0), ("epir", 1), ("ststnet", 0), ("ststnet", 1)]
     assert set(runs.loc[runs["preset"] == "ststnet", "epochs"].astype(int)) == {3}  # --set reaches a peer too
+
+
+def test_htnet_regions_are_cut_as_the_reference_cuts_them():
+    from epir.regions import tile_regions
+
+    flows = np.arange(2 * 28 * 28 * 3, dtype=np.float32).reshape(2, 28, 28, 3)
+    # the reference's fixed points, clipped to 7..21 and truncated: (9, 11) (21, 10) (15, 17) (10, 21) (20, 21)
+    points = np.array([[9.53, 11.06], [21.4, 10.92], [15.38, 17.38], [10.26, 22.12], [20.58, 22.26]], np.float32)
+    tiles = tile_regions(flows, np.stack([points, points + 100]))  # the second: every point clipped to 21
+    f = flows[0]
+    # x indexes the ROWS (main_HTNet.py), blocks [[0, 1], [3, 4]], the nose (2) unused
+    np.testing.assert_array_equal(tiles[0, :14, :14], f[2:16, 4:18])
+    np.testing.assert_array_equal(tiles[0, :14, 14:], f[14:28, 3:17])
+    np.testing.assert_array_equal(tiles[0, 14:, :14], f[3:17, 14:28])
+    np.testing.assert_array_equal(tiles[0, 14:, 14:], f[13:27, 14:28])
+    assert (tiles[1] == np.tile(flows[1][14:28, 14:28], (2, 2, 1))).all()
+    with pytest.raises(ValueError, match="landmarks"):
+        tile_regions(flows, points[None])
+
+
+def test_every_peer_is_logged_as_an_mlflow_model_and_predict_applies_it(tmp_path, monkeypatch):
+    """Each peer family (tiny where it is large), trained a step, logged as the grid logs a final model and loaded
+    back by predict, gives the same probabilities; HTNet's through its region tile, which predict cuts too."""
+    from epir.regions import tile_regions
+    from grid import predict, tracking
+    from grid.cells import build_cells
+    from grid.config import GridConfig
+    from grid.data import ProtocolData
+    from grid.trainable import save_weights
+    from preprocess.landmarks import FALLBACK_LANDMARKS
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    rng = np.random.default_rng(0)
+    n = 12
+    d = ProtocolData("toy/CDE", "toy", "CDE", "c1", rng.random((n, 28, 28, 3), dtype=np.float32), np.arange(n) % 3,
+                     np.repeat(list("abc"), 4), np.array([f"x{i}" for i in range(n)]), np.array(["toy"] * n),
+                     ["negative", "positive", "surprise"], "unit",
+                     landmarks=np.repeat(FALLBACK_LANDMARKS[None], n, axis=0) + rng.normal(0, 2, (n, 5, 2)))
+    client, exp_id = tracking.setup("peers")
+    tiny = {"htnet": dict(dim=6, heads=3, repeats_top=1)}
+    for name in ("offapexnet", "sssnet", "rcn-a", "htnet"):
+        cfg = GridConfig(presets=[name], overrides=tiny.get(name, {}), seeds=[0])
+        cell, = build_cells(cfg, {d.key: d}, "paper")
+        config = config_from_dict(cell.model)
+        r = train_fold(d.model_flows(config), d.labels, d.subjects, "a", config,
+                       TrainRecipe(**{**cell.recipe, "epochs": 1, "device": "cpu"}), keep_models=True)
+        save_weights(r.models[0], tmp_path / f"{name}.pt")
+        parent = tracking.parent_run(client, exp_id, cell)
+        uri = tracking.log_final_model(client, exp_id, parent, cell, {"path": str(tmp_path / f"{name}.pt"),
+                                                                      "curve": r.curve, "samples": n})
+        model, meta = predict.load(uri)
+        flows = d.model_flows(config)[:4]
+        want = r.models[0].eval()(to_model_input(flows, config, "unit")).softmax(-1).detach().numpy()
+        np.testing.assert_allclose(predict.probabilities(model, meta, flows), want, atol=1e-5, err_msg=name)
+    # predict cuts HTNet's tile from a new pair's apex face (here a blank image: MTCNN finds none, the fallback)
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "apex.png"), np.full((64, 64, 3), 128, np.uint8))
+    lines = []
+    tiled = predict.region_flows(d.flows[:1], {"apex_path": [str(tmp_path / "apex.png")], "face_box": [(0, 0, 64, 64)]},
+                                 lines.append)
+    assert "on 0 of 1 pair(s)" in lines[0] and np.array_equal(tiled, tile_regions(d.flows[:1], FALLBACK_LANDMARKS[None]))
