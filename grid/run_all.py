@@ -144,7 +144,7 @@ def _selection_options(p: argparse.ArgumentParser) -> None:
 def _report_options(p: argparse.ArgumentParser) -> None:
     """The ``report`` command's options (refused with any other command)."""
     r = p.add_argument_group("report options", "python grid/run_all.py report --experiment E [--beside RUNS_CSV[:PRESETS]] "
-                             "[--pair SETTING_A:SETTING_B]")
+                             "[--pair SETTING_A:SETTING_B] [--leaderboard]")
     r.add_argument("--beside", action="append", default=[], metavar="RUNS_CSV[:PRESETS]",
                    help="report: rows of another experiment's results/<experiment>/runs.csv (only PRESETS, "
                         "comma-separated, if given) shown beside this experiment's, labelled; paired like this "
@@ -154,6 +154,10 @@ def _report_options(p: argparse.ArgumentParser) -> None:
                    help="report: also compare these two rows, paired (A minus B, subject bootstrap CI), e.g. two "
                         "search designs' cells; SETTING = a row's 'setting' id in runs.csv (this experiment's or a "
                         "--beside file's); written to paired_comparisons (repeatable)")
+    r.add_argument("--leaderboard", action="store_true",
+                   help="report: also write leaderboard.md / .csv: one row per model and protocol, each paired with "
+                        "epir (95%% subject-bootstrap CI), its PEEKS score and published figure, the softmax ensemble "
+                        "of the CPU-trained models, and the models that wait for a GPU (grid/leaderboard.py)")
 
 
 def _search_options(p: argparse.ArgumentParser) -> None:
@@ -296,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError) as e:
         print("\n".join(f"error: {line}" for line in str(e).splitlines()), file=sys.stderr)
         return 2
-    report_only = [flag for flag, given in (("--beside", args.beside), ("--pair", args.pair)) if given]
+    report_only = [flag for flag, given in (("--beside", args.beside), ("--pair", args.pair),
+                                            ("--leaderboard", args.leaderboard)) if given]
     if report_only and args.command != "report":
         print(f"error: {' and '.join(report_only)} only work with the report command "
               f"(python grid/run_all.py report --experiment {cfg.experiment} ...)", file=sys.stderr)
@@ -403,6 +408,11 @@ def _report(args, cfg: GridConfig) -> int:
         return 2
     try:
         out = write_tables(client, exp_id, cfg.experiment, cfg.results_dir, beside, args.pair)
+        if args.leaderboard and out:
+            from grid.leaderboard import report_leaderboard
+
+            report_leaderboard(client, exp_id, cfg.experiment, cfg.results_dir, beside)
+            print(f"leaderboard written to {out / 'leaderboard.md'}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

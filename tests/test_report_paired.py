@@ -138,3 +138,31 @@ def test_beside_and_pair_are_refused_outside_report_and_a_bad_pair_by_argparse(c
     with pytest.raises(SystemExit):
         main(["report", "--pair", "just-one"])
     assert "is not SETTING_A:SETTING_B" in capsys.readouterr().err
+
+
+def test_the_leaderboard_pairs_every_model_with_epir_and_adds_the_ensemble_and_the_waiting_rows(tmp_path, monkeypatch):
+    from grid.leaderboard import ENSEMBLE, PUBLISHED_DATASET, ensemble_predictions, report_leaderboard
+    from grid.report import Predictions, collect, sample_hash
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setitem(PUBLISHED_DATASET, "toy", "full")  # the toy data stands for the composite's published rows
+    d = _data(n_subjects=8)
+    cells = build_cells(GridConfig(presets=["epir", "baseline", "sssnet"], seeds=[0, 1], profile="demo"), {d.key: d}, "demo")
+    client, exp_id = tracking.setup("board")
+    _log_cells(client, exp_id, cells, d, {"epir": 0.9, "baseline": 0.4, "sssnet": 0.5})
+    out = report_leaderboard(client, exp_id, "board", tmp_path / "results")
+    board = pd.read_csv(out / "leaderboard.csv", dtype=str, keep_default_na=False).set_index("model")
+    assert list(board.index) == ["epir", "sssnet", "baseline", ENSEMBLE, "offapexnet", "htnet"]
+    assert board.loc["baseline", "ΔUF1 vs epir [95% CI] (seeds)"].startswith("-") and "(2/2)" in board.loc["baseline", "ΔUF1 vs epir [95% CI] (seeds)"]
+    assert board.loc["sssnet", "published peeks"] == "no" and board.loc["htnet", "seeds"] == "not run"
+    assert "waits for a GPU" in board.loc["offapexnet", "note"] and board.loc[ENSEMBLE, "seeds"] == "0,1"
+    # the ensemble: per seed, the mean of the three models' probabilities, arg-max
+    preds = Predictions(client, exp_id, collect(client, exp_id))
+    members = [preds.of(c.setting_id)[0] for c in cells if c.seed == 0]
+    ens = ensemble_predictions(members, d.classes)
+    probs = [m[0].assign(h=m[0]["sample_id"].map(sample_hash)).set_index(["subject", "h"])[
+        [tracking.PROB + c for c in d.classes]] for m in members]
+    keys = list(zip(ens[0]["subject"], ens[0]["sample_hash"]))
+    mean = np.mean([p.loc[keys].to_numpy() for p in probs], axis=0)
+    assert len(keys) == len(d.labels) and (ens[0]["y_pred"].to_numpy() == mean.argmax(1)).all()
+    assert "softmax mean of sssnet, baseline, epir" in board.loc[ENSEMBLE, "note"]
