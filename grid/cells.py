@@ -173,9 +173,9 @@ def fold_settings(choices: dict, data_key: str, subjects: list[str], model: dict
     return out
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Cell:
-    """One dataset x protocol x preset x seed: a full LOSO evaluation.
+    """One dataset x protocol x preset x seed: a full LOSO evaluation (built by keyword only).
 
     Attributes:
         cell_id: hash of data, protocol, preset, model, recipe (seed included) and fold selection (MLflow tag).
@@ -309,9 +309,11 @@ def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) ->
                 name = f"{d.protocol} {d.dataset}" + (f" [{d.flow}]" if key.endswith("/" + d.flow) else "") \
                     + f" {preset}" + (" searched" if per_fold else "") \
                     + (f" seed {seed}" if cfg.seeds != [0] else "")
-                cells.append(Cell(cell_id(parts), name, d.dataset, d.protocol, preset, label, key, d.config_id,
-                                  d.classes, model, recipe, chosen, len(subjects), cfg.demo, setting, per_fold,
-                                  d.preprocess, d.flow, data_fingerprint=d.fingerprint, cell_id_v2=cell_id_v2(parts)))
+                cells.append(Cell(cell_id=cell_id(parts), name=name, dataset=d.dataset, protocol=d.protocol, preset=preset,
+                                  profile=label, data_key=key, config_id=d.config_id, classes=d.classes, model=model,
+                                  recipe=recipe, subjects=chosen, all_subjects=len(subjects), demo=cfg.demo,
+                                  setting_id=setting, fold_settings=per_fold, preprocess=d.preprocess, flow=d.flow,
+                                  data_fingerprint=d.fingerprint, cell_id_v2=cell_id_v2(parts)))
     return cells
 
 

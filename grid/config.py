@@ -400,11 +400,14 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+SEARCH_KEYS = {"space"}  # what a grid TOML's [search] table may hold (grid/run_all.py search reads it)
+
+
 def load_config(path: Path | None) -> dict:
     """Read a grid TOML file into GridConfig keyword arguments.
 
     Raises:
-        FileNotFoundError: the file does not exist. ValueError: a key is unknown.
+        FileNotFoundError: the file does not exist. ValueError: a key is unknown (also in ``[search]``).
     """
     if path is None:
         return {}
@@ -416,6 +419,10 @@ def load_config(path: Path | None) -> dict:
     if bad:
         raise ValueError(f"{path}: unknown key(s) {sorted(bad)}; known: {sorted(known - {'demo'})}")
     out = dict(raw)
+    unknown = set(raw.get("search", {})) - SEARCH_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)} in [search]; known: {sorted(SEARCH_KEYS)} (the other "
+                         "search settings are command-line options: python grid/run_all.py search --help)")
     if "model_files" in raw:  # relative to the TOML file, as dataset roots
         out["model_files"] = [f if Path(f).is_absolute() else (path.parent / f).resolve() for f in raw["model_files"]]
     if "datasets" in raw:

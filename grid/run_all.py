@@ -473,10 +473,11 @@ def _search(args, cfg: GridConfig) -> int:
     if cfg.demo:
         print("error: search needs a dataset: --dataset FORMAT=ROOT:PROTOCOL (see --help)", file=sys.stderr)
         return 2
-    toml = load_config(args.config).get("search", {}) if args.config else {}
-    if args.presets is None and not (args.config and "presets" in load_config(args.config)):
+    raw = load_config(args.config) if args.config else {}  # read (and checked) once
+    toml = raw.get("search", {})
+    if args.presets is None and "presets" not in raw:
         cfg.presets = ["epir"]
-    if args.experiment is None and not (args.config and "experiment" in load_config(args.config)):
+    if args.experiment is None and "experiment" not in raw:
         cfg.experiment = "epir-search"
     try:
         space = parse_space(args.space or toml.get("space"))

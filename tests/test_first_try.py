@@ -110,8 +110,9 @@ def test_the_shard_cache_key_follows_the_files_contents_not_their_folder(composi
 
 
 def _cell(name, protocol, subjects, total, preset="epir"):
-    return Cell(name, name, "toy", protocol, preset, "cpu", f"toy/{protocol}", "c", ["a", "b"], {}, {"seed": 0},
-                subjects, total)
+    return Cell(cell_id=name, name=name, dataset="toy", protocol=protocol, preset=preset, profile="cpu",
+                data_key=f"toy/{protocol}", config_id="c", classes=["a", "b"], model={}, recipe={"seed": 0},
+                subjects=subjects, all_subjects=total)
 
 
 def test_the_console_summary_marks_partial_cells_and_shows_published_figures_only_for_cde():

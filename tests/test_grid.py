@@ -153,6 +153,9 @@ def test_configuration_parsing(tmp_path):
     toml.write_text("experimnt = 'typo'\n")
     with pytest.raises(ValueError, match="unknown key"):
         load_config(toml)
+    toml.write_text("[search]\nspace = ['lr=loguniform:1e-4:1e-2']\ntrials = 30\n")  # trials: a command-line option
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['trials'\] in \[search\]"):
+        load_config(toml)
     with pytest.raises(ValueError, match="unknown override"):
         GridConfig(datasets=[DatasetSpec("megc2019", tmp_path)], overrides={"epoch": 3})
     with pytest.raises(ValueError, match="unknown preset"):

@@ -36,9 +36,10 @@ def _tvl1_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = make_config("baseline", dim=8, dim_head=4, depth=2)
     pre = PreprocessConfig(flow="tvl1")
-    cell = Cell("c1", "SDE lab baseline", "lab", "SDE", "baseline", "demo", "lab/SDE/tvl1", pre.config_id(),
-                ["negative", "positive", "surprise"], config_to_dict(config), {"seed": 0, "flow_range": "unit"},
-                ["s1", "s2"], 2, preprocess={"config": dataclasses.asdict(pre), "precomputed": False}, flow="tvl1")
+    cell = Cell(cell_id="c1", name="SDE lab baseline", dataset="lab", protocol="SDE", preset="baseline", profile="demo",
+                data_key="lab/SDE/tvl1", config_id=pre.config_id(), classes=["negative", "positive", "surprise"],
+                model=config_to_dict(config), recipe={"seed": 0, "flow_range": "unit"},
+                subjects=["s1", "s2"], all_subjects=2, preprocess={"config": dataclasses.asdict(pre), "precomputed": False}, flow="tvl1")
     torch.manual_seed(0)
     path = tmp_path / "final.pt"
     torch.save(build_model(config).state_dict(), path)
