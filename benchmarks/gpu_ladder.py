@@ -29,7 +29,6 @@ GPU memory. Re-running with the same ``--out`` trains only the folds not yet in 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -48,7 +47,7 @@ from epir.complexity import measure
 from epir.pack import check_packable, train_folds
 from epir.presets import LADDER, PRESETS, build_model, config_from_dict
 from epir.train import TrainRecipe, train_fold
-from grid.cells import build_cells, pooled_scores
+from grid.cells import build_cells, fold_packs, pooled_scores
 from grid.config import PROFILES, GridConfig, parse_overrides
 from grid.data import available_protocols, load_protocol
 from grid.records import FoldRecord, append_fold, done_keys, read_records, write_cells
@@ -124,20 +123,11 @@ class GpuSampler:
         return float(np.mean(self.samples)) if self.samples else None
 
 
-def plan_packs(cells: list, done: set, size: int, order: dict) -> list[tuple]:
-    """The tasks: per cell and distinct fold setting, its unfinished folds (largest test subjects first) in packs
-    of up to ``size`` (0 = all)."""
-    tasks = []
-    for c in cells:
-        groups: dict[str, list[str]] = {}
-        for s in sorted((s for s in c.subjects if (c.cell_id, s) not in done), key=lambda s: order[s]):
-            groups.setdefault(json.dumps([c.fold_model(s), c.fold_recipe(s)], sort_keys=True), []).append(s)
-        for subjects in groups.values():
-            step = size or len(subjects)
-            for k in range(0, len(subjects), step):
-                part = subjects[k:k + step]
-                tasks.append((c.cell_id, part, c.fold_model(part[0]), c.fold_recipe(part[0])))
-    return tasks
+def plan_packs(cells: list, done: set, size: int) -> list[tuple]:
+    """The tasks: each cell's unfinished folds in packs of up to ``size`` (0 = a setting's folds in one), as the
+    grid plans its trials (:func:`grid.cells.fold_packs`): ``(cell_id, subjects, model dict, recipe dict)``."""
+    return [(c.cell_id, part, c.fold_model(part[0]), c.fold_recipe(part[0]))
+            for c in cells for part in fold_packs(c, {s for cid, s in done if cid == c.cell_id}, size)]
 
 
 def preset_figures(cells: list, figures: dict[str, list[dict]], peak_tflops: float) -> list[str]:
@@ -157,7 +147,8 @@ def preset_figures(cells: list, figures: dict[str, list[dict]], peak_tflops: flo
     return lines
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line (unchanged since the GPU issue's prepared command was written against it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=Path, required=True, help="a preprocessed dataset folder (holds manifest.json)")
     p.add_argument("--protocol", choices=["SDE", "CDE"], help="default: the first the dataset allows")
@@ -171,8 +162,48 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, help="packs at once, one process each (default: one per GPU, else 1)")
     p.add_argument("--threads", type=int, help="CPU threads per worker (default: cores / workers)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense bf16 peak (default 790, H200)")
-    args = p.parse_args(argv)
+    return p
 
+
+def _train(args, d, cells: list, tasks: list, meta: dict, gpus: list[int]) -> tuple[dict[str, list[dict]], float | None]:
+    """Train the packs in worker processes, each fold's record appended as it ends; (figures per cell, mean GPU
+    utilisation)."""
+    names, todo = {c.cell_id: c.name for c in cells}, sum(len(t[1]) for t in tasks)
+    start = time.perf_counter()
+    ctx = torch.multiprocessing.get_context("spawn")
+    counter = ctx.Value("i", 0)
+    figures: dict[str, list[dict]] = {}
+    n = 0
+    with GpuSampler() as gpu, ctx.Pool(meta["workers"], initializer=_init,
+                                        initargs=(d, gpus, counter, meta["threads_per_worker"])) as pool:
+        for cid, recs, fig in pool.imap_unordered(_run, tasks):
+            for rec in recs:
+                append_fold(args.out, cid, rec)
+            n += len(recs)
+            figures.setdefault(cid, []).append({**fig, "folds": len(recs)})
+            el = time.perf_counter() - start
+            acc = float(np.mean([r.accuracy for r in recs]))
+            print(f"[{n}/{todo} folds, {el / 60:.1f} min, {n / el * 3600:.0f} folds/h] {names[cid]} | pack of "
+                  f"{len(recs)} fold(s): mean acc {acc:.3f}, {fig['seconds']:.1f} s", flush=True)
+    return figures, gpu.mean()
+
+
+def _summary(args, cells: list, figures: dict, meta: dict, util: float | None) -> None:
+    """The run's figures per preset and every complete cell's honest and PEEKS scores."""
+    print(f"\nwall {meta['wall_seconds'] / 60:.1f} min for {meta['folds_trained']} folds: {meta['folds_per_hour']} "
+          "folds/hour; GPU utilisation " + (f"{util:.0f} %" if util is not None else "n/a (no GPU)"))
+    print("\n".join(preset_figures(cells, figures, args.peak_tflops)))
+    _, _, folds = read_records(args.out)
+    for c in cells:
+        if len(folds[c.cell_id]) == len(c.subjects):
+            h, b = pooled_scores(c, folds[c.cell_id]), pooled_scores(c, folds[c.cell_id], best_test_epoch=True)
+            print(f"  {c.name:<36} UF1 {h['all']['uf1']:.4f}  UAR {h['all']['uar']:.4f}   best test epoch (PEEKS): "
+                  f"UF1 {b['all']['uf1']:.4f}  UAR {b['all']['uar']:.4f}")
+    print(f"records: {args.out}/ -> uv run python grid/run_all.py import {args.out} --experiment NAME")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     protocol = args.protocol or available_protocols(args.shards)[0]
     d = load_protocol(args.shards, protocol)
     try:
@@ -192,42 +223,18 @@ def main(argv=None) -> int:
             "fold_pack": args.fold_pack}
     write_cells(args.out, cells, meta)
     done = done_keys(args.out)
-    tasks = plan_packs(cells, done, args.fold_pack, {s: i for i, s in enumerate(d.fold_subjects)})
-    names = {c.cell_id: c.name for c in cells}
+    tasks = plan_packs(cells, done, args.fold_pack)
     todo = sum(len(t[1]) for t in tasks)
     print(f"{len(cells)} cells, {sum(len(c.subjects) for c in cells)} folds of {d.key} ({len(d.labels)} samples): "
           f"{len(done)} recorded earlier, {todo} to train in {len(tasks)} pack(s) on {where}, {workers} at once, "
           f"{threads} thread(s) each", flush=True)
     start = time.perf_counter()
-    ctx = torch.multiprocessing.get_context("spawn")
-    counter = ctx.Value("i", 0)
-    figures: dict[str, list[dict]] = {}
-    n = 0
-    with GpuSampler() as gpu, ctx.Pool(workers, initializer=_init, initargs=(d, gpus, counter, threads)) as pool:
-        for cid, recs, fig in pool.imap_unordered(_run, tasks):
-            for rec in recs:
-                append_fold(args.out, cid, rec)
-            n += len(recs)
-            figures.setdefault(cid, []).append({**fig, "folds": len(recs)})
-            el = time.perf_counter() - start
-            acc = float(np.mean([r.accuracy for r in recs]))
-            print(f"[{n}/{todo} folds, {el / 60:.1f} min, {n / el * 3600:.0f} folds/h] {names[cid]} | pack of "
-                  f"{len(recs)} fold(s): mean acc {acc:.3f}, {fig['seconds']:.1f} s", flush=True)
+    figures, util = _train(args, d, cells, tasks, meta, gpus)
     wall = time.perf_counter() - start
-    util = gpu.mean()
     meta.update(wall_seconds=round(wall, 1), folds_trained=todo, folds_per_hour=round(todo / wall * 3600, 1)
                 if todo else None, gpu_utilisation_percent=None if util is None else round(util, 1))
     write_cells(args.out, cells, meta)
-    print(f"\nwall {wall / 60:.1f} min for {todo} folds: {meta['folds_per_hour']} folds/hour; GPU utilisation "
-          + (f"{util:.0f} % (mean of {len(gpu.samples)} samples)" if util is not None else "n/a (no GPU)"))
-    print("\n".join(preset_figures(cells, figures, args.peak_tflops)))
-    _, _, folds = read_records(args.out)
-    for c in cells:
-        if len(folds[c.cell_id]) == len(c.subjects):
-            h, b = pooled_scores(c, folds[c.cell_id]), pooled_scores(c, folds[c.cell_id], best_test_epoch=True)
-            print(f"  {c.name:<36} UF1 {h['all']['uf1']:.4f}  UAR {h['all']['uar']:.4f}   best test epoch (PEEKS): "
-                  f"UF1 {b['all']['uf1']:.4f}  UAR {b['all']['uar']:.4f}")
-    print(f"records: {args.out}/ -> uv run python grid/run_all.py import {args.out} --experiment NAME")
+    _summary(args, cells, figures, meta, util)
     return 0
 
 

@@ -317,6 +317,19 @@ def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) ->
     return cells
 
 
+def fold_packs(cell: Cell, done, size: int) -> list[list[str]]:
+    """The one planner of packs (the grid's trials, ``benchmarks/gpu_ladder.py``'s tasks): a cell's folds not in
+    ``done``, grouped by the settings they train (a search's choices differ by validation group), in the cell's
+    fold order (largest test subjects first), cut into packs of up to ``size`` folds (0: a group in one pack).
+    Whether a model can pack at all is the caller's check (:func:`epir.pack.check_packable`)."""
+    groups: dict[str, list[str]] = {}
+    for s in cell.subjects:
+        if s not in done:
+            groups.setdefault(json.dumps([cell.fold_model(s), cell.fold_recipe(s)], sort_keys=True), []).append(s)
+    return [subjects[k:k + (size or len(subjects))] for subjects in groups.values()
+            for k in range(0, len(subjects), size or len(subjects))]
+
+
 def pooled_scores(cell: Cell, folds: dict, best_test_epoch: bool = False) -> dict | None:
     """UF1 / UAR / accuracy / confusion from the predictions pooled over the cell's folds, overall and per
     source dataset when there is more than one (EPIR Table 1 scores SAMM, CASME II, SMIC as subsets).

@@ -33,7 +33,7 @@ from preprocess.demo import make_demo_dataset
 from preprocess.runtime import init_ray
 
 from . import tracking
-from .cells import Cell, build_cells, member_scores, pooled_scores
+from .cells import Cell, build_cells, fold_packs, member_scores, pooled_scores
 from .config import DatasetSpec, GridConfig
 from .data import ProtocolData, composite, load_protocol, preprocess, protocol_support
 from .records import FoldRecord
@@ -259,27 +259,23 @@ def pack_text(cfg: GridConfig, has_gpu: bool) -> str:
 
 
 def plan_trials(cfg: GridConfig, cells: list[Cell], done: dict, has_gpu: bool, common: dict, log=print) -> list[dict]:
-    """The trials of the folds not yet finished: a fold each, or packs of folds of one cell that train the same
-    settings (``cfg.fold_pack``; 0 = a cell's folds in one pack on a GPU, one fold per trial on a CPU; models
-    that cannot pack, such as ``ststnet``, always one per trial). A pack's ``subject`` names its folds."""
+    """The trials of the folds not yet finished (:func:`grid.cells.fold_packs`): a fold each, or packs of folds of
+    one cell that train the same settings (``cfg.fold_pack``; 0 = a cell's folds in one pack on a GPU, one fold per
+    trial on a CPU; models that cannot pack, such as ``ststnet``, always one per trial). A pack's ``subject``
+    names its folds."""
     out = []
     for c in cells:
-        todo = [s for s in c.subjects if s not in done[c.cell_id]]
-        by_setting: dict[str, list[str]] = {}
-        for s in todo:
-            by_setting.setdefault(json.dumps([c.fold_model(s), c.fold_recipe(s)], sort_keys=True), []).append(s)
-        for subjects in by_setting.values():
-            size = cfg.fold_pack or (len(subjects) if has_gpu else 1)
+        size = cfg.fold_pack or (0 if has_gpu else 1)
+        packs = fold_packs(c, done[c.cell_id], size)
+        if size != 1 and packs:
             try:
-                check_packable(config_from_dict(c.fold_model(subjects[0])), TrainRecipe(**c.fold_recipe(subjects[0])))
-            except ValueError as e:
-                if size > 1:  # packs were asked for (or are the GPU's default): say why these folds go one by one
-                    log(f"cell {c.name}: its folds train one per trial, not in packs: {e}")
-                size = 1
-            for k in range(0, len(subjects), size):
-                part = subjects[k:k + size]
-                out.append(dict(cell_id=c.cell_id, data_key=c.data_key, subject="+".join(part), subjects=part,
-                                model=c.fold_model(part[0]), recipe=c.fold_recipe(part[0]), **common))
+                check_packable(config_from_dict(c.fold_model(packs[0][0])), TrainRecipe(**c.fold_recipe(packs[0][0])))
+            except ValueError as e:  # packs were asked for (or are the GPU's default): say why these go one by one
+                log(f"cell {c.name}: its folds train one per trial, not in packs: {e}")
+                packs = fold_packs(c, done[c.cell_id], 1)
+        for part in packs:
+            out.append(dict(cell_id=c.cell_id, data_key=c.data_key, subject="+".join(part), subjects=part,
+                            model=c.fold_model(part[0]), recipe=c.fold_recipe(part[0]), **common))
     return out
 
 
