@@ -31,6 +31,7 @@ from epir.metrics import score
 from epir.presets import FAMILIES, PRESETS, config_from_dict
 from epir.train import TrainRecipe
 
+from . import schema
 from .config import PROFILE_CHOSEN_ON, GridConfig, peeking_overrides
 from .data import ProtocolData
 
@@ -139,6 +140,11 @@ def replay(group: dict, model: dict, recipe: dict, search_preset: str) -> tuple[
     return m, r
 
 
+# the provenance of a cell whose profile was chosen on its own subjects (config.PROFILE_CHOSEN_ON); until
+# 2026-12-06 it was written into the cell's profile label ("cpu: PROFILE CHOSEN ON THESE SUBJECTS")
+PROFILE_CHOSEN = "PROFILE CHOSEN ON THESE SUBJECTS"
+
+
 def fold_settings(choices: dict, data_key: str, subjects: list[str], model: dict, recipe: dict,
                   subset_of: str = "") -> dict[str, dict]:
     """Per test subject, the settings a search chose for its validation group (``GridConfig.choices``): a
@@ -192,6 +198,8 @@ class Cell:
             algorithm (``farneback``, ``tvl1``, or ``tvl1-published`` for the composite's flow images).
         data_fingerprint: :attr:`grid.data.ProtocolData.fingerprint` of the data the cell trains and scores on
             (part of ``cell_id``); cell_id_v2: the cell's id under id version 2 (:func:`cell_id_v2`).
+        provenance: a warning about where the cell's settings came from (:data:`PROFILE_CHOSEN`: its profile was
+            chosen with these subjects), or empty; tables print it, no grouping or pairing reads it.
     """
 
     cell_id: str
@@ -214,6 +222,7 @@ class Cell:
     flow: str = "farneback"
     data_fingerprint: str = ""
     cell_id_v2: str = ""
+    provenance: str = ""
 
     def fold_model(self, subject: str) -> dict:
         """The model config the fold of ``subject`` trains."""
@@ -247,13 +256,14 @@ class Cell:
 
     def tags(self) -> dict:
         """MLflow tags shared by the parent and child runs (strings)."""
-        search = {"epir.search": next(iter(self.fold_settings.values()))["choice"]["study"]} if self.fold_settings else {}
-        return {"epir.dataset": self.dataset, "epir.protocol": self.protocol, "epir.preset": self.preset,
-                "epir.profile": self.profile, "epir.seed": str(self.seed), "epir.setting": self.setting_id, **search,
+        search = {schema.SEARCH: next(iter(self.fold_settings.values()))["choice"]["study"]} if self.fold_settings else {}
+        return {schema.DATASET: self.dataset, schema.PROTOCOL: self.protocol, schema.PRESET: self.preset,
+                schema.PROFILE: self.profile, schema.SEED: str(self.seed), schema.SETTING: self.setting_id, **search,
                 # the run's own metrics are the honest ones (last epoch); best_test_epoch.* metrics peek
-                "epir.epoch_selection": "last", "epir.peeks_at_test": "false", "epir.demo": str(self.demo).lower(),
-                "epir.folds": f"{len(self.subjects)}/{self.all_subjects}", "epir.flow": self.flow,
-                "epir.data_fingerprint": self.data_fingerprint, "epir.cell_id_v2": self.cell_id_v2}
+                schema.EPOCH_SELECTION: "last", schema.PEEKS_AT_TEST: "false", schema.DEMO: str(self.demo).lower(),
+                schema.FOLDS: f"{len(self.subjects)}/{self.all_subjects}", schema.FLOW: self.flow,
+                schema.DATA: self.data_fingerprint, schema.CELL_V2: self.cell_id_v2,
+                **({schema.PROVENANCE: self.provenance} if self.provenance else {})}
 
     def params(self) -> dict:
         """The full configuration as MLflow params: ``model.*``, ``recipe.*``, data and protocol."""
@@ -294,8 +304,7 @@ def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) ->
                 no_seed = {"recipe": {k: v for k, v in recipe.items() if k != "seed"}}
                 per_fold = None
                 chosen_here = PROFILE_CHOSEN_ON.get(profile, ("",))[0] in (key, d.subset_of or key) and label == profile
-                if chosen_here and not cfg.choices:
-                    label = f"{profile}: PROFILE CHOSEN ON THESE SUBJECTS"
+                provenance = PROFILE_CHOSEN if chosen_here and not cfg.choices else ""
                 if cfg.choices:  # what each fold trains, and why, names the cell (not the base it came from)
                     per_fold = fold_settings(cfg.choices, key, chosen, model, recipe, d.subset_of)
                     del parts["model"], parts["recipe"]
@@ -313,7 +322,7 @@ def build_cells(cfg: GridConfig, data: dict[str, ProtocolData], profile: str) ->
                                   profile=label, data_key=key, config_id=d.config_id, classes=d.classes, model=model,
                                   recipe=recipe, subjects=chosen, all_subjects=len(subjects), demo=cfg.demo,
                                   setting_id=setting, fold_settings=per_fold, preprocess=d.preprocess, flow=d.flow,
-                                  data_fingerprint=d.fingerprint, cell_id_v2=cell_id_v2(parts)))
+                                  data_fingerprint=d.fingerprint, cell_id_v2=cell_id_v2(parts), provenance=provenance))
     return cells
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import tracking
+from . import schema, tracking
 from .records import read_records
 from .report import write_tables
 from .runner import finish_cell
@@ -29,7 +29,7 @@ def import_records(folder: Path, experiment: str, results_dir: Path, log=print) 
     for c in cells:
         parent = tracking.parent_run(client, exp_id, c)
         for key, value in meta.items():
-            client.set_tag(parent, f"epir.records.{key}", str(value)[:5000])
+            client.set_tag(parent, f"{schema.RECORDS}{key}", str(value)[:5000])
         done = tracking.finished_folds(client, exp_id, c.cell_id, c.data_fingerprint)
         for s, rec in folds[c.cell_id].items():
             if s in done:

@@ -27,7 +27,7 @@ import pandas as pd
 from epir.presets import LADDER, PRESETS
 from epir.registry import UNIMPLEMENTED
 
-from . import tracking
+from . import schema, tracking
 from .compare import METRICS, Paired, paired_difference
 from .data import UNNAMED_FLOWS
 
@@ -81,6 +81,8 @@ def sample_hash(sample_id: str) -> str:
 
 def _label(row) -> str:
     marks = []
+    if isinstance(row.get("provenance"), str) and row["provenance"]:
+        marks.append(row["provenance"])
     if row["peeks_at_test"]:
         marks.append("BEST-TEST-EPOCH: peeks at the test subject")
     if row["partial"]:
@@ -149,14 +151,11 @@ def collect(client, exp_id: str) -> pd.DataFrame:
         t, m, p = r.data.tags, r.data.metrics, r.data.params
         if "uf1" not in m:
             continue
-        folds, total = t.get("epir.folds", "0/0").split("/")
-        row = dict(dataset=t["epir.dataset"], protocol=t["epir.protocol"], preset=t["epir.preset"],
-                   flow=t.get("epir.flow", "farneback"),
-                   profile=t["epir.profile"], epoch_selection=t["epir.epoch_selection"],
-                   peeks_at_test=t.get("epir.peeks_at_test") == "true", demo=t.get("epir.demo") == "true",
-                   folds=int(folds), partial=int(folds) < int(total),
-                   seed=int(t.get("epir.seed", p.get("recipe.seed", 0))),
-                   setting=t.get("epir.setting") or t[tracking.TAG_CELL],
+        tags = schema.decode_cell(t)
+        row = dict({k: tags[k] for k in ("dataset", "protocol", "preset", "flow", "profile", "epoch_selection",
+                                          "peeks_at_test", "demo", "folds", "partial")},
+                   seed=tags["seed"] if tags["seed"] is not None else int(p.get("recipe.seed", 0)),
+                   setting=tags["setting"],
                    wall_minutes=m.get("wall_seconds", float("nan")) / 60,
                    train_minutes=m.get("train_seconds_sum", float("nan")) / 60,
                    params_M=m.get("params_M"), macs_M=m.get("macs_M"), family=p.get("model.family", "epir"),
@@ -165,13 +164,15 @@ def collect(client, exp_id: str) -> pd.DataFrame:
                    schedule=p.get("recipe.schedule", "constant"), standardize=p.get("recipe.standardize", "False"),
                    ensemble=int(p.get("recipe.ensemble", 1)), members_uf1_mean=m.get("members.uf1_mean", np.nan),
                    members_uf1_sd=m.get("members.uf1_sd", np.nan), members_uar_mean=m.get("members.uar_mean", np.nan),
-                   commit=t.get("epir.git_commit", "unknown"), run_id=r.info.run_id, cell_id=t[tracking.TAG_CELL],
-                   data_fingerprint=t.get(tracking.TAG_DATA, ""),
+                   commit=tags["commit"], run_id=r.info.run_id, cell_id=tags["cell_id"],
+                   data_fingerprint=tags["data_fingerprint"],
                    end_time=pd.Timestamp(r.info.end_time, unit="ms"))
         for name in _score_columns():
             key = f"{PEEK}{name[4:]}" if name.startswith("bte_") else name
             row[name] = m.get(key, np.nan)
-        if "epir.search" in t:  # the parent holds the search's base; each fold trained its group's choice
+        if tags["provenance"]:  # a warning that tables print and no grouping reads (a column only where one has it)
+            row["provenance"] = tags["provenance"]
+        if tags["search"] is not None:  # the parent holds the search's base; each fold trained its group's choice
             row.update(_trained_by_folds(client, exp_id, row["cell_id"]))
         rows.append(row)
     df = pd.DataFrame(rows)

@@ -27,6 +27,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 from epir.presets import LADDER, PRESETS  # noqa: E402
 from grid.config import FORMATS, PROFILES, SAMPLERS, DatasetSpec, GridConfig, load_config, parse_overrides  # noqa: E402
+from grid.schema import MODEL_URI  # noqa: E402
 from preprocess import FLOW_ALGORITHMS  # noqa: E402
 from preprocess.runtime import quiet_libraries  # noqa: E402
 
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the data (id version 3), ASSUMING they were trained on the data the options point to now "
                    "(docs/grid.md)")
     p.add_argument("target", nargs="?", help="import: the records folder; predict: a models:/ or runs:/ URI or a "
-                   "local model folder (a cell's final model: tag epir.model_uri of its parent run)")
+                   f"local model folder (a cell's final model: tag {MODEL_URI} of its parent run)")
     p.add_argument("--config", type=Path, help="grid TOML file (see grid/config.py and README)")
     _selection_options(p)
     p.add_argument("--cde-composite", action="store_true", default=None,

@@ -34,13 +34,14 @@ from epir.presets import build_model, config_from_dict
 from epir.train import SoftmaxEnsemble
 from preprocess.runtime import package_versions
 
+from . import schema
 from .records import FoldRecord
 
 matplotlib.use("Agg")  # figures are files; before pyplot is imported
 import matplotlib.pyplot as plt
 
-TAG_KIND, TAG_CELL, TAG_FOLD = "epir.kind", "epir.cell_id", "epir.fold"
-TAG_DATA, TAG_CELL_V2 = "epir.data_fingerprint", "epir.cell_id_v2"  # see grid.cells.Cell
+TAG_KIND, TAG_CELL, TAG_FOLD = schema.KIND, schema.CELL, schema.FOLD
+TAG_DATA, TAG_CELL_V2 = schema.DATA, schema.CELL_V2  # see grid.cells.Cell
 
 
 def tracking_uri() -> str:
@@ -81,8 +82,8 @@ VIEW = "cells"  # the runs-table view every experiment carries (mlflow.sharedVie
 VIEW_STATE = {
     "searchFilter": f"tags.`{TAG_KIND}` = 'cell'", "orderByKey": "metrics.`uf1`", "orderByAsc": False,
     "selectedColumns": ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`", "metrics.`uf1`",
-                        "metrics.`uar`", "metrics.`best_test_epoch.uf1`", "tags.`epir.preset`", "tags.`epir.seed`",
-                        "tags.`epir.folds`"],
+                        "metrics.`uar`", f"metrics.`{schema.PEEK}uf1`", f"tags.`{schema.PRESET}`", f"tags.`{schema.SEED}`",
+                        f"tags.`{schema.FOLDS}`"],
 }
 
 
@@ -153,7 +154,7 @@ def parent_run(client, exp_id: str, cell) -> str:
     tags = {TAG_KIND: "cell", TAG_CELL: cell.cell_id, "mlflow.runName": cell.name, **cell.tags(), **source_tags()}
     run = client.create_run(exp_id, tags=tags, run_name=cell.name)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in cell.params().items()])
-    client.set_tag(run.info.run_id, "epir.git_commit", git_commit())
+    client.set_tag(run.info.run_id, schema.GIT_COMMIT, git_commit())
     log_dataset(client, run.info.run_id, cell)
     return run.info.run_id
 
@@ -209,13 +210,13 @@ def migrate_v2(client, exp_id: str, cell) -> int:
     runs = [r for r in search_runs(client, exp_id, f"tags.`{TAG_CELL}` = '{cell.cell_id_v2}'")
             if TAG_DATA not in r.data.tags]
     for r in runs:
-        for k, v in {TAG_CELL: cell.cell_id, "epir.setting": cell.setting_id, TAG_DATA: cell.data_fingerprint,
+        for k, v in {TAG_CELL: cell.cell_id, schema.SETTING: cell.setting_id, TAG_DATA: cell.data_fingerprint,
                      TAG_CELL_V2: cell.cell_id_v2}.items():
             client.set_tag(r.info.run_id, k, v)
     return len(runs)
 
 
-PEEK = "best_test_epoch."  # prefix of every metric that peeks at the test subject
+PEEK = schema.PEEK  # prefix of every metric that peeks at the test subject
 
 
 def _predictions_csv(cell, fold: FoldRecord, y_pred, probs) -> str:
@@ -248,7 +249,7 @@ def log_fold(client, exp_id: str, parent_id: str, cell, fold: FoldRecord) -> str
     ``best_test_epoch.test_acc_by_epoch`` (the test subject's accuracy after each epoch) and
     ``predictions_best_test_epoch.csv``."""
     tags = {"mlflow.parentRunId": parent_id, TAG_KIND: "fold", TAG_CELL: cell.cell_id, TAG_FOLD: fold.subject,
-            "epir.node": str(fold.node), "epir.device": str(fold.device), **cell.tags(), **source_tags()}
+            schema.NODE: str(fold.node), schema.DEVICE: str(fold.device), **cell.tags(), **source_tags()}
     rid = client.create_run(exp_id, tags=tags, run_name=f"{cell.name} | {fold.subject}").info.run_id
     metrics = _fold_metrics(fold, int(time.time() * 1000))
     params = {**cell.params(), **cell.fold_params(fold.subject), "fold.test_subject": fold.subject}
@@ -272,7 +273,7 @@ def final_model_uri(client, exp_id: str, cell_id: str) -> str | None:
     """The ``models:/`` URI of a cell's final model when it was logged (a FINISHED final-model run)."""
     runs = search_runs(client, exp_id, f"tags.`{TAG_KIND}` = 'final_model' and tags.`{TAG_CELL}` = '{cell_id}' "
                                        "and attributes.status = 'FINISHED'")
-    return runs[0].data.tags.get("epir.model_uri") if runs else None
+    return runs[0].data.tags.get(schema.MODEL_URI) if runs else None
 
 
 def flow_record(preprocess: dict) -> dict:
@@ -342,8 +343,8 @@ def log_final_model(client, exp_id: str, parent_id: str, cell, final: dict) -> s
                                     metadata=model_metadata(cell), run_id=parent_id,
                                     pip_requirements=model_requirements())
     client.log_outputs(rid, models=[LoggedModelOutput(info.model_id, 0)])
-    client.set_tag(rid, "epir.model_uri", info.model_uri)
-    client.set_tag(parent_id, "epir.model_uri", info.model_uri)
+    client.set_tag(rid, schema.MODEL_URI, info.model_uri)
+    client.set_tag(parent_id, schema.MODEL_URI, info.model_uri)
     return info.model_uri
 
 
@@ -451,7 +452,7 @@ def log_cell(client, parent_id: str, cell, scores: dict, stats: dict, peek: dict
             client.log_figure(parent_id, fig, "peeks_test_accuracy.png")
             plt.close(fig)
     client.log_text(parent_id, json.dumps(package_versions(), indent=2), "versions.json")
-    client.set_tag(parent_id, "epir.versions", json.dumps(package_versions()))
+    client.set_tag(parent_id, schema.VERSIONS, json.dumps(package_versions()))
     client.set_terminated(parent_id, "FINISHED")
 
 
@@ -536,13 +537,13 @@ def finished_cells(client, exp_id: str) -> list:
 def search_parent_run(client, exp_id: str, study: str, storage_url: str, data, preset: str, label: str,
                       params: dict) -> str:
     """The search's parent run (found again by its study name, or created with its settings as params)."""
-    found = search_runs(client, exp_id, f"tags.`{TAG_KIND}` = 'search' and tags.`epir.study` = '{study}'")
+    found = search_runs(client, exp_id, f"tags.`{TAG_KIND}` = 'search' and tags.`{schema.STUDY}` = '{study}'")
     if found:
         return found[0].info.run_id
     run = client.create_run(exp_id, run_name=f"search {data.key} {preset}",
-                            tags={TAG_KIND: "search", "epir.study": study, "epir.optuna_storage": storage_url,
-                                  "epir.dataset": data.dataset, "epir.protocol": data.protocol, "epir.preset": preset,
-                                  "epir.profile": label, "epir.git_commit": git_commit()})
+                            tags={TAG_KIND: "search", schema.STUDY: study, schema.OPTUNA_STORAGE: storage_url,
+                                  schema.DATASET: data.dataset, schema.PROTOCOL: data.protocol, schema.PRESET: preset,
+                                  schema.PROFILE: label, schema.GIT_COMMIT: git_commit()})
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     return run.info.run_id
 
@@ -551,8 +552,8 @@ def log_search_trial(client, exp_id: str, parent: str, study: str, trial_id: str
     """One search trial as a child run: its values as params, ``val_uf1`` (mean inner score), ``val_uf1_g<g>``,
     ``val_uar`` and ``train_seconds`` as metrics, and its per-pair predictions as ``folds.json``."""
     child = client.create_run(exp_id, run_name=f"trial {trial_id}", tags={
-        "mlflow.parentRunId": parent, TAG_KIND: "search_trial", "epir.study": study,
-        "epir.invalid": result.get("invalid", "")})
+        "mlflow.parentRunId": parent, TAG_KIND: "search_trial", schema.STUDY: study,
+        schema.INVALID: result.get("invalid", "")})
     rid = child.info.run_id
     now = int(time.time() * 1000)
     keys = [k for k in result if k.startswith("val_u")] + ["train_seconds"]
@@ -567,7 +568,7 @@ def search_trials(client, exp_id: str, study: str, types: dict) -> list[dict]:
     """The study's completed trials as MLflow holds them, numbered 1, 2, ... in the order they finished (the
     log's ``[trial k/n]``): ``{"number", "params", "value", "folds", "run_id"}``; ``types`` maps each searched
     field to a function that turns its param text back into the value the trial used."""
-    runs = search_runs(client, exp_id, f"tags.`{TAG_KIND}` = 'search_trial' and tags.`epir.study` = '{study}' "
+    runs = search_runs(client, exp_id, f"tags.`{TAG_KIND}` = 'search_trial' and tags.`{schema.STUDY}` = '{study}' "
                                        "and attributes.status = 'FINISHED'")
     out = []
     for n, r in enumerate(sorted(runs, key=lambda r: r.info.start_time)):
@@ -617,7 +618,7 @@ def log_search_test(client, parent: str, test: dict) -> None:
     """The honest nested cell's scores on the search's parent run."""
     now = int(time.time() * 1000)
     client.log_batch(parent, metrics=[Metric("test_uf1", test["uf1"], now, 0), Metric("test_uar", test["uar"], now, 0)])
-    client.set_tag(parent, "epir.test_cells", ",".join(test["cell_ids"]))
+    client.set_tag(parent, schema.TEST_CELLS, ",".join(test["cell_ids"]))
 
 
 def log_search_model(client, exp_id: str, parent: str, cell, final: dict, study: str, expected: dict) -> str:
@@ -635,7 +636,7 @@ def log_search_model(client, exp_id: str, parent: str, cell, final: dict, study:
     info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=x.numpy(), metadata=meta,
                                     run_id=parent,  # the parent row's Models column
                                     pip_requirements=model_requirements())
-    client.set_tag(parent, "epir.model_uri", info.model_uri)
+    client.set_tag(parent, schema.MODEL_URI, info.model_uri)
     return info.model_uri
 
 

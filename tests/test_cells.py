@@ -122,3 +122,23 @@ def test_each_cell_keeps_the_id_it_had_before_ids_covered_the_data():
     assert [c.cell_id_v2 for c in built] == ['dfe4ae330890', '28adff0e3643', '7ab9f14bae57', '300ba4badcc7']
     assert all(c.cell_id != c.cell_id_v2 and c.data_fingerprint == _data()["toy/CDE"].fingerprint for c in built)
     assert all(c.tags()["epir.data_fingerprint"] == c.data_fingerprint for c in built)
+
+
+def test_a_profile_chosen_on_the_cells_subjects_is_a_provenance_field_not_a_profile():
+    import dataclasses
+
+    from grid import schema
+    from grid.cells import PROFILE_CHOSEN
+    from grid.report import _label
+
+    d = next(iter(_data().values()))
+    composite = dataclasses.replace(d, key="megc2019/CDE", dataset="megc2019")
+    smic = dataclasses.replace(d, key="megc2019-smic/SDE", dataset="megc2019-smic", protocol="SDE",
+                               subset_of="megc2019/CDE")
+    elsewhere = dataclasses.replace(d, key="lab/SDE", dataset="lab", protocol="SDE")
+    cells = build_cells(GridConfig(presets=["epir"], profile="cpu"), {x.key: x for x in (composite, smic, elsewhere)}, "cpu")
+    assert [c.profile for c in cells] == ["cpu"] * 3  # grouping and pairing read the profile: the same for all
+    assert [c.provenance for c in cells] == [PROFILE_CHOSEN, PROFILE_CHOSEN, ""]
+    assert cells[0].tags()[schema.PROVENANCE] == PROFILE_CHOSEN and schema.PROVENANCE not in cells[2].tags()
+    row = dict(preset="epir", profile="cpu", provenance=PROFILE_CHOSEN, peeks_at_test=False, partial=False, demo=False)
+    assert PROFILE_CHOSEN in _label(row) and _label({**row, "provenance": ""}) == "epir (ours, cpu)"
