@@ -37,7 +37,7 @@ from .cells import Cell, build_cells, fold_packs, member_scores, pooled_scores
 from .config import DatasetSpec, GridConfig
 from .data import ProtocolData, composite, load_protocol, preprocess, protocol_support
 from .records import FoldRecord
-from .trainable import FINAL, FINAL_KEY, FOLD_KEY, PACK_KEY, fold_trial
+from .trainable import FINAL, FINAL_KEY, FOLD_KEY, PACK_KEY, TrialSpec, fold_trial
 
 # The demo dataset's size: 6 pseudo-subjects x 3 classes x 3 samples = 54 samples, 6 LOSO folds.
 DEMO_SUBJECTS, DEMO_PER_CLASS = 6, 3
@@ -121,14 +121,14 @@ class _Progress(Callback):
         self.log(f"  retry  {self.label(trial)}: {self.error_line(trial)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        t = trial.config["trial"]
+        t = TrialSpec.from_config(trial.config["trial"])
         n, err = max(1, trial.num_failures), self.error_line(trial)
-        self.errored[(t["cell_id"], t["subject"])] = (n, err)
+        self.errored[t.key] = (n, err)
         self.log(f"  ended  {self.label(trial)} after {n} attempt(s) in this pass: {err}")
 
     def label(self, trial) -> str:
-        t = trial.config["trial"]
-        return f"{self.cells[t['cell_id']].name} | fold {t['subject']}"
+        t = TrialSpec.from_config(trial.config["trial"])
+        return f"{self.cells[t.cell_id].name} | fold {t.subject}"
 
     @staticmethod
     def error_line(trial) -> str:
@@ -138,10 +138,10 @@ class _Progress(Callback):
         return lines[-1][:300] if lines else "unknown error"
 
     def complete(self, trial) -> None:
-        t = trial.config["trial"]
+        t = TrialSpec.from_config(trial.config["trial"])
         res = trial.last_result or {}
         if FINAL_KEY in res:
-            cell = self.cells[t["cell_id"]]
+            cell = self.cells[t.cell_id]
             final = json.loads(res[FINAL_KEY])
             uri = tracking.log_final_model(self.client, self.exp_id, self.parents[cell.cell_id], cell, final)
             self.finals_now += 1
@@ -150,9 +150,9 @@ class _Progress(Callback):
                      f"{final['samples']} samples in {final['train_seconds']:.1f} s: {uri}")
             return
         if FOLD_KEY in res:
-            self.fold_done(self.cells[t["cell_id"]], FoldRecord.from_dict(json.loads(res[FOLD_KEY])))
+            self.fold_done(self.cells[t.cell_id], FoldRecord.from_dict(json.loads(res[FOLD_KEY])))
         for fold in json.loads(res.get(PACK_KEY, "[]")):  # a pack: its folds, each its own child run
-            self.fold_done(self.cells[t["cell_id"]], FoldRecord.from_dict(fold))
+            self.fold_done(self.cells[t.cell_id], FoldRecord.from_dict(fold))
 
     def fold_done(self, cell: Cell, fold: FoldRecord) -> None:
         """Log one finished fold, print progress, and finish its cell when it was the last."""
@@ -258,7 +258,7 @@ def pack_text(cfg: GridConfig, has_gpu: bool) -> str:
         ("every fold of a cell in one batched trial" if size == 0 else f"up to {size} folds per batched trial")
 
 
-def plan_trials(cfg: GridConfig, cells: list[Cell], done: dict, has_gpu: bool, common: dict, log=print) -> list[dict]:
+def plan_trials(cfg: GridConfig, cells: list[Cell], done: dict, has_gpu: bool, common: dict, log=print) -> list[TrialSpec]:
     """The trials of the folds not yet finished (:func:`grid.cells.fold_packs`): a fold each, or packs of folds of
     one cell that train the same settings (``cfg.fold_pack``; 0 = a cell's folds in one pack on a GPU, one fold per
     trial on a CPU; models that cannot pack, such as ``ststnet``, always one per trial). A pack's ``subject``
@@ -274,8 +274,8 @@ def plan_trials(cfg: GridConfig, cells: list[Cell], done: dict, has_gpu: bool, c
                 log(f"cell {c.name}: its folds train one per trial, not in packs: {e}")
                 packs = fold_packs(c, done[c.cell_id], 1)
         for part in packs:
-            out.append(dict(cell_id=c.cell_id, data_key=c.data_key, subject="+".join(part), subjects=part,
-                            model=c.fold_model(part[0]), recipe=c.fold_recipe(part[0]), **common))
+            out.append(TrialSpec(cell_id=c.cell_id, data_key=c.data_key, subject="+".join(part), subjects=tuple(part),
+                                 model=c.fold_model(part[0]), recipe=c.fold_recipe(part[0]), **common))
     return out
 
 
@@ -305,13 +305,13 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
     for c in cells:
         say_folds_elsewhere(c, *tracking.folds_elsewhere(client, exp_id, c), log)
     common = dict(threads=max(1, int(cfg.cpus_per_trial)), inject=inject_failure,
-                  model_modules=[f.stem for f in cfg.model_files],
+                  model_modules=tuple(f.stem for f in cfg.model_files),
                   marker_dir=str((cfg.work_dir / "markers").resolve()), model_dir=str((cfg.work_dir / "models").resolve()),
                   keep_weights=cfg.log_fold_models)
     pending = plan_trials(cfg, cells, done, res.has_gpu, common, log)
     finals = [c for c in cells if cfg.trains_final_models and not c.fold_settings
               and not tracking.final_model_uri(client, exp_id, c.cell_id)]
-    pending += [dict(cell_id=c.cell_id, data_key=c.data_key, subject=FINAL, model=c.model, recipe=c.recipe, **common)
+    pending += [TrialSpec(cell_id=c.cell_id, data_key=c.data_key, subject=FINAL, model=c.model, recipe=c.recipe, **common)
                 for c in finals]
     reused, to_train = sum(len(v) for v in done.values()), sum(len(c.subjects) - len(done[c.cell_id]) for c in cells)
     log(f"{len(cells)} cells, {sum(len(c.subjects) for c in cells)} folds: {reused} finished earlier "
@@ -373,7 +373,7 @@ def check_roots(cfg: GridConfig) -> None:
         raise DatasetError(f"dataset root(s) not found: {', '.join(missing)}")
 
 
-def run_passes(pending: list[dict], one_pass, max_failures: int, log=print) -> dict[tuple[str, str], tuple[int, str]]:
+def run_passes(pending: list[TrialSpec], one_pass, max_failures: int, log=print) -> dict[tuple[str, str], tuple[int, str]]:
     """Give every fold its ``max_failures + 1`` attempts, over as many Tune passes as that takes.
 
     Ray Tune retries a failing trial ``FailureConfig.max_failures`` times, but not when the failure
@@ -383,7 +383,7 @@ def run_passes(pending: list[dict], one_pass, max_failures: int, log=print) -> d
     that Tune ended before its budget was spent, run again in a further pass of one attempt each.
 
     Args:
-        pending: the fold specs (dicts with ``cell_id`` and ``subject``) to run.
+        pending: the trials to run (:class:`grid.trainable.TrialSpec`; anything with a ``key`` ``(cell_id, subject)``).
         one_pass: ``one_pass(folds, max_failures) -> (errored, interrupted)``; ``errored`` maps
             ``(cell_id, subject)`` to ``(attempts used, last error line)`` for the folds that ended in
             error in that pass; ``interrupted`` is True when the pass was stopped (Ctrl-C).
@@ -394,8 +394,8 @@ def run_passes(pending: list[dict], one_pass, max_failures: int, log=print) -> d
         ``(cell_id, subject) -> (attempts used, last error)`` for every fold that ended in error and was
         not finished by a later pass (an interrupted run leaves its unfinished folds to the caller).
     """
-    def key(f: dict) -> tuple[str, str]:
-        return f["cell_id"], f["subject"]
+    def key(f: TrialSpec) -> tuple[str, str]:
+        return f.key
 
     used: dict[tuple[str, str], int] = {}
     failed: dict[tuple[str, str], tuple[int, str]] = {}
@@ -418,7 +418,7 @@ def run_passes(pending: list[dict], one_pass, max_failures: int, log=print) -> d
     return failed
 
 
-def _tune(cfg: GridConfig, pending: list[dict], data: dict, gpus: float, progress: _Progress,
+def _tune(cfg: GridConfig, pending: list[TrialSpec], data: dict, gpus: float, progress: _Progress,
           max_failures: int) -> tuple[dict, bool]:
     """One Tuner over the pending folds (one pass of :func:`run_passes`).
 
@@ -433,7 +433,7 @@ def _tune(cfg: GridConfig, pending: list[dict], data: dict, gpus: float, progres
     storage = (cfg.work_dir / "ray_results").resolve()
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(pending)},
+        param_space={"trial": tune.grid_search([t.to_config() for t in pending])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=cfg.max_concurrent or None,
             reuse_actors=True,  # one worker process per slot: no torch import per fold

@@ -10,8 +10,10 @@ MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -30,6 +32,52 @@ PACK_KEY = "pack_json"  # a pack's folds: a JSON list of fold records
 FINAL_KEY = "final_json"
 FINAL = "*all subjects*"  # the subject of a cell's final-model trial: it trains on every subject
 REPORTS_PER_FOLD = 100  # at most this many progress reports to Tune per fold; the full curve goes to MLflow
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What one Ray Tune trial of the grid trains (:func:`grid.runner.plan_trials` makes them; Tune carries each as
+    the plain dict :meth:`to_config` gives, and :func:`fold_trial` reads it back with :meth:`from_config`).
+
+    Attributes:
+        cell_id, data_key: the cell and the key of its data (``grid.data.ProtocolData.key``).
+        subject: the fold's test subject, a pack's subjects joined by ``+``, or :data:`FINAL` (the cell's model on
+            every subject).
+        model: a model config dict (:func:`epir.presets.config_to_dict`); recipe: TrainRecipe fields.
+        subjects: a pack's test subjects (several folds of the same settings as one batched model); empty for one.
+        threads: torch threads; inject: ``SUBJECT[:once]`` makes that fold fail (tests only).
+        model_modules: a user's model files' module names, imported before the config is read (Ray ships them).
+        marker_dir, model_dir: where failure markers and weights for the driver to log are written.
+        keep_weights: save each fold's trained model too.
+    """
+
+    cell_id: str
+    data_key: str
+    subject: str
+    model: dict
+    recipe: dict
+    subjects: tuple[str, ...] = ()
+    threads: int = 1
+    inject: str | None = None
+    model_modules: tuple[str, ...] = ()
+    marker_dir: str = ""
+    model_dir: str = ""
+    keep_weights: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(cell_id, subject)``: the fold (or pack) this trial is."""
+        return self.cell_id, self.subject
+
+    def to_config(self) -> dict:
+        """The plain dict Ray Tune carries (lists, not tuples: Tune's config is JSON-like)."""
+        return {**dataclasses.asdict(self), "subjects": list(self.subjects), "model_modules": list(self.model_modules)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> TrialSpec:
+        """Inverse of :meth:`to_config`."""
+        return cls(**{**config, "subjects": tuple(config.get("subjects") or ()),
+                      "model_modules": tuple(config.get("model_modules") or ())})
 
 
 class InjectedFailure(RuntimeError):
@@ -55,36 +103,32 @@ def _maybe_fail(spec: str | None, subjects: list[str], marker_dir: str) -> None:
 
 
 def fold_trial(config: dict, data: dict) -> None:
-    """Ray Tune function trainable: train and evaluate one fold.
+    """Ray Tune function trainable: train and evaluate one fold, a pack of folds (several folds of the same settings
+    trained as one batched model, :func:`epir.pack.train_folds`; reported under :data:`PACK_KEY`), or a cell's
+    final model (:data:`FINAL`).
 
     Args:
-        config: ``{"trial": {...}}`` with ``cell_id``, ``data_key``, ``subject`` (:data:`FINAL` trains the
-            cell's model on every subject instead of a fold), ``subjects`` (a pack: several folds of the same
-            settings trained as one batched model, :func:`epir.pack.train_folds`; reported under
-            :data:`PACK_KEY`), ``model`` (a model config dict,
-            :func:`epir.presets.config_to_dict`), ``recipe`` (TrainRecipe fields), ``threads``, ``inject``,
-            ``marker_dir``, ``model_dir`` (where weights are written for the driver to log) and
-            ``keep_weights`` (save the fold's trained model too).
+        config: ``{"trial": TrialSpec.to_config()}`` (:class:`TrialSpec`).
         data: ``{data_key: grid.data.ProtocolData}`` (put in the object store by ``tune.with_parameters``).
 
     Raises:
         InjectedFailure: when told to fail; anything :func:`epir.train.train_fold` raises.
     """
-    t = config["trial"]
-    import_model_modules(t.get("model_modules", ()))  # a user's models, shipped by Ray: registered before any config
-    torch.set_num_threads(max(1, int(t["threads"])))
-    subjects = t.get("subjects") or [t["subject"]]
-    _maybe_fail(t.get("inject"), subjects, t["marker_dir"])
-    d = data[t["data_key"]]
-    recipe = TrainRecipe(**t["recipe"])
-    model_config = config_from_dict(t["model"])
+    t = TrialSpec.from_config(config["trial"])
+    import_model_modules(t.model_modules)  # a user's models, shipped by Ray: registered before any config
+    torch.set_num_threads(max(1, int(t.threads)))
+    subjects = list(t.subjects) or [t.subject]
+    _maybe_fail(t.inject, subjects, t.marker_dir)
+    d = data[t.data_key]
+    recipe = TrainRecipe(**t.recipe)
+    model_config = config_from_dict(t.model)
     every = max(1, recipe.epochs // REPORTS_PER_FOLD)  # Tune's per-report cost matters at 800 epochs
 
     def report(rec: dict) -> None:
         if rec["epoch"] % every == 0 and rec["epoch"] < recipe.epochs:
             tune.report(dict(rec))
 
-    if t["subject"] == FINAL:  # the cell's model for new data: every subject, the cell's recipe
+    if t.subject == FINAL:  # the cell's model for new data: every subject, the cell's recipe
         final = _final_model(t, d, model_config, recipe, report)
         tune.report({"epoch": final["curve"][-1]["epoch"], "done": True, FINAL_KEY: json.dumps(final)})
         return
@@ -93,19 +137,19 @@ def fold_trial(config: dict, data: dict) -> None:
     tune.report({**last, PACK_KEY: json.dumps(folds)} if len(subjects) > 1 else {**last, FOLD_KEY: json.dumps(folds[0])})
 
 
-def _final_model(t: dict, d, model_config, recipe, report) -> dict:
+def _final_model(t: TrialSpec, d, model_config, recipe, report) -> dict:
     """Train the cell's model on every subject and save its weights; the record the driver logs."""
     started = time.time()
     model, curve = fit_all(model_config, recipe, d.model_flows(model_config), d.labels, on_epoch_end=report)
-    weights = Path(t["model_dir"]) / f"{t['cell_id']}-final.pt"
+    weights = Path(t.model_dir) / f"{t.cell_id}-final.pt"
     save_weights(model, weights)
     return {"path": str(weights), "curve": curve, "train_seconds": time.time() - started,
             "node": _node(), "samples": len(d.labels)}
 
 
-def _folds(t: dict, subjects: list[str], d, model_config, recipe, report) -> list[dict]:
+def _folds(t: TrialSpec, subjects: list[str], d, model_config, recipe, report) -> list[dict]:
     """Train one fold, or a pack of folds as one batched model; their records (weights saved on request)."""
-    started, keep = time.time(), bool(t.get("keep_weights"))
+    started, keep = time.time(), t.keep_weights
     flows = d.model_flows(model_config)  # HTNet's facial-region tile where the model reads it
     if len(subjects) > 1:  # a pack: the folds trained as one batched model (epir.pack)
         results = train_folds(flows, d.labels, d.subjects, subjects, model_config, recipe, keep_models=keep,
@@ -117,7 +161,7 @@ def _folds(t: dict, subjects: list[str], d, model_config, recipe, report) -> lis
     for r in results:
         fold = FoldRecord.from_result(r, d, started, _node()).to_dict()
         if r.models:
-            path = Path(t["model_dir"]) / f"{t['cell_id']}-{r.test_subject}.pt"
+            path = Path(t.model_dir) / f"{t.cell_id}-{r.test_subject}.pt"
             save_weights(r.models[0] if len(r.models) == 1 else SoftmaxEnsemble(r.models), path)
             fold["weights_path"] = str(path)
         folds.append(fold)

@@ -220,17 +220,18 @@ def test_folds_tune_ended_early_get_their_remaining_attempts():
     actor on a node that has just died fails its reset): run_passes gives such folds further passes, one
     attempt each, until each fold has had max_failures + 1 attempts; an interrupted pass stops it."""
     from grid.runner import run_passes
+    from grid.trainable import TrialSpec
 
-    folds = [dict(cell_id="c", subject=s) for s in ("a", "b", "x", "y")]
+    folds = [TrialSpec(cell_id="c", data_key="d", subject=s, model={}, recipe={}) for s in ("a", "b", "x", "y")]
     plan = {"a": ["ok"], "b": ["fail", "ok"], "x": ["fail"] * 9, "y": ["fail", "fail", "ok"]}
     calls = []
 
     def one_pass(todo, budget):  # Tune's early stop: each failing fold ends after one attempt
-        calls.append(([f["subject"] for f in todo], budget))
+        calls.append(([f.subject for f in todo], budget))
         errored = {}
         for f in todo:
-            if plan[f["subject"]].pop(0) == "fail":
-                errored[("c", f["subject"])] = (1, f"boom {f['subject']}")
+            if plan[f.subject].pop(0) == "fail":
+                errored[("c", f.subject)] = (1, f"boom {f.subject}")
         return errored, False
 
     log = []
