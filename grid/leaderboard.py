@@ -22,8 +22,8 @@ from epir.metrics import score
 from epir.registry import PRESETS
 
 from .compare import METRICS, paired_difference
+from .predictions import prob_columns
 from .report import CROSS_KEY, PEEKS_TEXT, REFERENCE, Predictions, _fmt, _md, aggregate, collect, compare, sample_hash
-from .tracking import prob_columns
 
 # the CPU-trained models whose probabilities the ensemble averages (those with cells on a protocol take part)
 ENSEMBLE_MEMBERS = ("epir", "baseline", "sssnet", "ststnet", "rcn-a")

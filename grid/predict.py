@@ -4,7 +4,7 @@ probabilities.
 
 The model is an MLflow model that the grid logged (``--final-model``): a ``models:/`` or ``runs:/`` URI, or
 a local folder holding its ``MLmodel``. It is loaded with ``mlflow.pytorch.load_model`` from its
-``torch.export`` archive (no pickle runs), and its metadata (:func:`grid.tracking.model_metadata`) says
+``torch.export`` archive (no pickle runs), and its metadata (:func:`grid.logged_models.model_metadata`) says
 the classes, the input convention and how its training flows were made.
 """
 
@@ -23,7 +23,8 @@ from epir.train import to_tensor
 from preprocess.shards import PreprocessConfig
 from preprocess.stages import faces_and_flows
 
-from .tracking import flow_record, tracking_uri
+from .logged_models import flow_record
+from .tracking import tracking_uri
 
 REQUIRED = ["sample_id", "onset_path", "apex_path"]
 
@@ -69,7 +70,7 @@ def flow_config(meta: dict, requested: str | None = None, allow_mismatch: bool =
     says which.
 
     Args:
-        meta: the model's metadata (its ``flow`` record, :func:`grid.tracking.flow_record`, or for models logged
+        meta: the model's metadata (its ``flow`` record, :func:`grid.logged_models.flow_record`, or for models logged
             before it, their ``preprocess``).
         requested: ``--flow``; None follows the model.
         allow_mismatch: ``--allow-flow-mismatch``: accept a ``--flow`` that contradicts the model's.

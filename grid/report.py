@@ -30,6 +30,7 @@ from epir.registry import UNIMPLEMENTED
 from . import schema, tracking
 from .compare import METRICS, Paired, paired_difference
 from .data import UNNAMED_FLOWS
+from .predictions import prob_columns
 
 REFERENCE = "epir"  # the row every other model's row is also compared with, paired (when it has one)
 
@@ -310,7 +311,7 @@ class Predictions:
             df["y_true"] = y_true.loc[keys].to_numpy().astype(int)
             for col in ("y_pred", "y_pred_best_test_epoch"):
                 df[col] = df[col].map(lambda v: index.get(v, -1)).astype(int)
-            for col in [c for c in tracking.prob_columns(classes) if c in df]:
+            for col in [c for c in prob_columns(classes) if c in df]:
                 df[col] = pd.to_numeric(df[col], errors="coerce")
             preds[int(r["seed"])] = df
         return preds, classes
@@ -329,7 +330,7 @@ def keep_predictions(preds: Predictions, cells: pd.DataFrame, out: Path) -> None
         df["sample_hash"] = df["sample_id"].map(sample_hash)
         for col in ("y_pred", "y_pred_best_test_epoch"):
             df[col] = df[col].map(lambda i: classes[i] if 0 <= i < len(classes) else "")
-        probs = [p for p in tracking.prob_columns(classes) if p in df and df[p].notna().all()]
+        probs = [p for p in prob_columns(classes) if p in df and df[p].notna().all()]
         df[KEPT_COLUMNS + probs].to_csv(folder / f"{c['cell_id']}.csv", index=False, float_format="%.5f")
 
 

@@ -349,8 +349,8 @@ def _import(args, cfg: GridConfig) -> int:
 def _migrate_ids(args, cfg: GridConfig) -> int:
     """``migrate-ids``: the one-off step after cell ids began to cover the data (id version 3, docs/grid.md):
     the cells this command's options describe are built from the data as it is now, and the runs of a store
-    tagged with their version-2 ids are re-tagged with their version-3 ids (:func:`grid.tracking.migrate_v2`)."""
-    from grid import tracking  # deferred: Ray and MLflow only for the commands that need them
+    tagged with their version-2 ids are re-tagged with their version-3 ids (:func:`grid.migration.migrate_v2`)."""
+    from grid import migration  # deferred: Ray and MLflow only for the commands that need them
     from grid.cells import build_cells
     from grid.runner import plan_resources, prepare_data
     from preprocess.adapters import DatasetError
@@ -367,7 +367,7 @@ def _migrate_ids(args, cfg: GridConfig) -> int:
         return 2
     total = 0
     for c in cells:
-        n = tracking.migrate_v2(client, exp_id, c)
+        n = migration.migrate_v2(client, exp_id, c)
         total += n
         log(f"{c.name}: {n} run(s) of version-2 id {c.cell_id_v2} re-tagged as cell {c.cell_id} "
             f"(data fingerprint {c.data_fingerprint})")

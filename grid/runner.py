@@ -32,7 +32,7 @@ from preprocess.adapters import DatasetError
 from preprocess.demo import make_demo_dataset
 from preprocess.runtime import init_ray
 
-from . import tracking
+from . import logged_models, migration, tracking
 from .cells import Cell, build_cells, fold_packs, member_scores, pooled_scores
 from .config import DatasetSpec, GridConfig
 from .data import ProtocolData, composite, load_protocol, preprocess, protocol_support
@@ -143,7 +143,7 @@ class _Progress(Callback):
         if FINAL_KEY in res:
             cell = self.cells[t.cell_id]
             final = json.loads(res[FINAL_KEY])
-            uri = tracking.log_final_model(self.client, self.exp_id, self.parents[cell.cell_id], cell, final)
+            uri = logged_models.log_final_model(self.client, self.exp_id, self.parents[cell.cell_id], cell, final)
             self.finals_now += 1
             self.train_seconds += final["train_seconds"]
             self.log(f"[{self.finals_now}/{self.finals_total} final models] {cell.name}: trained on all "
@@ -303,14 +303,14 @@ def run_grid(cfg: GridConfig, log=print, inject_failure: str | None = None) -> G
     parents = {c.cell_id: tracking.parent_run(client, exp_id, c) for c in cells}
     done = {c.cell_id: tracking.finished_folds(client, exp_id, c.cell_id, c.data_fingerprint) for c in cells}
     for c in cells:
-        say_folds_elsewhere(c, *tracking.folds_elsewhere(client, exp_id, c), log)
+        say_folds_elsewhere(c, *migration.folds_elsewhere(client, exp_id, c), log)
     common = dict(threads=max(1, int(cfg.cpus_per_trial)), inject=inject_failure,
                   model_modules=tuple(f.stem for f in cfg.model_files),
                   marker_dir=str((cfg.work_dir / "markers").resolve()), model_dir=str((cfg.work_dir / "models").resolve()),
                   keep_weights=cfg.log_fold_models)
     pending = plan_trials(cfg, cells, done, res.has_gpu, common, log)
     finals = [c for c in cells if cfg.trains_final_models and not c.fold_settings
-              and not tracking.final_model_uri(client, exp_id, c.cell_id)]
+              and not logged_models.final_model_uri(client, exp_id, c.cell_id)]
     pending += [TrialSpec(cell_id=c.cell_id, data_key=c.data_key, subject=FINAL, model=c.model, recipe=c.recipe, **common)
                 for c in finals]
     reused, to_train = sum(len(v) for v in done.values()), sum(len(c.subjects) - len(done[c.cell_id]) for c in cells)
@@ -350,7 +350,7 @@ def _close(outcome: GridOutcome, done: dict) -> None:
 
 
 def say_folds_elsewhere(cell: Cell, other: dict[str, int], v2: int, log=print) -> None:
-    """One line per kind of finished fold that ``cell`` does not reuse (:func:`grid.tracking.folds_elsewhere`):
+    """One line per kind of finished fold that ``cell`` does not reuse (:func:`grid.migration.folds_elsewhere`):
     folds of its settings trained on other data (their fingerprints and this data's), and folds of a store from
     before id version 3 (with the one-off step that re-tags them when they were trained on this data)."""
     for fp, n in other.items():

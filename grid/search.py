@@ -56,7 +56,7 @@ from epir.registry import import_model_modules
 from epir.train import TrainRecipe, fit_all, predict, to_model_input
 from preprocess.runtime import init_ray
 
-from . import tracking
+from . import search_tracking, tracking
 from .cells import build_cells, split_params
 from .config import SAMPLERS, GridConfig, Sampler
 from .data import ProtocolData
@@ -456,7 +456,7 @@ class _TrialLogger(tune.Callback):
             return
         self.n += 1
         params = {k: trial.config[k] for k in self.s.plan.space}
-        tracking.log_search_trial(self.client, self.exp_id, self.parent, self.s.study, trial.trial_id, params, r)
+        search_tracking.log_search_trial(self.client, self.exp_id, self.parent, self.s.study, trial.trial_id, params, r)
         what = f"INVALID ({r['invalid']})" if r.get("invalid") else \
             f"mean inner validation UF1 {r['val_uf1']:.4f} ({r['train_seconds'] / 60:.1f} min of training)"
         self.log(f"[trial {self.n}/{self.remaining}] " + ", ".join(
@@ -600,7 +600,7 @@ def _final_model(s: _Setup, client, exp_id: str, parent: str, overall: dict, tes
     task = ray.remote(train).options(num_cpus=s.plan.cpus, num_gpus=s.plan.gpus)
     final = ray.get(task.remote(s.data, cell.model, cell.recipe, s.plan.threads))
     expected = {"expected_uf1": test["uf1"], "expected_uar": test["uar"], "expected_from": test["cell_ids"]} if test else {}
-    uri = tracking.log_search_model(client, exp_id, parent, cell, final, s.study, expected)
+    uri = search_tracking.log_search_model(client, exp_id, parent, cell, final, s.study, expected)
     log(f"final model: the best-on-all candidate trained on all {final['samples']} samples "
         f"({final['train_seconds']:.1f} s): {uri}" + (f"; expected UF1 {test['uf1']:.4f} (the nested cell)" if test else ""))
     return uri
@@ -629,20 +629,20 @@ def run_search(cfg: GridConfig, scfg: SearchConfig, log=print) -> SearchOutcome:
         f"validation groups ({len(s.plan.groups)} subjects), {len(s.plan.pairs())} nested trainings per candidate, "
         f"{len(s.bundles) - 1} at once ({s.bundles[1]} each); {done} trials completed earlier, {remaining} to run")
     client, exp_id = tracking.setup(cfg.experiment)
-    parent = tracking.search_parent_run(client, exp_id, s.study, s.storage_url, s.data, s.preset, s.label,
+    parent = search_tracking.search_parent_run(client, exp_id, s.study, s.storage_url, s.data, s.preset, s.label,
                                         {**tracking.flat_params("model", s.plan.model),
                                          **tracking.flat_params("recipe", s.plan.recipe),
                                          **{f"space.{k}": v.describe() for k, v in scfg.space.items()},
                                          "sampler": scfg.sampler, "val_groups": str(scfg.groups), "seed": str(scfg.seed),
                                          "design": "nested pairs"})
     ran = _run_trials(s, client, exp_id, parent, remaining, log)
-    trials = tracking.search_trials(client, exp_id, s.study, {k: lambda t, d=d: _typed(t, d) for k, d in scfg.space.items()})
+    trials = search_tracking.search_trials(client, exp_id, s.study, {k: lambda t, d=d: _typed(t, d) for k, d in scfg.space.items()})
     if not trials:
         raise RuntimeError(f"study '{s.study}' has no completed trial")
     choices = choose(trials, s.plan.groups, scfg.groups)
     overall, value = best_on_all(trials, s.plan.groups, scfg.groups)
     choices_path, best_path = _write_choices(s, trials, choices, overall, value)
-    tracking.log_search_result(client, parent, choices_path, best_path, value, len(trials),
+    search_tracking.log_search_result(client, parent, choices_path, best_path, value, len(trials),
                                optuna.load_study(study_name=s.study, storage=optuna.storages.RDBStorage(s.storage_url)),
                                log)
     outcome = SearchOutcome(s.study, s.storage_url, choices, overall["params"], value, len(trials), ran,
@@ -654,10 +654,10 @@ def run_search(cfg: GridConfig, scfg: SearchConfig, log=print) -> SearchOutcome:
     if scfg.evaluate:
         outcome.test = _evaluate(s, choices_path, log)
         if outcome.test:
-            tracking.log_search_test(client, parent, outcome.test)
+            search_tracking.log_search_test(client, parent, outcome.test)
     if scfg.final_model:
         outcome.model_uri = _final_model(s, client, exp_id, parent, overall, outcome.test, log)
-    tracking.finish_search(client, parent)
+    search_tracking.finish_search(client, parent)
     return outcome
 
 

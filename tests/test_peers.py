@@ -196,7 +196,7 @@ def test_every_peer_is_logged_as_an_mlflow_model_and_predict_applies_it(tmp_path
     """Each peer family (tiny where it is large), trained a step, logged as the grid logs a final model and loaded
     back by predict, gives the same probabilities; HTNet's through its region tile, which predict cuts too."""
     from epir.regions import tile_regions
-    from grid import predict, tracking
+    from grid import logged_models, predict, tracking
     from grid.cells import build_cells
     from grid.config import GridConfig
     from grid.data import ProtocolData
@@ -220,7 +220,7 @@ def test_every_peer_is_logged_as_an_mlflow_model_and_predict_applies_it(tmp_path
                        TrainRecipe(**{**cell.recipe, "epochs": 1, "device": "cpu"}), keep_models=True)
         save_weights(r.models[0], tmp_path / f"{name}.pt")
         parent = tracking.parent_run(client, exp_id, cell)
-        uri = tracking.log_final_model(client, exp_id, parent, cell, {"path": str(tmp_path / f"{name}.pt"),
+        uri = logged_models.log_final_model(client, exp_id, parent, cell, {"path": str(tmp_path / f"{name}.pt"),
                                                                       "curve": r.curve, "samples": n})
         model, meta = predict.load(uri)
         flows = d.model_flows(config)[:4]

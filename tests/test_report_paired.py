@@ -13,6 +13,7 @@ from grid import tracking
 from grid.cells import build_cells
 from grid.config import GridConfig
 from grid.data import PUBLISHED_FLOW, ProtocolData
+from grid.predictions import PROB
 from grid.records import FoldRecord
 from grid.report import paired_lines, read_beside, write_tables
 from grid.runner import finish_cell
@@ -84,8 +85,8 @@ def test_table4_gives_each_rung_its_paired_difference_with_a_subject_bootstrap_c
     one = pd.read_csv(kept[0], dtype=str)
     assert "y_true" not in one and "sample_id" not in one and len(one) == len(d.labels)
     assert set(one["y_pred"]) <= set(d.classes) and not set(one["sample_hash"]) & set(d.sample_ids)
-    probs = one[[tracking.PROB + c for c in d.classes]].astype(float)  # honest probabilities, for an ensemble
-    assert np.allclose(probs.sum(axis=1), 1) and (probs.idxmax(axis=1).str[len(tracking.PROB):] == one["y_pred"]).all()
+    probs = one[[PROB + c for c in d.classes]].astype(float)  # honest probabilities, for an ensemble
+    assert np.allclose(probs.sum(axis=1), 1) and (probs.idxmax(axis=1).str[len(PROB):] == one["y_pred"]).all()
 
     # the store is gone but results/ stayed: a new experiment that trained only epir pairs it with the kept
     # baseline and +dtsm rows, to the same figures as when all three were in one store
@@ -161,7 +162,7 @@ def test_the_leaderboard_pairs_every_model_with_epir_and_adds_the_ensemble_and_t
     members = [preds.of(c.setting_id)[0] for c in cells if c.seed == 0]
     ens = ensemble_predictions(members, d.classes)
     probs = [m[0].assign(h=m[0]["sample_id"].map(sample_hash)).set_index(["subject", "h"])[
-        [tracking.PROB + c for c in d.classes]] for m in members]
+        [PROB + c for c in d.classes]] for m in members]
     keys = list(zip(ens[0]["subject"], ens[0]["sample_hash"]))
     mean = np.mean([p.loc[keys].to_numpy() for p in probs], axis=0)
     assert len(keys) == len(d.labels) and (ens[0]["y_pred"].to_numpy() == mean.argmax(1)).all()

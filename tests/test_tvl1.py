@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from grid import tracking
+from grid import logged_models, tracking
 from grid.cells import Cell
 from grid.config import DatasetSpec
 from preprocess.pipeline import PIPELINE_VERSION, PreprocessConfig
@@ -45,7 +45,7 @@ def _tvl1_model(tmp_path, monkeypatch):
     torch.save(build_model(config).state_dict(), path)
     client, exp_id = tracking.setup("tvl1")
     parent = tracking.parent_run(client, exp_id, cell)
-    uri = tracking.log_final_model(client, exp_id, parent, cell, {"path": str(path), "curve": [], "samples": 4})
+    uri = logged_models.log_final_model(client, exp_id, parent, cell, {"path": str(path), "curve": [], "samples": 4})
     return uri
 
 
