@@ -7,7 +7,7 @@ honest (last-epoch) softmax probabilities that the CPU-trained leaderboard model
 (:data:`ENSEMBLE_MEMBERS` that ran on that protocol, each with equal weight), and its predicted class is the
 arg-max. It is scored and paired like any other row: the same subjects, the same seeds.
 
-Pure: it reads rows (:func:`grid.report.aggregate`) and predictions (:class:`grid.report.Predictions`), and
+Pure: it reads rows (:func:`grid.report.aggregate`) and predictions (:class:`grid.kept.Predictions`), and
 writes files; MLflow is reached only through those.
 """
 
@@ -22,8 +22,10 @@ from epir.metrics import score
 from epir.registry import PRESETS
 
 from .compare import METRICS, paired_difference
+from .kept import Predictions, sample_hash
+from .pairing import CROSS_KEY, REFERENCE, compare
 from .predictions import prob_columns
-from .report import CROSS_KEY, PEEKS_TEXT, REFERENCE, Predictions, _fmt, _md, aggregate, collect, compare, sample_hash
+from .report import PEEKS_TEXT, _fmt, _md, aggregate, collect
 
 # the CPU-trained models whose probabilities the ensemble averages (those with cells on a protocol take part)
 ENSEMBLE_MEMBERS = ("epir", "baseline", "sssnet", "ststnet", "rcn-a")
@@ -158,7 +160,7 @@ def write_leaderboard(df: pd.DataFrame, preds, out: Path, experiment: str) -> pd
 
 def report_leaderboard(client, exp_id: str, experiment: str, results_dir: Path, beside: list[pd.DataFrame] = ()) -> Path | None:
     """``report --leaderboard``: the leaderboard of an experiment's finished cells and the rows beside it
-    (:func:`grid.report.read_beside`), written to ``results_dir/experiment/``; None when no cell finished."""
+    (:func:`grid.kept.read_beside`), written to ``results_dir/experiment/``; None when no cell finished."""
     cells = collect(client, exp_id)
     if cells.empty:
         return None

@@ -396,7 +396,8 @@ def _setting_pair(text: str) -> tuple[str, str]:
 
 def _report(args, cfg: GridConfig) -> int:
     """``report``: rewrite results/<experiment>/ from MLflow alone."""
-    from grid.report import read_beside, write_tables
+    from grid.kept import read_beside
+    from grid.report import write_tables
 
     try:
         beside = [read_beside(Path(path), presets.split(",") if presets else None)
@@ -459,7 +460,7 @@ def _run(args, cfg: GridConfig) -> int:
 
 def _print_paired(results_dir) -> None:
     """The paired differences the tables hold (rung minus rung before, and minus baseline)."""
-    from grid.report import paired_lines
+    from grid.pairing import paired_lines
 
     lines = paired_lines(results_dir) if results_dir else []
     if lines:

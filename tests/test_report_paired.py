@@ -13,9 +13,11 @@ from grid import tracking
 from grid.cells import build_cells
 from grid.config import GridConfig
 from grid.data import PUBLISHED_FLOW, ProtocolData
+from grid.kept import read_beside
+from grid.pairing import paired_lines
 from grid.predictions import PROB
 from grid.records import FoldRecord
-from grid.report import paired_lines, read_beside, write_tables
+from grid.report import write_tables
 from grid.runner import finish_cell
 
 
@@ -142,8 +144,9 @@ def test_beside_and_pair_are_refused_outside_report_and_a_bad_pair_by_argparse(c
 
 
 def test_the_leaderboard_pairs_every_model_with_epir_and_adds_the_ensemble_and_the_waiting_rows(tmp_path, monkeypatch):
+    from grid.kept import Predictions, sample_hash
     from grid.leaderboard import ENSEMBLE, PUBLISHED_DATASET, ensemble_predictions, report_leaderboard
-    from grid.report import Predictions, collect, sample_hash
+    from grid.report import collect
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setitem(PUBLISHED_DATASET, "toy", "full")  # the toy data stands for the composite's published rows
