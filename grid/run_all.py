@@ -469,7 +469,8 @@ def _print_paired(results_dir) -> None:
 
 
 def _search(args, cfg: GridConfig) -> int:
-    from grid.search import SearchConfig, check_space, parse_space, run_search
+    from grid.search import run_search
+    from grid.space import SearchConfig, check_space, parse_space
     from preprocess.adapters import DatasetError
 
     if cfg.demo:

@@ -12,20 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from grid.nested import SearchPlan, best_on_all, choose, evaluate_candidate, group_fold, inner_scores, validation_groups
 from grid.runner import check_fit
-from grid.search import (
-    Dist,
-    SearchConfig,
-    SearchPlan,
-    best_on_all,
-    check_space,
-    choose,
-    evaluate_candidate,
-    group_fold,
-    inner_scores,
-    parse_space,
-    validation_groups,
-)
+from grid.space import Dist, SearchConfig, check_space, parse_space
 from preprocess.demo import make_demo_dataset
 
 from .conftest import run_grid_cli
@@ -256,7 +245,7 @@ def test_a_resumed_random_search_draws_what_an_uninterrupted_one_would_have():
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from grid.search import planned_candidates, replay_interrupted
+    from grid.study import planned_candidates, replay_interrupted
 
     scfg = SearchConfig(trials=6, space=parse_space(["lr=loguniform:1e-4:1e-2", "depth=int:2:4",
                                                      "tokenizer=choice:spt,dnspt"]), seed=3)
