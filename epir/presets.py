@@ -33,7 +33,7 @@ from .registry import (  # noqa: F401
     register_published,
 )
 
-# FROZEN reference values of the families' config fields for their cell ids (grid.cells.cell_id; id version 2,
+# FROZEN reference values of the families' config fields for their cell ids (grid.ids.cell_id; id version 2,
 # 2026-12-01, moved here verbatim from grid/cells.py). Never edit a value: a cell's id hashes the settings that
 # differ from these. A NEW field joins with the value that gives the behaviour from before the field existed.
 EPIR_ID_REFERENCE = {

@@ -119,7 +119,7 @@ class Published:
 @dataclass(frozen=True)
 class Family:
     """A model family: its config class, its module class, and the frozen reference values its cell ids are
-    hashed against (``grid.cells.cell_id``: a setting that differs from them enters the id; None: every
+    hashed against (``grid.ids.cell_id``: a setting that differs from them enters the id; None: every
     field enters it, so a changed default always makes new cells)."""
 
     name: str

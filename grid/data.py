@@ -106,7 +106,7 @@ class ProtocolData:
     @cached_property
     def fingerprint(self) -> str:
         """:func:`data_fingerprint` of these arrays (computed once; about 10 ms for the composite's
-        442 x 28 x 28 x 3 flows). It enters every cell id (:func:`grid.cells.cell_id`)."""
+        442 x 28 x 28 x 3 flows). It enters every cell id (:func:`grid.ids.cell_id`)."""
         return data_fingerprint(self.flows, self.labels, self.subjects, self.sample_ids, self.groups, self.classes,
                                 self.flow_range)
 

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import grid.cells as cells
 import grid.config as config
+import grid.ids as cell_ids
 from epir.presets import FAMILIES, LADDER
 from epir.train import TrainRecipe
-from grid.cells import ID_REFERENCE, build_cells, cell_id
+from grid.cells import build_cells
 from grid.config import GridConfig
 from grid.data import ProtocolData
+from grid.ids import ID_REFERENCE, cell_id
 
 
 def _data() -> dict[str, ProtocolData]:
@@ -87,7 +88,7 @@ def test_the_id_hashes_the_data_folds_seed_and_settings_but_not_the_dict_order()
         assert cell_id({**parts, k: v}) != cell_id(parts), k
     # a setting at its reference value is the same cell as the setting left out
     assert cell_id({**parts, "model": {"family": "epir", "dim": 64, "depth": 13}}) == cell_id(parts)
-    assert cells.ID_VERSION >= 2
+    assert cell_ids.ID_VERSION >= 2
 
 
 def _varied(**change) -> ProtocolData:
