@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from epir.presets import config_from_dict, make_config
 from epir.train import TrainRecipe, fit, to_model_input
-from grid.config import GridConfig, parse_overrides
+from grid.config import GridConfig
+from grid.values import parse_overrides
 from preprocess.megc2019 import load_composite
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc2019_composite"

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from epir.pack import train_folds
 from epir.presets import config_from_dict
 from epir.train import TrainRecipe, train_fold
-from grid.config import GridConfig, parse_overrides
+from grid.config import GridConfig
+from grid.values import parse_overrides
 from preprocess.megc2019 import load_composite
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc2019_composite"

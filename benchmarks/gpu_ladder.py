@@ -48,9 +48,10 @@ from epir.pack import check_packable, train_folds
 from epir.presets import LADDER, PRESETS, build_model, config_from_dict
 from epir.train import TrainRecipe, train_fold
 from grid.cells import build_cells, fold_packs, pooled_scores
-from grid.config import PROFILES, GridConfig, parse_overrides
+from grid.config import PROFILES, GridConfig
 from grid.data import available_protocols, load_protocol
 from grid.records import FoldRecord, append_fold, done_keys, read_records, write_cells
+from grid.values import parse_overrides
 
 _DATA = None  # each worker's ProtocolData (set by _init)
 

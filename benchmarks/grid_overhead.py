@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from grid.config import DatasetSpec, GridConfig, parse_overrides  # noqa: E402
+from grid.config import DatasetSpec, GridConfig  # noqa: E402
+from grid.values import parse_overrides  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megc2019_composite"
 

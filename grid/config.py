@@ -45,18 +45,18 @@ to every preset whose model family has the field.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args, get_origin, get_type_hints
+from typing import Literal, get_args
 
 from epir.presets import FAMILIES, LADDER, PRESETS, config_to_dict, family_fields, make_config
 from epir.registry import load_model_file
 from epir.train import TrainRecipe
 from preprocess import FLOW_ALGORITHMS
 from preprocess.adapters import ADAPTERS
+
+from .values import check_values
 
 PROTOCOLS = ("SDE", "CDE")
 Sampler = Literal["random", "qmc", "grid"]  # a search's candidate samplers (grid.search); none looks at a score
@@ -318,121 +318,3 @@ class GridConfig:
         return config_to_dict(cfg), dataclasses.asdict(TrainRecipe(**recipe)), label
 
 
-def field_types(presets: list[str]) -> dict[str, list]:
-    """field name -> the types it has in TrainRecipe and in the chosen presets' model configs."""
-    out: dict[str, list] = {}
-    classes = [TrainRecipe] + [FAMILIES[f].config for f in sorted({PRESETS[p].family for p in presets})]
-    for cls in classes:
-        hints = get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            out.setdefault(f.name, []).append(hints[f.name])
-    return out
-
-
-def check_values(values: dict, presets: list[str]) -> list[str]:
-    """One line for each value its field's type refuses, checked by pydantic in strict mode (a boolean must
-    be true/false, not the text 'False'; an integer may not be 2.5; a float may be an integer).
-
-    Args:
-        values: field -> value (``--set``, the TOML's ``[overrides]``, an ``--overrides`` file).
-        presets: the chosen presets (their model families' fields count).
-
-    Returns:
-        The problems, one line each, empty when every value fits (unknown fields are not judged here).
-    """
-    if not values:
-        return []
-    types = field_types(presets)
-    problems = []
-    for k, v in values.items():
-        for t in types.get(k, []):
-            why = _refusal(t, v)
-            if why:
-                want = (f"one of {', '.join(map(repr, get_args(t)))}" if get_origin(t) is Literal
-                        else getattr(t, "__name__", str(t)))
-                problems.append(f"{k}={v!r} ({type(v).__name__}): {why} ({k} is {want})")
-                break
-    return problems
-
-
-def _refusal(t, v) -> str | None:
-    """Why pydantic (strict mode) refuses value v for type t, or None. Without pydantic (a lent GPU machine has
-    only PyTorch and NumPy) the same strict rules for the types configurations use: bool, int, float (an int
-    is a float), str, None, ``Literal`` and unions of them."""
-    try:
-        from pydantic import TypeAdapter, ValidationError  # deferred: only when values are given
-    except ImportError:
-        return _strict_refusal(t, v)
-    try:
-        TypeAdapter(t).validate_python(v, strict=True)
-    except ValidationError as e:
-        return e.errors()[0]["msg"].lower()
-    return None
-
-
-def _strict_refusal(t, v) -> str | None:
-    """:func:`_refusal` without pydantic."""
-    if get_origin(t) is Literal:
-        return None if v in get_args(t) else f"input should be {' or '.join(map(repr, get_args(t)))}"
-    if get_args(t) and type(None) in get_args(t):  # X | None
-        return None if v is None else _strict_refusal(next(a for a in get_args(t) if a is not type(None)), v)
-    ok = {bool: isinstance(v, bool), int: isinstance(v, int) and not isinstance(v, bool),
-          float: isinstance(v, (int, float)) and not isinstance(v, bool), str: isinstance(v, str)}.get(t, True)
-    return None if ok else f"input should be a valid {getattr(t, '__name__', t)}"
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``--set KEY=VALUE`` items -> ``{KEY: VALUE}``; VALUE is read as JSON (``5``, ``1e-3``, ``true``),
-    else kept as text (``schedule=cosine``).
-
-    Raises:
-        ValueError: for an item without ``=``.
-    """
-    out = {}
-    for item in items:
-        k, sep, v = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            out[k.strip()] = json.loads(v.strip())
-        except json.JSONDecodeError:
-            out[k.strip()] = v.strip()
-    return out
-
-
-SEARCH_KEYS = {"space"}  # what a grid TOML's [search] table may hold (grid/run_all.py search reads it)
-
-
-def load_config(path: Path | None) -> dict:
-    """Read a grid TOML file into GridConfig keyword arguments.
-
-    Raises:
-        FileNotFoundError: the file does not exist. ValueError: a key is unknown (also in ``[search]``).
-    """
-    if path is None:
-        return {}
-    path = Path(path)
-    with path.open("rb") as f:
-        raw = tomllib.load(f)
-    known = {f.name for f in dataclasses.fields(GridConfig)} - {"choices", "overrides_from"} | {"search"}
-    bad = set(raw) - known
-    if bad:
-        raise ValueError(f"{path}: unknown key(s) {sorted(bad)}; known: {sorted(known - {'demo'})}")
-    out = dict(raw)
-    unknown = set(raw.get("search", {})) - SEARCH_KEYS
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)} in [search]; known: {sorted(SEARCH_KEYS)} (the other "
-                         "search settings are command-line options: python grid/run_all.py search --help)")
-    if "model_files" in raw:  # relative to the TOML file, as dataset roots
-        out["model_files"] = [f if Path(f).is_absolute() else (path.parent / f).resolve() for f in raw["model_files"]]
-    if "datasets" in raw:
-        out["datasets"] = []
-        for d in raw["datasets"]:
-            d = dict(d)
-            root = Path(d.pop("root"))
-            if not root.is_absolute():
-                root = (path.parent / root).resolve()
-            spec_keys = {"format", "name", "protocols"}
-            out["datasets"].append(DatasetSpec(root=root, options={k: v for k, v in d.items() if k not in spec_keys},
-                                               **{k: v for k, v in d.items() if k in spec_keys}))
-    return out

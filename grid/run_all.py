@@ -26,8 +26,10 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 from epir.presets import LADDER, PRESETS  # noqa: E402
-from grid.config import FORMATS, PROFILES, SAMPLERS, DatasetSpec, GridConfig, load_config, parse_overrides  # noqa: E402
+from grid.config import FORMATS, PROFILES, SAMPLERS, DatasetSpec, GridConfig  # noqa: E402
 from grid.schema import MODEL_URI  # noqa: E402
+from grid.tomlfile import load_config  # noqa: E402
+from grid.values import parse_overrides  # noqa: E402
 from preprocess import FLOW_ALGORITHMS  # noqa: E402
 from preprocess.runtime import quiet_libraries  # noqa: E402
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from grid.config import DatasetSpec, GridConfig, load_config
+from grid.config import DatasetSpec, GridConfig
 from grid.run_all import build_parser, make_config, parse_dataset
+from grid.tomlfile import load_config
 
 from .conftest import finished_fold_tags, run_grid_cli
 
@@ -142,7 +143,7 @@ def test_configuration_parsing(tmp_path):
         make_config(build_parser().parse_args(["--config", str(toml), "--seeds", "0,x"]))
     cfg = make_config(build_parser().parse_args(["--config", str(toml), "--set", "epochs=5", "--set", "hflip=false"]))
     assert cfg.overrides == {"epochs": 5, "hflip": False} and not cfg.demo
-    from grid.config import parse_overrides  # the benchmarks read --set the same way
+    from grid.values import parse_overrides  # the benchmarks read --set the same way
 
     assert parse_overrides(["schedule=cosine", "lr=5e-4", "standardize=true"]) == {
         "schedule": "cosine", "lr": 5e-4, "standardize": True}

@@ -11,7 +11,7 @@ from .conftest import REPO
 
 PURE = ["epir.model", "epir.registry", "epir.presets", "epir.train", "epir.pack", "epir.metrics", "epir.regions", "grid.cells",
         "grid.config", "grid.data", "grid.ids", "grid.schema", "grid.records", "grid.compare", "grid.pairing",
-        "grid.predictions", "grid.space", "grid.nested", "preprocess.shards"]
+        "grid.predictions", "grid.space", "grid.nested", "grid.values", "preprocess.shards"]
 
 
 def _module_imports(path) -> set[str]:
