@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import schema, tracking
+from .progress import finish_cell
 from .records import read_records
 from .report import write_tables
-from .runner import finish_cell
 
 
 def import_records(folder: Path, experiment: str, results_dir: Path, log=print) -> dict:

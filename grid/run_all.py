@@ -354,7 +354,8 @@ def _migrate_ids(args, cfg: GridConfig) -> int:
     tagged with their version-2 ids are re-tagged with their version-3 ids (:func:`grid.migration.migrate_v2`)."""
     from grid import migration  # deferred: Ray and MLflow only for the commands that need them
     from grid.cells import build_cells
-    from grid.runner import plan_resources, prepare_data
+    from grid.resources import plan_resources
+    from grid.runner import prepare_data
     from preprocess.adapters import DatasetError
 
     log = lambda m: print(m, flush=True)  # noqa: E731

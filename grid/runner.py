@@ -1,8 +1,11 @@
 """The grid: cells (dataset x protocol x ablation preset), each a full LOSO evaluation whose folds are
-Ray Tune trials, recorded in MLflow by the driver.
+Ray Tune trials, recorded in MLflow by the driver. Its jobs: (1) the data a run trains on (every configured dataset
+preprocessed, a composite pooled); (2) the trials planned and run through Ray Tune with their retries; (3) the
+run's outcome and its summary. The cluster's side is :mod:`grid.resources`, the driver's logging
+:mod:`grid.progress`, the trial itself :mod:`grid.trainable`.
 
 Flow of :func:`run_grid`:
-1. connect to Ray (``preprocess.runtime.init_ray``: ``RAY_ADDRESS``, or the cluster this node
+1. connect to Ray (:func:`grid.resources.plan_resources`: ``RAY_ADDRESS``, or the cluster this node
    belongs to, else a local Ray);
 2. preprocess every configured dataset with the real pipeline (finished shards are reused);
 3. build the cells, open the MLflow store, create each cell's parent run, look up finished folds;
@@ -15,29 +18,26 @@ Flow of :func:`run_grid`:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from ray import tune
-from ray.tune import Callback
 
-from epir.complexity import measure
 from epir.pack import check_packable
-from epir.presets import PRESETS, build_model, config_from_dict
+from epir.presets import PRESETS, config_from_dict
 from epir.train import TrainRecipe
 from preprocess.adapters import DatasetError
 from preprocess.demo import make_demo_dataset
-from preprocess.runtime import init_ray
 
 from . import logged_models, migration, tracking
-from .cells import Cell, build_cells, fold_packs, member_scores, pooled_scores
+from .cells import Cell, build_cells, fold_packs, pooled_scores
 from .config import DatasetSpec, GridConfig
 from .data import ProtocolData, composite, load_protocol, preprocess, protocol_support
-from .records import FoldRecord
-from .trainable import FINAL, FINAL_KEY, FOLD_KEY, PACK_KEY, TrialSpec, fold_trial
+from .progress import _Progress, finish_cell
+from .resources import plan_resources
+from .trainable import FINAL, TrialSpec, fold_trial
 
 # The demo dataset's size: 6 pseudo-subjects x 3 classes x 3 samples = 54 samples, 6 LOSO folds.
 DEMO_SUBJECTS, DEMO_PER_CLASS = 6, 3
@@ -56,130 +56,6 @@ class GridOutcome:
     train_seconds: float = 0.0
     results_dir: Path | None = None
     experiment_id: str | None = None
-
-
-def check_fit(resources_per_node: list[dict], bundles: list[dict]) -> None:
-    """Refuse a placement group the cluster can never hold (instead of waiting for it forever).
-
-    Args:
-        resources_per_node: total resources of each alive node (``ray.nodes()``'s ``Resources``).
-        bundles: the trial's bundles.
-
-    Raises:
-        ValueError: the bundles' sum exceeds the cluster, or one bundle fits on no node.
-    """
-    for key in ("CPU", "GPU"):
-        need = sum(b.get(key, 0) for b in bundles)
-        have = sum(n.get(key, 0) for n in resources_per_node)
-        if need > have + 1e-9:
-            raise ValueError(f"a trial reserves {need:g} {key} ({len(bundles)} bundles) but the cluster has {have:g}: "
-                             "lower --cpus-per-trial / --gpus-per-trial (search: --fold-parallel)")
-    for b in bundles:
-        if not any(all(n.get(k, 0) + 1e-9 >= v for k, v in b.items()) for n in resources_per_node):
-            raise ValueError(f"no node can hold a fold bundle {b}")
-
-
-def _cell_stats(cell: Cell, folds: dict[str, dict]) -> dict:
-    fs = [folds[s] for s in cell.subjects]
-    c = measure(build_model(config_from_dict(cell.fold_model(cell.subjects[0]))))  # a search's cell: its first fold's
-    stats = {"folds": len(fs), "train_seconds_sum": sum(f.train_seconds for f in fs),
-             "wall_seconds": max(f.finished for f in fs) - min(f.started for f in fs),
-             "params_M": c.params / 1e6, "macs_M": c.macs / 1e6}
-    members = member_scores(cell, folds)
-    if members:  # each member alone: the spread over seeds that the ensemble averages away
-        for k in ("uf1", "uar"):
-            v = np.array([m["all"][k] for m in members])
-            stats.update({f"members.{k}_mean": v.mean(), f"members.{k}_sd": v.std(ddof=1), f"members.{k}_min": v.min(),
-                          f"members.{k}_max": v.max()})
-    return stats
-
-
-class _Progress(Callback):
-    """Tune callback (driver side): logs each finished fold to MLflow, finishes cells, prints progress.
-
-    Folds and final models (a cell's model on all subjects) are counted apart: ``folds_total`` and
-    ``finals_total`` are what this run trains of each.
-    """
-
-    def __init__(self, client, exp_id, cells, parents, done, folds_total: int, finals_total: int, log):
-        self.client, self.exp_id, self.cells, self.parents, self.done = client, exp_id, cells, parents, done
-        self.folds_total, self.finals_total, self.log = folds_total, finals_total, log
-        self.folds_now = self.finals_now = 0
-        self.errored: dict[tuple[str, str], tuple[int, str]] = {}  # the current pass's (_tune resets it)
-        self.train_seconds = 0.0
-        self.start = time.perf_counter()
-
-    @property
-    def finished_now(self) -> int:
-        """Folds and final models trained by this run."""
-        return self.folds_now + self.finals_now
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.complete(trial)
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        self.log(f"  retry  {self.label(trial)}: {self.error_line(trial)}")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        t = TrialSpec.from_config(trial.config["trial"])
-        n, err = max(1, trial.num_failures), self.error_line(trial)
-        self.errored[t.key] = (n, err)
-        self.log(f"  ended  {self.label(trial)} after {n} attempt(s) in this pass: {err}")
-
-    def label(self, trial) -> str:
-        t = TrialSpec.from_config(trial.config["trial"])
-        return f"{self.cells[t.cell_id].name} | fold {t.subject}"
-
-    @staticmethod
-    def error_line(trial) -> str:
-        err = trial.error_file and Path(trial.error_file)
-        text = err.read_text() if err and err.exists() else str(getattr(trial, "error_msg", "") or "unknown error")
-        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-        return lines[-1][:300] if lines else "unknown error"
-
-    def complete(self, trial) -> None:
-        t = TrialSpec.from_config(trial.config["trial"])
-        res = trial.last_result or {}
-        if FINAL_KEY in res:
-            cell = self.cells[t.cell_id]
-            final = json.loads(res[FINAL_KEY])
-            uri = logged_models.log_final_model(self.client, self.exp_id, self.parents[cell.cell_id], cell, final)
-            self.finals_now += 1
-            self.train_seconds += final["train_seconds"]
-            self.log(f"[{self.finals_now}/{self.finals_total} final models] {cell.name}: trained on all "
-                     f"{final['samples']} samples in {final['train_seconds']:.1f} s: {uri}")
-            return
-        if FOLD_KEY in res:
-            self.fold_done(self.cells[t.cell_id], FoldRecord.from_dict(json.loads(res[FOLD_KEY])))
-        for fold in json.loads(res.get(PACK_KEY, "[]")):  # a pack: its folds, each its own child run
-            self.fold_done(self.cells[t.cell_id], FoldRecord.from_dict(fold))
-
-    def fold_done(self, cell: Cell, fold: FoldRecord) -> None:
-        """Log one finished fold, print progress, and finish its cell when it was the last."""
-        tracking.log_fold(self.client, self.exp_id, self.parents[cell.cell_id], cell, fold)
-        self.done[cell.cell_id][fold.subject] = fold
-        self.folds_now += 1
-        self.train_seconds += fold.train_seconds
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / self.folds_now * (self.folds_total - self.folds_now)
-        cells_done = sum(len(self.done[c.cell_id]) == len(c.subjects) for c in self.cells.values())
-        self.log(f"[{self.folds_now}/{self.folds_total} folds, {cells_done}/{len(self.cells)} cells, "
-                 f"{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min] {cell.name} | fold {fold.subject}: "
-                 f"acc {fold.accuracy:.3f} on {len(fold.y_true)}, {fold.train_seconds:.1f} s")
-        if len(self.done[cell.cell_id]) == len(cell.subjects):
-            finish_cell(self.client, self.parents[cell.cell_id], cell, self.done[cell.cell_id], self.log)
-
-
-def finish_cell(client, parent_id: str, cell: Cell, folds: dict, log=print) -> dict:
-    """Pool a complete cell's folds, log the parent run's scores (honest, and best-test-epoch beside them,
-    labelled) and figures, and return the honest scores."""
-    scores = pooled_scores(cell, folds)
-    peek = pooled_scores(cell, folds, best_test_epoch=True)
-    tracking.log_cell(client, parent_id, cell, scores, _cell_stats(cell, folds), peek, folds)
-    s = scores["all"]
-    extra = f"; best test epoch (peeks): UF1 {peek['all']['uf1']:.4f}" if peek else ""
-    log(f"  cell done: {cell.name}: UF1 {s['uf1']:.4f}  UAR {s['uar']:.4f}  ({len(cell.subjects)} folds{extra})")
-    return scores
 
 
 def prepare_data(cfg: GridConfig, log=print) -> dict[str, ProtocolData]:
@@ -220,42 +96,6 @@ def prepare_data(cfg: GridConfig, log=print) -> dict[str, ProtocolData]:
         log(f"  {d.key}: the CDE composite of {', '.join(p.key for p in parts)}: {len(d.labels)} samples, "
             f"{len(set(d.subjects))} subjects (named <dataset>_<subject>)")
     return data
-
-
-@dataclass
-class Resources:
-    """What the cluster offers and what one trial asks for."""
-
-    profile: str
-    has_gpu: bool
-    cpus: float
-    gpus: float
-
-
-def plan_resources(cfg: GridConfig, log=print) -> Resources:
-    """Connect to Ray, resolve the profile, size a trial, and refuse a trial no node could hold (it would
-    wait forever).
-
-    Raises:
-        ValueError: a trial larger than any node.
-    """
-    ray = init_ray(py_modules=[str(f) for f in cfg.model_files])  # a user's model files reach every worker
-    have = ray.cluster_resources()
-    has_gpu = have.get("GPU", 0) > 0
-    packs = cfg.fold_pack != 1 and has_gpu  # a pack of folds on a GPU takes the whole device by default
-    gpus = cfg.gpus_per_trial if cfg.gpus_per_trial is not None else ((1.0 if packs else 0.25) if has_gpu else 0.0)
-    res = Resources(cfg.resolved_profile(has_gpu), has_gpu, cfg.cpus_per_trial, gpus)
-    log(f"Ray: {have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs; profile {res.profile}; each trial asks for "
-        f"{res.cpus:g} CPU" + (f" and {gpus:g} GPU" if gpus else "") + f"; {pack_text(cfg, has_gpu)}")
-    check_fit([n["Resources"] for n in ray.nodes() if n["Alive"]], [{"CPU": res.cpus, "GPU": gpus}])
-    return res
-
-
-def pack_text(cfg: GridConfig, has_gpu: bool) -> str:
-    """How folds are grouped into trials, in words."""
-    size = cfg.fold_pack or (0 if has_gpu else 1)
-    return "one fold per trial" if size == 1 else \
-        ("every fold of a cell in one batched trial" if size == 0 else f"up to {size} folds per batched trial")
 
 
 def plan_trials(cfg: GridConfig, cells: list[Cell], done: dict, has_gpu: bool, common: dict, log=print) -> list[TrialSpec]:

@@ -36,7 +36,8 @@ from .choices import write_choices
 from .config import GridConfig
 from .data import ProtocolData
 from .nested import SearchPlan, best_on_all, choose, evaluate_candidate, group_fold, inner_scores, validation_groups
-from .runner import check_fit, prepare_data, run_grid
+from .resources import check_fit
+from .runner import prepare_data, run_grid
 from .space import SearchConfig, check_space
 from .study import completed, replay_interrupted, sampler, typed
 from .trainable import save_weights

@@ -69,23 +69,24 @@ def test_a_fold_handed_the_actor_of_a_lost_node_is_run_again(cluster, composite_
     is PENDING, which Tune (2.60) does not retry. The grid must still finish every fold (run_passes)."""
     import ray
 
-    from grid import runner, tracking
+    from grid import progress, runner, tracking
     from grid.config import DatasetSpec, GridConfig
+    from grid.trainable import FOLD_KEY
 
     c, workers = cluster
     by_node = {w.node_id: w for w in workers}
     lost = []
-    complete = runner._Progress.complete
+    complete = progress._Progress.complete
 
     def complete_then_lose_its_node(self, trial):
         complete(self, trial)
-        if not lost and (trial.last_result or {}).get(runner.FOLD_KEY):
+        if not lost and (trial.last_result or {}).get(FOLD_KEY):
             # the first fold to finish (4 or more still wait): its node goes before Tune caches its actor
-            lost.append(json.loads(trial.last_result[runner.FOLD_KEY])["node"])
+            lost.append(json.loads(trial.last_result[FOLD_KEY])["node"])
             c.remove_node(by_node[lost[0]], allow_graceful=False)
             time.sleep(3)  # the actor's process is gone by the time Tune resets it for the next fold
 
-    monkeypatch.setattr(runner._Progress, "complete", complete_then_lose_its_node)
+    monkeypatch.setattr(progress._Progress, "complete", complete_then_lose_its_node)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RAY_ADDRESS", c.address)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

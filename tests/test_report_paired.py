@@ -16,9 +16,9 @@ from grid.data import PUBLISHED_FLOW, ProtocolData
 from grid.kept import read_beside
 from grid.pairing import paired_lines
 from grid.predictions import PROB
+from grid.progress import finish_cell
 from grid.records import FoldRecord
 from grid.report import write_tables
-from grid.runner import finish_cell
 
 
 def _data(n_subjects=20, per=5) -> ProtocolData:

@@ -8,8 +8,8 @@ import numpy as np
 from grid import schema, tracking
 from grid.cells import build_cells
 from grid.config import GridConfig
+from grid.progress import finish_cell
 from grid.report import collect
-from grid.runner import finish_cell
 
 from .test_report_paired import _data, _fold
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from grid.nested import SearchPlan, best_on_all, choose, evaluate_candidate, group_fold, inner_scores, validation_groups
-from grid.runner import check_fit
+from grid.resources import check_fit
 from grid.space import Dist, SearchConfig, check_space, parse_space
 from preprocess.demo import make_demo_dataset
 
