@@ -7,7 +7,7 @@ import shlex
 
 from epir.complexity import measure
 from epir.presets import build_model, make_config
-from grid.run_all import build_parser
+from grid.cli import build_parser
 
 from .conftest import REPO
 

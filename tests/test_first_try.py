@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from grid.cells import Cell
+from grid.cli import apply_classes, build_parser, make_config
 from grid.config import DatasetSpec, GridConfig
 from grid.data import label_support
-from grid.run_all import apply_classes, build_parser, make_config
 from grid.runner import GridOutcome, summary_table
 from preprocess.adapters import DatasetError, manifest
 from preprocess.pipeline import PreprocessConfig, shard_names

@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from grid.cli import build_parser, make_config, parse_dataset
 from grid.config import DatasetSpec, GridConfig
-from grid.run_all import build_parser, make_config, parse_dataset
 from grid.tomlfile import load_config
 
 from .conftest import finished_fold_tags, run_grid_cli

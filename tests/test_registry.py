@@ -147,8 +147,8 @@ def test_a_users_model_file_runs_in_the_demo_grid_beside_baseline_paired(demo_se
 
 
 def test_dataset_formats_come_from_the_adapters_registry(tmp_path):
+    from grid.cli import build_parser
     from grid.config import FORMATS, DatasetSpec
-    from grid.run_all import build_parser
     from grid.tomlfile import load_config
     from preprocess.adapters import ADAPTERS
 
