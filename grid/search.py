@@ -27,7 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 from epir.metrics import uar
 from epir.presets import config_from_dict
 from epir.registry import import_model_modules
-from epir.train import TrainRecipe, fit_all
+from epir.train import TrainRecipe
 from preprocess.runtime import init_ray
 
 from . import search_tracking, tracking
@@ -40,7 +40,7 @@ from .resources import check_fit
 from .runner import prepare_data, run_grid
 from .space import SearchConfig, check_space
 from .study import completed, replay_interrupted, sampler, typed
-from .trainable import save_weights
+from .trainable import train_final
 
 
 def _group_task(data, held: list[str], model: dict, recipe: dict, threads: int, model_modules=()) -> dict:
@@ -217,11 +217,7 @@ def _final_model(s: _Setup, client, exp_id: str, parent: str, overall: dict, tes
 
     def train(data, model: dict, recipe: dict, threads: int) -> dict:
         torch.set_num_threads(threads)
-        start = time.time()
-        net, curve = fit_all(config_from_dict(model), TrainRecipe(**recipe), data.model_flows(config_from_dict(model)),
-                         data.labels)
-        save_weights(net, path)
-        return {"path": str(path), "curve": curve, "train_seconds": time.time() - start, "samples": len(data.labels)}
+        return train_final(data, config_from_dict(model), TrainRecipe(**recipe), path)
 
     task = ray.remote(train).options(num_cpus=s.plan.cpus, num_gpus=s.plan.gpus)
     final = ray.get(task.remote(s.data, cell.model, cell.recipe, s.plan.threads))

@@ -139,12 +139,18 @@ def fold_trial(config: dict, data: dict) -> None:
 
 def _final_model(t: TrialSpec, d, model_config, recipe, report) -> dict:
     """Train the cell's model on every subject and save its weights; the record the driver logs."""
+    return {**train_final(d, model_config, recipe, Path(t.model_dir) / f"{t.cell_id}-final.pt", report),
+            "node": _node()}
+
+
+def train_final(d, model_config, recipe: TrainRecipe, path: Path, on_epoch_end=None) -> dict:
+    """A model trained on every subject of ``d`` (:func:`epir.train.fit_all`), its weights saved at ``path``: the
+    record a final model is logged from (``path``, ``curve``, ``train_seconds``, ``samples``). The grid's final
+    models and the search's best-on-all model are trained by it."""
     started = time.time()
-    model, curve = fit_all(model_config, recipe, d.model_flows(model_config), d.labels, on_epoch_end=report)
-    weights = Path(t.model_dir) / f"{t.cell_id}-final.pt"
-    save_weights(model, weights)
-    return {"path": str(weights), "curve": curve, "train_seconds": time.time() - started,
-            "node": _node(), "samples": len(d.labels)}
+    model, curve = fit_all(model_config, recipe, d.model_flows(model_config), d.labels, on_epoch_end=on_epoch_end)
+    save_weights(model, path)
+    return {"path": str(path), "curve": curve, "train_seconds": time.time() - started, "samples": len(d.labels)}
 
 
 def _folds(t: TrialSpec, subjects: list[str], d, model_config, recipe, report) -> list[dict]:
