@@ -36,11 +36,6 @@ from .data import ProtocolData
 from .ids import cell_id, cell_id_v2
 
 
-def flat_params(prefix: str, d: dict) -> dict:
-    """``{k: v}`` -> ``{"prefix.k": str(v)}``, the form MLflow params take."""
-    return {f"{prefix}.{k}": ("None" if v is None else str(v)) for k, v in d.items()}
-
-
 def split_params(params: dict, model: dict, recipe: dict) -> tuple[dict, dict]:
     """Apply searched values to a model config dict and TrainRecipe fields (each field where it belongs)."""
     recipe_fields = set(TrainRecipe.__dataclass_fields__)
@@ -166,10 +161,10 @@ class Cell:
             return {}
         f = self.fold_settings[subject]
         c = f["choice"]
-        return {**flat_params("model", f["model"]), **flat_params("recipe", f["recipe"]),
-                "choice.study": c["study"], "choice.group": str(c["group"]), "choice.trial": str(c["trial"]),
-                "choice.validation_uf1": f"{c['validation_uf1']:.4f}",
-                **{f"choice.{k}": str(v) for k, v in c["params"].items()}}
+        choice = {"study": c["study"], "group": str(c["group"]), "trial": str(c["trial"]),
+                  "validation_uf1": f"{c['validation_uf1']:.4f}", **{k: str(v) for k, v in c["params"].items()}}
+        return {**schema.flat_params(schema.MODEL, f["model"]), **schema.flat_params(schema.RECIPE, f["recipe"]),
+                **schema.flat_params(schema.CHOICE, choice)}
 
     @property
     def seed(self) -> int:
@@ -194,10 +189,10 @@ class Cell:
 
     def params(self) -> dict:
         """The full configuration as MLflow params: ``model.*``, ``recipe.*``, data and protocol."""
-        return {**flat_params("model", self.model), **flat_params("recipe", self.recipe),
+        return {**schema.flat_params(schema.MODEL, self.model), **schema.flat_params(schema.RECIPE, self.recipe),
                 "dataset": self.dataset, "protocol": self.protocol, "preset": self.preset, "profile": self.profile,
-                "shards_config_id": self.config_id, "flow": self.flow, "classes": ",".join(self.classes),
-                "folds": str(len(self.subjects)), "subjects_total": str(self.all_subjects)}
+                schema.SHARDS_CONFIG_ID: self.config_id, "flow": self.flow, schema.CLASSES: ",".join(self.classes),
+                "folds": str(len(self.subjects)), schema.SUBJECTS_TOTAL: str(self.all_subjects)}
 
 
 def _model_data(d: ProtocolData, model: dict) -> dict:

@@ -13,7 +13,7 @@ from ray.tune import Callback
 from epir.complexity import measure
 from epir.presets import build_model, config_from_dict
 
-from . import logged_models, tracking
+from . import logged_models, schema, tracking
 from .cells import Cell, member_scores, pooled_scores
 from .records import FoldRecord
 from .trainable import FINAL_KEY, FOLD_KEY, PACK_KEY, TrialSpec
@@ -22,15 +22,15 @@ from .trainable import FINAL_KEY, FOLD_KEY, PACK_KEY, TrialSpec
 def _cell_stats(cell: Cell, folds: dict[str, dict]) -> dict:
     fs = [folds[s] for s in cell.subjects]
     c = measure(build_model(config_from_dict(cell.fold_model(cell.subjects[0]))))  # a search's cell: its first fold's
-    stats = {"folds": len(fs), "train_seconds_sum": sum(f.train_seconds for f in fs),
-             "wall_seconds": max(f.finished for f in fs) - min(f.started for f in fs),
-             "params_M": c.params / 1e6, "macs_M": c.macs / 1e6}
+    stats = {"folds": len(fs), schema.TRAIN_SECONDS_SUM: sum(f.train_seconds for f in fs),
+             schema.WALL_SECONDS: max(f.finished for f in fs) - min(f.started for f in fs),
+             schema.PARAMS_M: c.params / 1e6, schema.MACS_M: c.macs / 1e6}
     members = member_scores(cell, folds)
     if members:  # each member alone: the spread over seeds that the ensemble averages away
         for k in ("uf1", "uar"):
             v = np.array([m["all"][k] for m in members])
-            stats.update({f"members.{k}_mean": v.mean(), f"members.{k}_sd": v.std(ddof=1), f"members.{k}_min": v.min(),
-                          f"members.{k}_max": v.max()})
+            stats.update({f"{schema.MEMBERS}{k}_{stat}": x for stat, x in (("mean", v.mean()), ("sd", v.std(ddof=1)),
+                                                                           ("min", v.min()), ("max", v.max()))})
     return stats
 
 

@@ -86,9 +86,8 @@ def _score_columns() -> list[str]:
 
 
 # configuration columns of a cell row and the MLflow params they come from
-CONFIG_PARAMS = {"dim": "model.dim", "depth": "model.depth", "epochs": "recipe.epochs", "lr": "recipe.lr",
-                 "batch_size": "recipe.batch_size", "hflip": "recipe.hflip", "schedule": "recipe.schedule",
-                 "standardize": "recipe.standardize"}
+CONFIG_PARAMS = {k: schema.param(schema.MODEL if k in ("dim", "depth") else schema.RECIPE, k)
+                 for k in ("dim", "depth", "epochs", "lr", "batch_size", "hflip", "schedule", "standardize")}
 
 
 def _trained_by_folds(client, exp_id: str, cell_id: str) -> dict:
@@ -125,21 +124,14 @@ def collect(client, exp_id: str) -> pd.DataFrame:
     rows = []
     for r in tracking.finished_cells(client, exp_id):
         t, m, p = r.data.tags, r.data.metrics, r.data.params
-        if "uf1" not in m:
+        if schema.UF1 not in m:
             continue
-        tags = schema.decode_cell(t)
+        tags, run = schema.decode_cell(t), schema.decode_cell_run(p, m)
         row = dict({k: tags[k] for k in ("dataset", "protocol", "preset", "flow", "profile", "epoch_selection",
                                           "peeks_at_test", "demo", "folds", "partial")},
-                   seed=tags["seed"] if tags["seed"] is not None else int(p.get("recipe.seed", 0)),
+                   seed=tags["seed"] if tags["seed"] is not None else run["recipe_seed"],
                    setting=tags["setting"],
-                   wall_minutes=m.get("wall_seconds", float("nan")) / 60,
-                   train_minutes=m.get("train_seconds_sum", float("nan")) / 60,
-                   params_M=m.get("params_M"), macs_M=m.get("macs_M"), family=p.get("model.family", "epir"),
-                   dim=p.get("model.dim"), depth=p.get("model.depth"), epochs=p.get("recipe.epochs"),
-                   lr=p.get("recipe.lr"), batch_size=p.get("recipe.batch_size"), hflip=p.get("recipe.hflip"),
-                   schedule=p.get("recipe.schedule", "constant"), standardize=p.get("recipe.standardize", "False"),
-                   ensemble=int(p.get("recipe.ensemble", 1)), members_uf1_mean=m.get("members.uf1_mean", np.nan),
-                   members_uf1_sd=m.get("members.uf1_sd", np.nan), members_uar_mean=m.get("members.uar_mean", np.nan),
+                   **{k: v for k, v in run.items() if k != "recipe_seed"},
                    commit=tags["commit"], run_id=r.info.run_id, cell_id=tags["cell_id"],
                    data_fingerprint=tags["data_fingerprint"],
                    end_time=pd.Timestamp(r.info.end_time, unit="ms"))

@@ -1,4 +1,5 @@
-"""The MLflow tags the grid writes and reads, in one place: each name once, and what a cell's tags decode to.
+"""The MLflow names the grid writes and reads, in one place: each tag, param and metric name (or prefix) once, and
+what a cell's tags, params and metrics decode to.
 
 Writers (:meth:`grid.cells.Cell.tags`, :mod:`grid.tracking`, :mod:`grid.gpu_import`) and readers
 (:func:`grid.report.collect`, the store queries of :mod:`grid.tracking`) use these names; a renamed tag is then one
@@ -34,6 +35,45 @@ PROVENANCE = "epir.provenance"  # a warning about where a cell's settings came f
 TEST_CELLS = "epir.test_cells"  # a search's honest test cells
 RECORDS = "epir.records."  # + a key of a GPU run's records (benchmarks/gpu_ladder.py), on imported cells
 PEEK = "best_test_epoch."  # prefix of every metric that peeks at the test subject
+
+# params of a cell run (grid.cells.Cell.params) and of a fold run (its own settings, a search's choice)
+MODEL, RECIPE, CHOICE = "model", "recipe", "choice"  # prefixes: model.<field>, recipe.<field>, choice.<key>
+CLASSES = "classes"  # the class names in label order, comma-separated
+SHARDS_CONFIG_ID, SUBJECTS_TOTAL = "shards_config_id", "subjects_total"
+# metrics of a cell run beyond its pooled scores (uf1, uar, accuracy, and per source dataset)
+UF1, UAR = "uf1", "uar"
+WALL_SECONDS, TRAIN_SECONDS_SUM = "wall_seconds", "train_seconds_sum"  # first fold start to last end; their sum
+PARAMS_M, MACS_M = "params_M", "macs_M"  # the model's parameters and MACs per sample, millions
+MEMBERS = "members."  # + uf1_mean, uf1_sd, uf1_min, uf1_max (and uar_*): an ensemble's members scored alone
+PAIRED = "paired."  # + <vs_kind>.<metric>_diff / _ci_low / _ci_high / _seeds_agree, and the tag paired.<vs_kind>
+
+
+def flat_params(prefix: str, d: dict) -> dict:
+    """``{k: v}`` -> ``{"prefix.k": str(v)}``, the form MLflow params take (``None`` as the text ``None``)."""
+    return {f"{prefix}.{k}": ("None" if v is None else str(v)) for k, v in d.items()}
+
+
+def param(prefix: str, field: str) -> str:
+    """The param name of a model or recipe field (``recipe.lr``)."""
+    return f"{prefix}.{field}"
+
+
+def decode_cell_run(params: dict, metrics: dict) -> dict:
+    """A cell run's params and metrics as the tables read them: ``family``, ``dim``, ``depth``, ``epochs``, ``lr``,
+    ``batch_size``, ``hflip``, ``schedule``, ``standardize`` (text, as logged), ``ensemble`` (int),
+    ``recipe_seed`` (int), ``wall_minutes``, ``train_minutes``, ``params_M``, ``macs_M``, ``members_uf1_mean``,
+    ``members_uf1_sd``, ``members_uar_mean`` (float; NaN where absent)."""
+    nan = float("nan")
+    r = {k: params.get(param(RECIPE, k)) for k in ("epochs", "lr", "batch_size", "hflip")}
+    return dict(wall_minutes=metrics.get(WALL_SECONDS, nan) / 60, train_minutes=metrics.get(TRAIN_SECONDS_SUM, nan) / 60,
+                params_M=metrics.get(PARAMS_M), macs_M=metrics.get(MACS_M), family=params.get(param(MODEL, "family"), "epir"),
+                dim=params.get(param(MODEL, "dim")), depth=params.get(param(MODEL, "depth")), **r,
+                schedule=params.get(param(RECIPE, "schedule"), "constant"),
+                standardize=params.get(param(RECIPE, "standardize"), "False"),
+                ensemble=int(params.get(param(RECIPE, "ensemble"), 1)),
+                members_uf1_mean=metrics.get(f"{MEMBERS}uf1_mean", nan), members_uf1_sd=metrics.get(f"{MEMBERS}uf1_sd", nan),
+                members_uar_mean=metrics.get(f"{MEMBERS}uar_mean", nan),
+                recipe_seed=int(params.get(param(RECIPE, "seed"), 0)))
 
 
 def decode_cell(tags: dict) -> dict:

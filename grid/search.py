@@ -30,7 +30,7 @@ from epir.registry import import_model_modules
 from epir.train import TrainRecipe
 from preprocess.runtime import init_ray
 
-from . import search_tracking, tracking
+from . import schema, search_tracking, tracking
 from .cells import build_cells, split_params
 from .choices import write_choices
 from .config import GridConfig
@@ -252,8 +252,8 @@ def run_search(cfg: GridConfig, scfg: SearchConfig, log=print) -> SearchOutcome:
         f"{len(s.bundles) - 1} at once ({s.bundles[1]} each); {done} trials completed earlier, {remaining} to run")
     client, exp_id = tracking.setup(cfg.experiment)
     parent = search_tracking.search_parent_run(client, exp_id, s.study, s.storage_url, s.data, s.preset, s.label,
-                                        {**tracking.flat_params("model", s.plan.model),
-                                         **tracking.flat_params("recipe", s.plan.recipe),
+                                        {**schema.flat_params(schema.MODEL, s.plan.model),
+                                         **schema.flat_params(schema.RECIPE, s.plan.recipe),
                                          **{f"space.{k}": v.describe() for k, v in scfg.space.items()},
                                          "sampler": scfg.sampler, "val_groups": str(scfg.groups), "seed": str(scfg.seed),
                                          "design": "nested pairs"})

@@ -110,7 +110,7 @@ def log_dataset(client, run_id: str, cell) -> None:
     shards' configuration id for a cell made without one), its source the shards' key."""
     ds = Dataset(name=f"{cell.dataset}/{cell.protocol}" + ("" if cell.flow == "farneback" else f" ({cell.flow})"),
                  digest=cell.data_fingerprint or cell.config_id[-10:], source_type="local",
-                 source=json.dumps({"shards_config_id": cell.config_id, "data_key": cell.data_key, "flow": cell.flow,
+                 source=json.dumps({schema.SHARDS_CONFIG_ID: cell.config_id, "data_key": cell.data_key, "flow": cell.flow,
                                     "data_fingerprint": cell.data_fingerprint}),
                  profile=json.dumps({"classes": cell.classes, "subjects": cell.all_subjects}))
     client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])])
@@ -139,7 +139,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-from .cells import flat_params  # noqa: E402, F401  (re-exported: the form MLflow params take)
 
 
 def parent_run(client, exp_id: str, cell) -> str:
@@ -304,13 +303,13 @@ def log_comparison(client, run_ids: list[str], name: str, against: str, paired: 
     now = int(time.time() * 1000)
     metrics = []
     for m, p in paired.items():
-        metrics += [Metric(f"paired.{name}.{m}_{k}", float(v), now, 0)
+        metrics += [Metric(f"{schema.PAIRED}{name}.{m}_{k}", float(v), now, 0)
                     for k, v in (("diff", p.diff), ("ci_low", p.ci_low), ("ci_high", p.ci_high), ("seeds_agree", p.agree))]
     text = f"minus {against}, paired over seeds {list(next(iter(paired.values())).seeds)}; " + \
         "; ".join(f"{m.upper()} {p.text()}" for m, p in paired.items())
     for rid in run_ids:
         client.log_batch(rid, metrics=metrics)
-        client.set_tag(rid, f"paired.{name}", text[:5000])
+        client.set_tag(rid, f"{schema.PAIRED}{name}", text[:5000])
 
 
 def finished_cells(client, exp_id: str) -> list:

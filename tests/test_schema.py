@@ -41,3 +41,11 @@ def test_a_cell_written_by_the_grid_reads_back_field_by_field(tmp_path, monkeypa
                   "folds", "partial", "seed", "setting", "cell_id", "data_fingerprint"):
         assert row[field] == tags[field], field
     assert row["uf1"] == run.data.metrics["uf1"] and row["bte_uf1"] == run.data.metrics[f"{schema.PEEK}uf1"]
+    values = schema.decode_cell_run(run.data.params, run.data.metrics)  # params and metrics, as written
+    assert (values["family"], values["dim"], values["epochs"], values["lr"]) == (
+        "epir", str(cell.model["dim"]), str(cell.recipe["epochs"]), str(cell.recipe["lr"]))
+    assert values["recipe_seed"] == 7 and values["ensemble"] == 1 and values["params_M"] > 0 and values["macs_M"] > 0
+    assert values["train_minutes"] > 0 and values["wall_minutes"] >= 0
+    assert run.data.params[schema.CLASSES] == ",".join(d.classes) and run.data.params[schema.SUBJECTS_TOTAL] == "3"
+    for field in ("dim", "depth", "epochs", "lr", "batch_size", "hflip", "schedule", "standardize", "params_M", "macs_M"):
+        assert row[field] == values[field], field
