@@ -1,4 +1,5 @@
-"""The grid's cells, pure: what a cell is, how its folds are set, its id, and its pooled scores.
+"""The grid's cells, pure. Its jobs: (1) what a cell is and how the cells of a run are built; (2) what each fold
+trains (a search's choices replayed) and how folds are packed; (3) a cell's pooled scores.
 
 A cell is one dataset x protocol x preset x seed: a full leave-one-subject-out (LOSO) evaluation. This
 module imports neither Ray nor MLflow nor Optuna: the Ray runner (:mod:`grid.runner`), the GPU path

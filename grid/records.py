@@ -3,8 +3,8 @@
 
 A records folder holds two files, few enough to travel back from a lent machine:
 
-- ``cells.json``: ``{"meta": {...}, "cells": [grid.runner.Cell as a dict, ...]}``, the cells exactly as
-  :func:`grid.runner.build_cells` makes them (same cell ids as a grid run of the same settings);
+- ``cells.json``: ``{"meta": {...}, "cells": [grid.cells.Cell as a dict, ...]}``, the cells exactly as
+  :func:`grid.cells.build_cells` makes them (same cell ids as a grid run of the same settings);
 - ``folds.jsonl``: one line per finished fold, ``{"cell_id": ..., **FoldRecord.to_dict()}``,
   appended as each fold ends (an interrupted run keeps what it finished and resumes from it).
 
@@ -124,7 +124,7 @@ def read_records(folder: Path) -> tuple[dict, list, dict[str, dict[str, FoldReco
     """Read a records folder.
 
     Returns:
-        (meta, cells as :class:`grid.runner.Cell`, cell_id -> subject -> fold record); a fold recorded
+        (meta, cells as :class:`grid.cells.Cell`, cell_id -> subject -> fold record); a fold recorded
         twice keeps its last line.
 
     Raises:
