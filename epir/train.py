@@ -65,7 +65,7 @@ class TrainRecipe:
         schedule: learning rate over the run: ``constant`` (the paper), ``cosine`` (decays from
             ``lr`` to 0 over all steps, ``torch.optim.lr_scheduler.CosineAnnealingLR`` stepped per batch) or
             ``step`` (multiplied by ``step_gamma`` every ``step_epochs`` epochs, ``torch.optim.lr_scheduler.StepLR``
-            as RCN-A's ``ModelTrain_Final.py`` steps it per epoch).
+            at epoch boundaries; RCN-A's ``ModelTrain_Final.py`` creates such a scheduler and never steps it).
         step_epochs, step_gamma: the ``step`` schedule's period in epochs (10) and factor (0.5).
         standardize: standardise each input channel with the mean and std of the fold's training flows
             (:meth:`epir.model.EPIR.set_input_stats`; EPIR family only; the paper does not). Mirroring

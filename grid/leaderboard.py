@@ -7,6 +7,9 @@ honest (last-epoch) softmax probabilities that the CPU-trained leaderboard model
 (:data:`ENSEMBLE_MEMBERS` that ran on that protocol, each with equal weight), and its predicted class is the
 arg-max. It is scored and paired like any other row: the same subjects, the same seeds.
 
+(A row whose predictions were kept before they held probabilities cannot take part; the row's note names the
+members that did.)
+
 Pure: it reads rows (:func:`grid.report.aggregate`) and predictions (:class:`grid.kept.Predictions`), and
 writes files; MLflow is reached only through those.
 """
@@ -103,9 +106,15 @@ def ensemble_predictions(members: list[dict[int, pd.DataFrame]], classes: list[s
 def _ensemble_row(g: pd.DataFrame, ref, preds) -> dict | None:
     """The ensemble's row of one dataset and protocol, or None with fewer than two members."""
     members = g[g["preset"].isin(ENSEMBLE_MEMBERS)]
-    if len(members) < 2:
+    if members.empty:
         return None
     classes = preds.of(members["setting"].iloc[0])[1]
+    cols = prob_columns(classes)
+    with_probs = [s for s in members["setting"]  # a row kept before probabilities were cannot take part
+                  if preds.of(s)[0] and all(set(cols) <= set(d) and d[cols].notna().all().all() for d in preds.of(s)[0].values())]
+    members = members[members["setting"].isin(with_probs)]
+    if len(members) < 2:
+        return None
     ens = ensemble_predictions([preds.of(s)[0] for s in members["setting"]], classes)
     if not ens:
         return None

@@ -91,8 +91,13 @@ def test_cosine_schedule_decays_the_learning_rate_to_zero():
     assert [c["lr"] for c in const] == [1e-3] * 4
     lrs = [c["lr"] for c in cos]
     assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[0] < 1e-3 and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    # the step schedule: the rate halved every step_epochs epochs (StepLR; RCN-A's code creates one and never steps it)
+    _, step = fit(make_config("baseline", **TINY), TrainRecipe(schedule="step", step_epochs=2, **kw), flows, labels)
+    assert [c["lr"] for c in step] == pytest.approx([1e-3, 5e-4, 5e-4, 2.5e-4])
     with pytest.raises(ValueError, match="schedule"):
-        TrainRecipe(schedule="step")
+        TrainRecipe(schedule="linear")
+    with pytest.raises(ValueError, match="step_gamma"):
+        TrainRecipe(schedule="step", step_gamma=0)
 
 
 def test_epir_learns_real_composite_flows(composite_root):

@@ -14,13 +14,16 @@ xiazhaoqiang/ParameterFreeRCNs-MicroExpressionRec, ``MeNets.py`` ``RCN_A`` with 
 
 F = 64 feature maps and P = 7 (the authors' defaults). Input: the three flow channels ``[u, v, strain]`` as
 stored (``num_input=3``; the authors' own flow images are not ours). Recipe (``ModelTrain_Final.py``): SGD
-momentum 0.9, lr 5e-4, no weight decay, the rate halved every 10 epochs (``StepLR(10, 0.5)``), batch 64,
-shuffled, 100 epochs, the last epoch predicts; initialisation: Kaiming-normal (fan out) convolutions,
-N(0, 0.01) linear weights, BN weight 1 and bias 0. At 28 px the last pooling upsamples 6 x 6 to 7 x 7
-(adaptive average pooling, as the reference would on these inputs).
+momentum 0.9, lr 5e-4, no weight decay, batch 64, shuffled, 100 epochs, the last epoch predicts;
+initialisation: Kaiming-normal (fan out) convolutions, N(0, 0.01) linear weights, BN weight 1 and bias 0. At
+28 px the last pooling upsamples 6 x 6 to 7 x 7 (adaptive average pooling, as the reference would on these
+inputs).
 
-Deviation: the min-max scaling divides by the map's maximum after subtracting its minimum, which is 0 for a
-constant map (a NaN in the reference); here the divisor is at least 1e-12.
+What reads as a slip in the reference (followed: the published number depends on it): ``train_model`` creates
+``StepLR(optimizer, step_size=10, gamma=0.5)`` and never calls its ``step()``, so the rate stays 5e-4 for all
+100 epochs; the recipe here is that constant rate (``TrainRecipe(schedule="step", step_epochs=10)`` gives the
+decay the code seems to intend). Deviation: the min-max scaling divides by the map's maximum after subtracting
+its minimum, which is 0 for a constant map (a NaN in the reference); here the divisor is at least 1e-12.
 """
 
 from __future__ import annotations
@@ -77,8 +80,7 @@ def class_attention(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @register_model("rcn-a", config=RCNAConfig,
-                recipe=dict(epochs=100, batch_size=64, lr=5e-4, optimizer="sgd", schedule="step", step_epochs=10,
-                            step_gamma=0.5),
+                recipe=dict(epochs=100, batch_size=64, lr=5e-4, optimizer="sgd"),  # its StepLR is never stepped
                 published=(Published("CDE", "full", 0.682, None, False, f"{MEB}; meb's flows, last epoch",
                                      "RCN-A (meb, last epoch)"),),
                 source=f"RCN-A (Xia et al., IEEE TIP 29, 2020), as {AUTHORS} builds and trains it",
