@@ -126,9 +126,18 @@ class GpuSampler:
 
 def plan_packs(cells: list, done: set, size: int) -> list[tuple]:
     """The tasks: each cell's unfinished folds in packs of up to ``size`` (0 = a setting's folds in one), as the
-    grid plans its trials (:func:`grid.cells.fold_packs`): ``(cell_id, subjects, model dict, recipe dict)``."""
-    return [(c.cell_id, part, c.fold_model(part[0]), c.fold_recipe(part[0]))
-            for c in cells for part in fold_packs(c, {s for cid, s in done if cid == c.cell_id}, size)]
+    grid plans its trials (:func:`grid.cells.fold_packs`): ``(cell_id, subjects, model dict, recipe dict)``. A model
+    that cannot pack (:func:`epir.pack.check_packable`) gets one task per fold, so that ``--workers`` share them."""
+    tasks = []
+    for c in cells:
+        todo = {s for cid, s in done if cid == c.cell_id}
+        try:
+            check_packable(config_from_dict(c.fold_model(c.subjects[0])), TrainRecipe(**c.fold_recipe(c.subjects[0])))
+            packs = fold_packs(c, todo, size)
+        except ValueError:
+            packs = fold_packs(c, todo, 1)
+        tasks += [(c.cell_id, part, c.fold_model(part[0]), c.fold_recipe(part[0])) for part in packs]
+    return tasks
 
 
 def preset_figures(cells: list, figures: dict[str, list[dict]], peak_tflops: float) -> list[str]:
