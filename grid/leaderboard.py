@@ -56,6 +56,18 @@ def _diff(p) -> str:
                                f"({p.agree}/{len(p.seeds)})"
 
 
+def _recipe_note(r) -> str:
+    """For a peer's row trained on another recipe than the one it registers now (its own published recipe): which
+    fields differ, e.g. ``trained with schedule=step (registered: constant)``; else empty."""
+    p = PRESETS.get(r["preset"])
+    if p is None or p.profiled:
+        return ""
+    want = {"schedule": "constant", **{k: v for k, v in p.recipe.items() if k in ("epochs", "lr", "batch_size", "schedule")}}
+    diff = [f"{k}={r[k]} (registered: {v})" for k, v in want.items()
+            if k in r and not pd.isna(r[k]) and str(r[k]) != str(v)]
+    return f"trained with {', '.join(diff)}; " if diff else ""
+
+
 def _row(r, ref, preds) -> dict:
     """One model's leaderboard row: its scores over seeds and its paired difference from ``ref`` (epir's row)."""
     paired = compare(preds, r, ref, CROSS_KEY) if ref is not None and r["setting"] != ref["setting"] else None
@@ -69,8 +81,9 @@ def _row(r, ref, preds) -> dict:
             "published UF1 / UAR": pub, "published peeks": peeks,
             "params (M)": _fmt(r.get("params_M")), "MACs (M)": _fmt(r.get("macs_M")),
             "training min per cell": f"{r['train_minutes'] / n:.1f}" if n else "",
-            "note": ("" if r.get("beside", "") in ("", None) or pd.isna(r.get("beside")) else f"from {r['beside']}; ")
-            + ("" if paired or r["preset"] == REFERENCE else "not paired")}
+            "note": (_recipe_note(r)
+                     + ("" if r.get("beside", "") in ("", None) or pd.isna(r.get("beside")) else f"from {r['beside']}; ")
+                     + ("" if paired or r["preset"] == REFERENCE else "not paired")).strip().rstrip(";")}
 
 
 def ensemble_predictions(members: list[dict[int, pd.DataFrame]], classes: list[str]) -> dict[int, pd.DataFrame]:
