@@ -28,15 +28,13 @@ from .compare import METRICS, paired_difference
 from .kept import Predictions, sample_hash
 from .pairing import CROSS_KEY, REFERENCE, compare
 from .predictions import prob_columns
-from .report import PEEKS_TEXT, _fmt, _md, aggregate, collect
+from .report import PEEKS_TEXT, PUBLISHED_DATASET, _fmt, _md, aggregate, collect
 
 # the CPU-trained models whose probabilities the ensemble averages (those with cells on a protocol take part)
 ENSEMBLE_MEMBERS = ("epir", "baseline", "sssnet", "ststnet", "rcn-a")
 ENSEMBLE = "ensemble"  # the row's name
 # models whose published recipe exceeds the CPU budget: their rows wait for a GPU (issue "On a GPU", #33)
 WAITING = {"offapexnet": "3000 epochs a fold: waits for a GPU", "htnet": "140 M parameters, 800 epochs: waits for a GPU"}
-# a leaderboard dataset -> the dataset name of published figures (Published.dataset)
-PUBLISHED_DATASET = {"megc2019": "full", "megc2019-smic": "smic"}
 COLUMNS = ["dataset", "protocol", "model", "seeds", "UF1", "UAR", "ΔUF1 vs epir [95% CI] (seeds)",
            "ΔUAR vs epir [95% CI] (seeds)", "PEEKS UF1", "PEEKS inflation (UF1)", "published UF1 / UAR",
            "published peeks", "params (M)", "MACs (M)", "training min per cell", "note"]

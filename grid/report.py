@@ -47,9 +47,16 @@ def published_cde() -> dict[str, dict[str, tuple]]:
 PEEKS_TEXT = {True: "yes", False: "no", None: "unknown"}  # does a published figure peek at its test subjects?
 
 
+# a dataset of the grid -> the dataset name of published figures (epir.registry.Published.dataset): the composite is
+# the paper's Full CDE set, its SMIC-HS part the paper's SMIC SDE set (same samples and 3 classes); its CASME II and
+# SAMM parts keep the composite's 3 classes, so they are NOT the paper's 5-class SDE rows and map to nothing
+PUBLISHED_DATASET = {"megc2019": "full", "megc2019-smic": "smic", "megc2019-casme2": "", "megc2019-samm": ""}
+
+
 def paper_sde(dataset: str) -> tuple[float, float]:
-    """EPIR's published SDE figure (Tables 2-3) on ``dataset``, from the registry; NaNs where it has none."""
-    f = PRESETS[REFERENCE].figure("SDE", dataset)
+    """EPIR's published SDE figure (Tables 2-3) on ``dataset`` (:data:`PUBLISHED_DATASET`), from the registry; NaNs
+    where it has none."""
+    f = PRESETS[REFERENCE].figure("SDE", PUBLISHED_DATASET.get(dataset, dataset))
     return (f.uf1, f.uar) if f else (np.nan, np.nan)
 
 

@@ -145,8 +145,8 @@ def test_beside_and_pair_are_refused_outside_report_and_a_bad_pair_by_argparse(c
 
 def test_the_leaderboard_pairs_every_model_with_epir_and_adds_the_ensemble_and_the_waiting_rows(tmp_path, monkeypatch):
     from grid.kept import Predictions, sample_hash
-    from grid.leaderboard import ENSEMBLE, PUBLISHED_DATASET, ensemble_predictions, report_leaderboard
-    from grid.report import collect
+    from grid.leaderboard import ENSEMBLE, ensemble_predictions, report_leaderboard
+    from grid.report import PUBLISHED_DATASET, collect
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setitem(PUBLISHED_DATASET, "toy", "full")  # the toy data stands for the composite's published rows
