@@ -307,6 +307,7 @@ def summary_table(outcome: GridOutcome) -> str:
             continue
         paper = published.get(c.cell_id)
         mark = "   PARTIAL: not the dataset's score" if c.partial else ""
-        ptxt = f"   {paper.uf1:.4f} / {paper.uar:.4f}" if paper and not c.partial else ""
+        uar = "-" if paper is None or paper.uar is None else f"{paper.uar:.4f}"  # some publish UF1 only (meb's)
+        ptxt = f"   {paper.uf1:.4f} / {uar}" if paper and not c.partial else ""
         lines.append(f"{c.name:<40} {folds:>7} {s['all']['uf1']:7.4f} {s['all']['uar']:7.4f}{ptxt}{mark}")
     return "\n".join(lines)

@@ -122,6 +122,8 @@ def test_the_console_summary_marks_partial_cells_and_shows_published_figures_onl
     text = summary_table(GridOutcome([full, part], scores={c.cell_id: score for c in (full, part)}))
     assert "published (CDE Full)" in text and "0.8852 / 0.8944" in text
     assert "1/2" in text and "PARTIAL" in text.splitlines()[2] and "0.7325" not in text  # no paper figure beside a part
+    peer = _cell("CDE toy sssnet", "CDE", ["s1", "s2"], 2, "sssnet")  # a figure published with UF1 only
+    assert "0.7390 / -" in summary_table(GridOutcome([peer], scores={peer.cell_id: score}))
     only_sde = summary_table(GridOutcome([sde], scores={sde.cell_id: score}))
     assert "published" not in only_sde and "PARTIAL" not in only_sde
 
