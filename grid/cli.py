@@ -135,7 +135,9 @@ def _report_options(p: argparse.ArgumentParser) -> None:
                    help="report: rows of another experiment's results/<experiment>/runs.csv (only PRESETS, "
                         "comma-separated, if given) shown beside this experiment's, labelled; paired like this "
                         "experiment's rows where their predictions/ files were kept beside the runs.csv, else "
-                        "'not paired' (repeatable); e.g. results/megc2019-cde/runs.csv:ststnet")
+                        "'not paired' (repeatable); e.g. results/megc2019-cde/runs.csv:ststnet. The true labels "
+                        "come from this experiment's cells of the same dataset and protocol, else from the "
+                        "datasets given with --dataset/--config (shards in --work-dir reused)")
     r.add_argument("--pair", action="append", default=[], type=_setting_pair, metavar="SETTING_A:SETTING_B",
                    help="report: also compare these two rows, paired (A minus B, subject bootstrap CI), e.g. two "
                         "search designs' cells; SETTING = a row's 'setting' id in runs.csv (this experiment's or a "

@@ -25,15 +25,27 @@ def sample_hash(sample_id: str) -> str:
     return hashlib.sha256(str(sample_id).encode()).hexdigest()[:16]
 
 
+def labels_of(data) -> tuple[pd.Series, list[str]]:
+    """The true labels of a dataset under one protocol (a :class:`grid.data.ProtocolData`), keyed as kept files key
+    their samples: (source dataset, subject, :func:`sample_hash`) -> class index; and the class names in label
+    order. What rows beside are paired with when this experiment has no own cell of their dataset and protocol
+    (``report --dataset/--config``: the store that held them is gone)."""
+    keys = pd.MultiIndex.from_arrays([data.groups.astype(str), data.subjects.astype(str),
+                                      [sample_hash(s) for s in data.sample_ids]])
+    return pd.Series(data.labels.astype(int), index=keys), list(data.classes)
+
+
 class Predictions:
     """Reads (once) the pooled predictions of every seed of a table row, by setting id: an own row's from its
     MLflow parent runs, a row beside (:func:`read_beside`) from its kept files (:data:`KEPT`), whose true labels
-    are this experiment's own for the same samples (a row beside with no own row of its dataset and protocol,
-    or with a sample or class the own rows lack, cannot be paired)."""
+    are this experiment's own for the same samples, or else the dataset's (``labels``: (dataset, protocol) ->
+    :func:`labels_of`); a row beside with neither, or with a sample or class they lack, cannot be paired."""
 
-    def __init__(self, client, exp_id: str, cells: pd.DataFrame, beside: pd.DataFrame | None = None):
+    def __init__(self, client, exp_id: str, cells: pd.DataFrame, beside: pd.DataFrame | None = None,
+                 labels: dict[tuple[str, str], tuple[pd.Series, list[str]]] | None = None):
         self.client, self.exp_id, self.cells, self._cache = client, exp_id, cells, {}
         self.beside = beside if beside is not None else pd.DataFrame(columns=["setting"])
+        self.labels = labels or {}
 
     def of(self, setting: str) -> tuple[dict[int, pd.DataFrame], list[str]]:
         """seed -> predictions of the row's cells (class indices), and the class names; ``({}, [])`` for a
@@ -52,11 +64,11 @@ class Predictions:
 
     def _truth(self, dataset: str, protocol: str) -> tuple[pd.Series, list[str]] | None:
         """(source dataset, subject, sample hash (:func:`sample_hash`)) -> true class index, from an own cell of
-        the same dataset and protocol. A sample name alone is not unique: CASME II's EP02_01 is a sample of
+        the same dataset and protocol, else from the dataset's labels given. A sample name alone is not unique: CASME II's EP02_01 is a sample of
         several subjects."""
         own = self.cells[(self.cells["dataset"] == dataset) & (self.cells["protocol"] == protocol)]
         if own.empty:
-            return None
+            return self.labels.get((dataset, protocol))
         preds, classes = self.of(own["setting"].iloc[0])
         first = next(iter(preds.values()))
         keys = pd.MultiIndex.from_arrays([first["group"], first["subject"], first["sample_id"].map(sample_hash)])

@@ -178,13 +178,15 @@ def write_leaderboard(df: pd.DataFrame, preds, out: Path, experiment: str) -> pd
     return table
 
 
-def report_leaderboard(client, exp_id: str, experiment: str, results_dir: Path, beside: list[pd.DataFrame] = ()) -> Path | None:
+def report_leaderboard(client, exp_id: str, experiment: str, results_dir: Path, beside: list[pd.DataFrame] = (),
+                       labels: dict | None = None) -> Path | None:
     """``report --leaderboard``: the leaderboard of an experiment's finished cells and the rows beside it
-    (:func:`grid.kept.read_beside`), written to ``results_dir/experiment/``; None when no cell finished."""
+    (:func:`grid.kept.read_beside`; ``labels`` as :func:`grid.report.write_tables`), written to
+    ``results_dir/experiment/``; None when no cell finished."""
     cells = collect(client, exp_id)
     if cells.empty:
         return None
-    preds = Predictions(client, exp_id, cells, pd.concat(beside, ignore_index=True) if len(beside) else None)
+    preds = Predictions(client, exp_id, cells, pd.concat(beside, ignore_index=True) if len(beside) else None, labels)
     df = pd.concat([aggregate(cells), *(aggregate(b) for b in beside)], ignore_index=True)
     out = Path(results_dir) / experiment
     out.mkdir(parents=True, exist_ok=True)

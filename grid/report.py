@@ -231,12 +231,14 @@ def _notes(df: pd.DataFrame) -> str:
 
 
 def write_tables(client, exp_id: str, experiment: str, results_dir: Path, beside: list[pd.DataFrame] = (),
-                 asked: list[tuple[str, str]] = ()) -> Path | None:
+                 asked: list[tuple[str, str]] = (), labels: dict | None = None) -> Path | None:
     """Write the tables of an experiment's finished cells; returns the folder, or None when none finished.
 
     ``beside``: rows of other experiments (:func:`grid.kept.read_beside`) added to the tables (not to ``runs.csv``), paired
     where their predictions were kept. Every own cell's predictions are kept in ``predictions/`` (no true labels).
     ``asked``: pairs of setting ids to compare too (:func:`paired_table`), in ``paired_comparisons``.
+    ``labels``: the true labels of datasets (:func:`grid.kept.labels_of`) for rows beside of a dataset and protocol
+    that has no own cell here.
 
     Raises:
         ValueError: a pair asked for names no row or cannot be paired (raised before any file is written).
@@ -244,7 +246,7 @@ def write_tables(client, exp_id: str, experiment: str, results_dir: Path, beside
     cells = collect(client, exp_id)
     if cells.empty:
         return None
-    preds = Predictions(client, exp_id, cells, pd.concat(beside, ignore_index=True) if len(beside) else None)
+    preds = Predictions(client, exp_id, cells, pd.concat(beside, ignore_index=True) if len(beside) else None, labels)
     df = _order(pd.concat([aggregate(cells), *(aggregate(b) for b in beside)], ignore_index=True)).reset_index(drop=True)
     pairs = paired_table(preds, cells, df, asked,
                          on_pair=lambda ids, name, against, res: tracking.log_comparison(client, ids, name, against, res))

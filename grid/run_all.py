@@ -128,6 +128,7 @@ def _report(args, cfg: GridConfig) -> int:
     """``report``: rewrite results/<experiment>/ from MLflow alone."""
     from grid.kept import read_beside
     from grid.report import write_tables
+    from preprocess.adapters import DatasetError
 
     try:
         beside = [read_beside(Path(path), presets.split(",") if presets else None)
@@ -139,18 +140,29 @@ def _report(args, cfg: GridConfig) -> int:
     if exp_id is None:
         return 2
     try:
-        out = write_tables(client, exp_id, cfg.experiment, cfg.results_dir, beside, args.pair)
+        labels = _dataset_labels(cfg) if beside and not cfg.demo else None
+        out = write_tables(client, exp_id, cfg.experiment, cfg.results_dir, beside, args.pair, labels)
         if args.leaderboard and out:
             from grid.leaderboard import report_leaderboard
 
-            report_leaderboard(client, exp_id, cfg.experiment, cfg.results_dir, beside)
+            report_leaderboard(client, exp_id, cfg.experiment, cfg.results_dir, beside, labels)
             print(f"leaderboard written to {out / 'leaderboard.md'}")
-    except ValueError as e:
+    except (DatasetError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"tables written to {out}" if out else f"no finished cell in experiment '{cfg.experiment}'")
     _print_paired(out)
     return 0
+
+
+def _dataset_labels(cfg: GridConfig) -> dict:
+    """``report --beside ... --dataset/--config``: (dataset, protocol) -> the configured datasets' true labels
+    (:func:`grid.kept.labels_of`; shards in ``--work-dir`` reused, else made), so that rows beside pair where
+    this experiment has no own cell of their dataset and protocol."""
+    from grid.kept import labels_of
+    from grid.runner import prepare_data
+
+    return {(d.dataset, d.protocol): labels_of(d) for d in prepare_data(cfg, log=lambda m: print(m, flush=True)).values()}
 
 
 def _run(args, cfg: GridConfig) -> int:

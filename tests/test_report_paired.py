@@ -13,7 +13,7 @@ from grid import tracking
 from grid.cells import build_cells
 from grid.config import GridConfig
 from grid.data import PUBLISHED_FLOW, ProtocolData
-from grid.kept import read_beside
+from grid.kept import labels_of, read_beside
 from grid.pairing import paired_lines
 from grid.predictions import PROB
 from grid.progress import finish_cell
@@ -170,3 +170,35 @@ def test_the_leaderboard_pairs_every_model_with_epir_and_adds_the_ensemble_and_t
     mean = np.mean([p.loc[keys].to_numpy() for p in probs], axis=0)
     assert len(keys) == len(d.labels) and (ens[0]["y_pred"].to_numpy() == mean.argmax(1)).all()
     assert "softmax mean of sssnet, baseline, epir" in board.loc[ENSEMBLE, "note"]
+
+
+def test_rows_beside_pair_with_the_datasets_labels_where_no_own_cell_has_their_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    d = _data(n_subjects=8)
+    cells = build_cells(GridConfig(presets=["baseline", "epir"], seeds=[0, 1], profile="demo"), {d.key: d}, "demo")
+    client, exp_id = tracking.setup("first")
+    _log_cells(client, exp_id, cells, d)
+    first = pd.read_csv(write_tables(client, exp_id, "first", tmp_path / "results") / "table4_ablation.csv").set_index("preset")
+    # the store is gone; a new experiment trained only on another dataset, so no own cell holds toy's labels
+    other = ProtocolData("other/CDE", "other", "CDE", "cfg-2", d.flows, d.labels, d.subjects, d.sample_ids, d.groups,
+                         d.classes, "unit")
+    client2, exp2 = tracking.setup("second")
+    _log_cells(client2, exp2, build_cells(GridConfig(presets=["epir"], seeds=[0], profile="demo"),
+                                          {other.key: other}, "demo"), other)
+    kept = read_beside(tmp_path / "results" / "first" / "runs.csv")
+    blind = write_tables(client2, exp2, "second", tmp_path / "results", [kept])
+    t4 = pd.read_csv(blind / "table4_ablation.csv")
+    t4 = t4[t4["dataset"] == "toy"].set_index("preset")
+    assert pd.isna(t4.loc["epir", "ΔUF1 vs baseline"])  # no labels of toy: nothing to pair with
+    # with the dataset's labels (report --dataset/--config), they pair to the figures of their own store
+    labelled = write_tables(client2, exp2, "second", tmp_path / "results", [kept], labels={("toy", "CDE"): labels_of(d)})
+    t4 = pd.read_csv(labelled / "table4_ablation.csv")
+    t4 = t4[t4["dataset"] == "toy"].set_index("preset")
+    for col in ("ΔUF1 vs baseline", "ΔUF1 vs baseline CI low", "ΔUAR vs baseline CI high"):
+        assert t4.loc["epir", col] == pytest.approx(first.loc["epir", col]), col
+    wrong = labels_of(d)
+    wrong = (wrong[0].rename(lambda k: k + "x" if isinstance(k, str) and len(k) == 16 else k, level=2), wrong[1])
+    other_samples = write_tables(client2, exp2, "second", tmp_path / "results", [kept], labels={("toy", "CDE"): wrong})
+    t4 = pd.read_csv(other_samples / "table4_ablation.csv")  # labels of other samples: not paired, never misread
+    assert pd.isna(t4[(t4["dataset"] == "toy")].set_index("preset").loc["epir", "ΔUF1 vs baseline"])
