@@ -137,7 +137,9 @@ def _report_options(p: argparse.ArgumentParser) -> None:
                         "experiment's rows where their predictions/ files were kept beside the runs.csv, else "
                         "'not paired' (repeatable); e.g. results/megc2019-cde/runs.csv:ststnet. The true labels "
                         "come from this experiment's cells of the same dataset and protocol, else from the "
-                        "datasets given with --dataset/--config (shards in --work-dir reused)")
+                        "datasets given with --dataset/--config (shards in --work-dir reused). Where several hold the "
+                        "same model, --leaderboard shows this experiment's row, else the first --beside's: "
+                        "give the newest file first")
     r.add_argument("--pair", action="append", default=[], type=_setting_pair, metavar="SETTING_A:SETTING_B",
                    help="report: also compare these two rows, paired (A minus B, subject bootstrap CI), e.g. two "
                         "search designs' cells; SETTING = a row's 'setting' id in runs.csv (this experiment's or a "

@@ -202,3 +202,25 @@ def test_rows_beside_pair_with_the_datasets_labels_where_no_own_cell_has_their_d
     other_samples = write_tables(client2, exp2, "second", tmp_path / "results", [kept], labels={("toy", "CDE"): wrong})
     t4 = pd.read_csv(other_samples / "table4_ablation.csv")  # labels of other samples: not paired, never misread
     assert pd.isna(t4[(t4["dataset"] == "toy")].set_index("preset").loc["epir", "ΔUF1 vs baseline"])
+
+
+def test_the_leaderboard_shows_each_model_s_row_from_the_first_beside_file_that_holds_it():
+    """The committed stores' runs: SMIC-HS RCN-A ran at the decayed rate (runs-1) and again at the reference's
+    constant rate (runs-2); the board shows the row of the file given first (docs: newest first)."""
+    from pathlib import Path
+
+    from grid.leaderboard import leaderboard
+    from grid.report import aggregate
+
+    class NoPredictions:  # nothing kept is read: every row stands unpaired, the choice of rows is what is tested
+        def of(self, setting):
+            return {}, ["negative", "positive", "surprise"]
+
+    runs = Path(__file__).resolve().parents[1] / "results"
+    old, new = (read_beside(runs / f"leaderboard-runs-{k}" / "runs.csv", ["rcn-a"]) for k in (1, 2))
+    for first, schedule in ((new, "constant"), (old, "step")):
+        board = leaderboard(pd.concat([aggregate(first), aggregate(old if first is new else new)], ignore_index=True),
+                            NoPredictions())
+        row = board[(board["model"] == "rcn-a") & (board["protocol"] == "SDE")]
+        assert len(row) == 1 and row["note"].iloc[0].startswith(
+            "trained with schedule=step" if schedule == "step" else "from leaderboard-runs-2"), row["note"].iloc[0]
